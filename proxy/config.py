@@ -1,0 +1,307 @@
+"""Configuration: one tree of frozen msgspec Structs, the only place options are defined.
+
+Loaded from TOML (``--config FILE``), overridden by ``SWITCHBOARD_<SECTION>__<KEY>``
+environment variables and by the quick-start command-line flags. Every error names the
+file, the key and what is wrong, so a bad config fails before any worker starts.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+ENV_PREFIX = "SWITCHBOARD_"
+BUNDLED_CONFIG = Path(__file__).with_name("examples") / "default.toml"
+
+
+class ConfigError(Exception):
+    """A configuration problem, with where it was found."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source = source
+        self.key = key
+        self.problem = problem
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {problem}")
+
+
+class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    listen: tuple[str, ...] = ("127.0.0.1:8080",)
+    """Addresses to listen on, ``HOST:PORT`` (``[::1]:PORT`` for IPv6)."""
+    workers: int = 0
+    """Worker processes; 0 means one per CPU core."""
+    max_connections_per_worker: int = 9000
+    """Client connections one worker holds; beyond it new ones get 503 + Retry-After."""
+    retry_after_seconds: int = 1
+    """The Retry-After value sent with 503 when a worker is full."""
+    backlog: int = 4096
+    """Listen backlog per worker socket (capped by net.core.somaxconn)."""
+    drain_timeout: float = 30.0
+    """Seconds a stopping worker waits for in-flight requests before exiting."""
+
+
+class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    max_header_bytes: int = 16384
+    """Request line + headers; beyond it: 431."""
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Request body; beyond it: 413 (0 = unlimited)."""
+    header_timeout: float = 10.0
+    """Seconds to receive a complete request head once it started; beyond it: 408 + close."""
+    keepalive_timeout: float = 60.0
+    """Seconds an idle keep-alive client connection is kept before it is closed."""
+    body_timeout: float = 60.0
+    """Seconds of silence allowed while a request body is being received; beyond it: 408."""
+    send_timeout: float = 60.0
+    """Seconds a write to a client may block (a client that stops reading); beyond it the
+    connection is closed."""
+
+
+class UpstreamConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    connect_timeout: float = 5.0
+    """Seconds to connect to a backend; failure or timeout: 502."""
+    response_timeout: float = 60.0
+    """Seconds from request sent to response head received; beyond it: 504."""
+    read_timeout: float = 300.0
+    """Seconds of silence allowed inside a (non-streaming) response body; beyond it the
+    exchange is aborted."""
+    stream_idle_timeout: float = 0.0
+    """Seconds of silence allowed on SSE responses and WebSocket tunnels (0 = no limit)."""
+    max_idle_per_backend: int = 64
+    """Idle keep-alive connections kept per backend per worker (the pool's size cap)."""
+    max_connections_per_backend: int = 0
+    """Open connections per backend per worker (0 = unlimited); waiting longer than
+    connect_timeout for one gives 503."""
+    idle_ttl: float = 30.0
+    """Seconds a pooled idle connection may wait before it is closed (keep below the
+    backend's own keep-alive timeout)."""
+
+
+class ForwardingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    host: Literal["preserve", "rewrite"] = "preserve"
+    """preserve: pass the client's Host; rewrite: set Host to the backend's host:port."""
+    x_forwarded_for: Literal["append", "replace"] = "append"
+    """append the client address to an incoming X-Forwarded-For, or replace it."""
+    via: str = "switchboard"
+    """Pseudonym added to the Via header (RFC 9110 §7.6.3)."""
+
+
+class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+    """One JSON line per request on stdout."""
+
+
+class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    prefix: str
+    """Path prefix matched against the request target (longest prefix wins)."""
+    backends: tuple[str, ...]
+    """Backend base URLs, http://HOST:PORT[/PATH]."""
+    host: Literal["preserve", "rewrite"] | None = None
+    """Overrides forwarding.host for this route."""
+    strip_prefix: bool = False
+    """Remove the prefix before forwarding (a backend URL path is then prepended)."""
+
+
+class DemoConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = False
+    """Start the bundled demo MCP backend beside the proxy (make run)."""
+    listen: str = "127.0.0.1:8931"
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    server: ServerConfig = ServerConfig()
+    limits: LimitsConfig = LimitsConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    forwarding: ForwardingConfig = ForwardingConfig()
+    log: LogConfig = LogConfig()
+    routes: tuple[RouteConfig, ...] = ()
+    demo: DemoConfig = DemoConfig()
+
+
+def parse_hostport(value: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """Split ``HOST:PORT`` / ``[V6]:PORT`` / ``:PORT``; raises ValueError with the reason."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be 0-65535, got {port_text!r}")
+    return (host or default_host), int(port_text)
+
+
+def parse_backend_url(url: str) -> tuple[str, int, str]:
+    """``http://host:port/path`` -> (host, port, path-without-trailing-slash)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        raise ValueError(f"backend URL must start with http:// (got {url!r})")
+    if not parts.hostname:
+        raise ValueError(f"backend URL has no host: {url!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"backend URL must not have a query or fragment: {url!r}")
+    try:
+        port = parts.port or 80
+    except ValueError as exc:
+        raise ValueError(f"backend URL has a bad port: {url!r}") from exc
+    return parts.hostname, port, parts.path.rstrip("/")
+
+
+def _positive(source: str, key: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(source, key, f"must be {bound}, got {value}")
+
+
+def validate(config: Config, source: str) -> Config:
+    """Semantic checks msgspec's types cannot express."""
+    for i, listen in enumerate(config.server.listen):
+        try:
+            parse_hostport(listen)
+        except ValueError as exc:
+            raise ConfigError(source, f"server.listen[{i}]", str(exc)) from None
+    if not config.server.listen:
+        raise ConfigError(source, "server.listen", "needs at least one address")
+    _positive(source, "server.workers", config.server.workers, allow_zero=True)
+    _positive(source, "server.max_connections_per_worker", config.server.max_connections_per_worker)
+    _positive(source, "server.backlog", config.server.backlog)
+    _positive(source, "server.drain_timeout", config.server.drain_timeout, allow_zero=True)
+    _positive(
+        source, "server.retry_after_seconds", config.server.retry_after_seconds, allow_zero=True
+    )
+    limits = config.limits
+    if limits.max_header_bytes < 256:
+        raise ConfigError(source, "limits.max_header_bytes", "must be at least 256")
+    _positive(source, "limits.max_body_bytes", limits.max_body_bytes, allow_zero=True)
+    for name in ("header_timeout", "keepalive_timeout", "body_timeout", "send_timeout"):
+        _positive(source, f"limits.{name}", getattr(limits, name))
+    up = config.upstream
+    for name in ("connect_timeout", "response_timeout", "read_timeout", "idle_ttl"):
+        _positive(source, f"upstream.{name}", getattr(up, name))
+    for name in ("stream_idle_timeout", "max_idle_per_backend", "max_connections_per_backend"):
+        _positive(source, f"upstream.{name}", getattr(up, name), allow_zero=True)
+    seen: set[str] = set()
+    for i, route in enumerate(config.routes):
+        key = f"routes[{i}]"
+        if not route.prefix.startswith("/"):
+            raise ConfigError(source, f"{key}.prefix", f"must start with '/', got {route.prefix!r}")
+        if route.prefix in seen:
+            raise ConfigError(source, f"{key}.prefix", f"duplicate prefix {route.prefix!r}")
+        seen.add(route.prefix)
+        if not route.backends:
+            raise ConfigError(source, f"{key}.backends", "needs at least one backend URL")
+        for j, url in enumerate(route.backends):
+            try:
+                parse_backend_url(url)
+            except ValueError as exc:
+                raise ConfigError(source, f"{key}.backends[{j}]", str(exc)) from None
+    if config.demo.enabled:
+        try:
+            parse_hostport(config.demo.listen)
+        except ValueError as exc:
+            raise ConfigError(source, "demo.listen", str(exc)) from None
+    return config
+
+
+def _msgspec_error(source: str, exc: msgspec.ValidationError) -> ConfigError:
+    # msgspec says "Expected `int`, got `str` - at `$.server.workers`"; turn the JSON path
+    # into the TOML key an operator typed.
+    text = str(exc)
+    problem, _, path = text.rpartition(" - at `")
+    if not problem:
+        return ConfigError(source, "", text)
+    key = path.rstrip("`").removeprefix("$").lstrip(".")
+    problem = problem.replace("`", "")
+    if problem.startswith("Object contains unknown field"):
+        problem = "unknown key " + problem.rsplit(" ", 1)[-1]
+    return ConfigError(source, key or "(top level)", problem)
+
+
+def from_mapping(data: Mapping[str, Any], source: str) -> Config:
+    try:
+        config = msgspec.convert(data, Config, str_keys=True)
+    except msgspec.ValidationError as exc:
+        raise _msgspec_error(source, exc) from None
+    return validate(config, source)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """``SWITCHBOARD_LIMITS__MAX_BODY_BYTES=1048576`` -> {"limits": {"max_body_bytes": ...}}.
+
+    Values are read as TOML values, so numbers, booleans and ``["a", "b"]`` lists work;
+    anything that does not parse as TOML is taken as a string.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def load(
+    path: str | os.PathLike[str] | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    routes: list[dict[str, Any]] | None = None,
+) -> Config:
+    """Read a TOML file (or the bundled default when ``path`` is None and no routes are
+    given on the command line), then apply environment and command-line overrides."""
+    data: dict[str, Any] = {}
+    source = "command line"
+    if path is not None or routes is None:
+        file = Path(path) if path is not None else BUNDLED_CONFIG
+        source = str(file)
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(source, "", "file not found") from None
+        except OSError as exc:
+            raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(source, "", f"not valid TOML: {exc}") from None
+    layers: list[Mapping[str, Mapping[str, Any]]] = [
+        _env_overrides(os.environ if environ is None else environ)
+    ]
+    if overrides:
+        layers.append(overrides)
+    for layer in layers:
+        for section, values in layer.items():
+            current = data.get(section)
+            if current is not None and not isinstance(current, dict):
+                raise ConfigError(source, section, "must be a table")
+            data[section] = {**(current or {}), **values}
+    if routes is not None:
+        data["routes"] = routes if path is None else [*data.get("routes", []), *routes]
+    return from_mapping(data, source)
+
+
+def parse_route_flag(value: str) -> dict[str, Any]:
+    """``PREFIX=URL[,URL...]`` from ``--route``."""
+    prefix, sep, urls = value.partition("=")
+    if not sep or not prefix or not urls:
+        raise ValueError(f"expected PREFIX=URL[,URL...], got {value!r}")
+    return {"prefix": prefix, "backends": [u.strip() for u in urls.split(",") if u.strip()]}
+
+
+def effective_workers(config: Config) -> int:
+    return config.server.workers or (os.cpu_count() or 1)
+
+
+def to_json(config: Config) -> bytes:
+    return msgspec.json.encode(config)
+
+
+def from_json(data: bytes) -> Config:
+    return msgspec.json.decode(data, type=Config)

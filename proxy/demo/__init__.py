@@ -1,0 +1,1 @@
+"""Bundled demo MCP backend (Streamable HTTP, served by hypercorn on trio)."""

@@ -1,0 +1,46 @@
+"""What one worker's connections share: config, routes, pools, statistics, loggers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from proxy.config import Config
+from proxy.net.upstream import UpstreamPool
+from proxy.observability import WorkerStats
+from proxy.protocol.http1 import ForwardingPolicy
+from proxy.routing import Backend, Route, RouteTable
+
+
+@dataclass(slots=True, eq=False)
+class WorkerContext:
+    config: Config
+    routes: RouteTable
+    pools: dict[Backend, UpstreamPool]
+    log: Any
+    access_log: Any | None
+    stats: WorkerStats = field(default_factory=WorkerStats)
+    draining: bool = False
+    idle_scopes: set[trio.CancelScope] = field(default_factory=set)
+    """Cancel scopes of connections waiting for a request; cancelled on drain."""
+    _policies: dict[str | None, ForwardingPolicy] = field(default_factory=dict)
+
+    def policy_for(self, route: Route | None) -> ForwardingPolicy:
+        mode = route.host_mode if route is not None else None
+        policy = self._policies.get(mode)
+        if policy is None:
+            fwd = self.config.forwarding
+            policy = ForwardingPolicy(
+                host_mode=mode or fwd.host,
+                xff_mode=fwd.x_forwarded_for,
+                via=fwd.via.encode("ascii"),
+            )
+            self._policies[mode] = policy
+        return policy
+
+    def start_drain(self) -> None:
+        self.draining = True
+        for scope in list(self.idle_scopes):
+            scope.cancel()

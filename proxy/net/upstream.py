@@ -1,0 +1,147 @@
+"""Keep-alive connection pools to backends, one per backend per worker.
+
+Addresses are resolved once when the pool is built (DNS goes through a thread in trio,
+and nothing on the request path may wait on a thread). Idle connections are kept LIFO
+up to ``max_idle_per_backend``; a pooled connection that the backend closed (readable
+while idle: EOF or stray bytes) or that sat longer than ``idle_ttl`` is dropped on reuse.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import time
+from dataclasses import dataclass, field
+
+import h11
+import trio
+
+from proxy.config import UpstreamConfig
+from proxy.routing import Backend
+
+RECV_SIZE = 65536
+
+
+class UpstreamUnavailable(Exception):
+    """No connection to the backend could be had; ``status`` says how to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(slots=True, eq=False)
+class UpstreamConnection:
+    stream: trio.SocketStream
+    h11: h11.Connection
+    reused: bool = False
+    idle_since: float = 0.0
+
+    def looks_closed(self) -> bool:
+        """True if the backend closed (or wrote to) this idle connection."""
+        poller = select.poll()
+        poller.register(self.stream.socket.fileno(), select.POLLIN | select.POLLRDHUP)
+        return bool(poller.poll(0))
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+@dataclass(slots=True, eq=False)
+class UpstreamPool:
+    backend: Backend
+    config: UpstreamConfig
+    addresses: list[tuple[int, tuple[str, int] | tuple[str, int, int, int]]]
+    idle: list[UpstreamConnection] = field(default_factory=list)
+    open_connections: int = 0
+    in_use: int = 0
+    _slots: trio.Semaphore | None = None
+
+    @classmethod
+    def create(cls, backend: Backend, config: UpstreamConfig) -> UpstreamPool:
+        infos = socket.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
+        addresses = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+        if not addresses:
+            raise OSError(f"cannot resolve backend {backend.url}")
+        slots = (
+            trio.Semaphore(config.max_connections_per_backend)
+            if config.max_connections_per_backend
+            else None
+        )
+        return cls(backend, config, addresses, _slots=slots)  # type: ignore[arg-type]
+
+    async def acquire(self) -> UpstreamConnection:
+        """A reused idle connection if a live one is pooled, else a new one."""
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if now - conn.idle_since > self.config.idle_ttl or conn.looks_closed():
+                await self._close(conn)
+                continue
+            self.in_use += 1
+            return conn
+        if self._slots is not None:
+            with trio.move_on_after(self.config.connect_timeout) as scope:
+                await self._slots.acquire()
+            if scope.cancelled_caught:
+                raise UpstreamUnavailable(503, "backend connection limit reached")
+        try:
+            conn = await self._connect()
+        except BaseException:
+            if self._slots is not None:
+                self._slots.release()
+            raise
+        self.open_connections += 1
+        self.in_use += 1
+        return conn
+
+    async def _connect(self) -> UpstreamConnection:
+        last_error = "no address"
+        with trio.move_on_after(self.config.connect_timeout):
+            for family, sockaddr in self.addresses:
+                sock = trio.socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    await sock.connect(sockaddr)
+                except OSError as exc:
+                    sock.close()
+                    last_error = errno.errorcode.get(exc.errno or 0, str(exc))
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                return UpstreamConnection(trio.SocketStream(sock), h11.Connection(h11.CLIENT))
+            raise UpstreamUnavailable(502, f"cannot connect to backend: {last_error}")
+        raise UpstreamUnavailable(502, "timed out connecting to backend")
+
+    async def release(self, conn: UpstreamConnection) -> None:
+        """Return a connection after a complete exchange; pooled if both sides allow."""
+        self.in_use -= 1
+        h = conn.h11
+        if (
+            h.our_state is h11.DONE
+            and h.their_state is h11.DONE
+            and len(self.idle) < self.config.max_idle_per_backend
+        ):
+            h.start_next_cycle()
+            conn.reused = True
+            conn.idle_since = time.monotonic()
+            self.idle.append(conn)
+            return
+        await self._close(conn)
+
+    async def discard(self, conn: UpstreamConnection) -> None:
+        """Close a connection whose exchange did not complete cleanly."""
+        self.in_use -= 1
+        await self._close(conn)
+
+    async def _close(self, conn: UpstreamConnection) -> None:
+        self.open_connections -= 1
+        if self._slots is not None:
+            self._slots.release()
+        await conn.aclose()
+
+    async def aclose(self) -> None:
+        while self.idle:
+            await self._close(self.idle.pop())

@@ -1,0 +1,62 @@
+"""Structured logging (structlog, JSON lines on stdout) and per-worker statistics.
+
+Tuned for the request path: a filtering bound logger (disabled levels cost a no-op call),
+cached on first use, rendering with msgspec straight to bytes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import msgspec
+import structlog
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+def configure_logging(level: str = "info", *, stream: BinaryIO | None = None, **bound: Any) -> None:
+    """Configure structlog once per process; ``bound`` values go on every line."""
+    processors: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+    ]
+    if bound:
+        fixed = dict(bound)
+
+        def _add_bound(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+            event.update(fixed)
+            return event
+
+        processors.append(_add_bound)
+    processors.append(structlog.processors.format_exc_info)
+    processors.append(structlog.processors.JSONRenderer(serializer=_encode))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.BytesLoggerFactory(file=stream or sys.stdout.buffer),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _encode(obj: Any, **_: Any) -> bytes:
+    return msgspec.json.encode(obj, enc_hook=str)
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counters one worker keeps; the admin endpoint aggregates them across workers."""
+
+    requests: int = 0
+    responses_by_status: Counter[int] = field(default_factory=Counter)
+    active_connections: int = 0
+    active_requests: int = 0
+    rejected_overload: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0

@@ -1,0 +1,296 @@
+"""HTTP/1.1 proxy rules on top of h11: what is checked, what is rewritten, what is sent.
+
+Pure functions over h11 events and header lists. h11 parses and frames; these functions
+add the rules a reverse proxy needs and h11 leaves to its user: stricter framing checks,
+hop-by-hop header removal, X-Forwarded-* and Via, Host handling, and the canned error
+responses every limit answers with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Literal
+
+import h11
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 §7.6.1, plus the de-facto ones (Keep-Alive, Proxy-Connection). Content-Length
+# is not hop-by-hop: it is passed on and h11 enforces it on both sides.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Headers a Connection: option may not remove: dropping them would change how the
+# message is framed or routed, not just which hop-level hints travel.
+_NOT_NOMINATABLE = frozenset({b"host", b"content-length", b"content-type", b"authorization"})
+
+
+class RequestRejected(Exception):
+    """A request the proxy answers itself, with this status, without a backend."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What the proxy learned from a request head, beyond the h11 event."""
+
+    path: str
+    """Path without the query, for routing."""
+    target: bytes
+    """Origin-form target (path + query) to forward."""
+    host: bytes
+    chunked: bool
+    content_length: int | None
+    upgrade: bytes | None
+    """The Upgrade header's value when the client asks to switch protocols."""
+    connection_tokens: frozenset[bytes]
+
+
+def _connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return frozenset(tokens)
+
+
+def _split_target(target: bytes) -> tuple[bytes, bytes]:
+    """Return (origin-form target, authority from absolute-form or b"")."""
+    if target.startswith(b"/"):
+        return target, b""
+    lowered = target[:8].lower()
+    if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
+        rest = target.split(b"://", 1)[1]
+        slash = rest.find(b"/")
+        query = rest.find(b"?")
+        if slash == -1 or (query != -1 and query < slash):
+            cut = query if query != -1 else len(rest)
+            return b"/" + rest[cut:], rest[:cut]
+        return rest[slash:], rest[:slash]
+    raise RequestRejected(400, "request target must be origin-form or absolute-form")
+
+
+def _check_path(path: bytes) -> None:
+    # Dot segments (raw or percent-encoded) let "/public/../admin" match the /public
+    # route while the backend serves /admin. Clients normalise paths before sending,
+    # so rejecting them costs nothing legitimate.
+    for segment in path.split(b"/"):
+        if segment and segment.replace(b"%2e", b".").replace(b"%2E", b".") in (b".", b".."):
+            raise RequestRejected(400, "dot-segment in request path")
+    if b"\\" in path:
+        raise RequestRejected(400, "backslash in request path")
+
+
+def inspect_request(request: h11.Request) -> RequestInfo:
+    """Validate a request head beyond what h11 checks and extract what routing needs.
+
+    Raises RequestRejected for what must never reach a backend: Content-Length together
+    with Transfer-Encoding (RFC 9112 §6.1: a proxy must not forward both, and the
+    combination is the classic smuggling vector), a missing or repeated Host, absolute
+    targets whose authority disagrees with Host, dot-segments.
+    """
+    host: bytes | None = None
+    content_length: int | None = None
+    chunked = False
+    upgrade: bytes | None = None
+    connection_values: list[bytes] = []
+    for name, value in request.headers:
+        if name == b"host":
+            if host is not None:
+                raise RequestRejected(400, "more than one Host header")
+            host = value
+        elif name == b"content-length":
+            content_length = int(value)  # h11 validated the digits and the agreement
+        elif name == b"transfer-encoding":
+            chunked = True  # h11 admits nothing but a single "chunked"
+        elif name == b"connection":
+            connection_values.append(value)
+        elif name == b"upgrade":
+            upgrade = value
+    if chunked and content_length is not None:
+        raise RequestRejected(400, "both Content-Length and Transfer-Encoding")
+    target, authority = _split_target(request.target)
+    if host is None:
+        if request.http_version != b"1.0":
+            raise RequestRejected(400, "missing Host header")
+        host = authority
+    elif authority and authority.lower() != host.lower():
+        raise RequestRejected(400, "absolute-form target disagrees with Host")
+    query_at = target.find(b"?")
+    raw_path = target if query_at == -1 else target[:query_at]
+    _check_path(raw_path)
+    tokens = _connection_tokens(connection_values)
+    if upgrade is not None and b"upgrade" not in tokens:
+        upgrade = None
+    return RequestInfo(
+        path=raw_path.decode("ascii", "replace"),
+        target=target,
+        host=host,
+        chunked=chunked,
+        content_length=content_length,
+        upgrade=upgrade,
+        connection_tokens=tokens,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardingPolicy:
+    host_mode: Literal["preserve", "rewrite"]
+    xff_mode: Literal["append", "replace"]
+    via: bytes
+    proto: bytes = b"http"
+
+
+def _drop(name: bytes, tokens: frozenset[bytes]) -> bool:
+    return name in HOP_BY_HOP or (name in tokens and name not in _NOT_NOMINATABLE)
+
+
+def upstream_request_headers(
+    request: h11.Request,
+    info: RequestInfo,
+    policy: ForwardingPolicy,
+    *,
+    client_ip: str,
+    backend_authority: bytes,
+) -> Headers:
+    """The header list sent to the backend.
+
+    Hop-by-hop headers and those the client nominated in Connection are removed; framing
+    is re-declared (h11 re-frames the body); X-Forwarded-For/-Proto/-Host and Via are set.
+    """
+    tokens = info.connection_tokens
+    out: Headers = []
+    forwarded_for: list[bytes] = []
+    via: list[bytes] = []
+    for name, value in request.headers:
+        if _drop(name, tokens):
+            continue
+        if name == b"x-forwarded-for":
+            forwarded_for.append(value)
+        elif name == b"via":
+            via.append(value)
+        elif name in (b"x-forwarded-proto", b"x-forwarded-host"):
+            continue  # replaced below: a client must not choose these
+        elif name == b"host":
+            out.append((b"host", backend_authority if policy.host_mode == "rewrite" else value))
+        else:
+            out.append((name, value))
+    if info.chunked:
+        out.append((b"transfer-encoding", b"chunked"))
+    if info.upgrade is not None:
+        out.append((b"connection", b"upgrade"))
+        out.append((b"upgrade", info.upgrade))
+    client = client_ip.encode("ascii")
+    if forwarded_for and policy.xff_mode == "append":
+        forwarded_for.append(client)
+        out.append((b"x-forwarded-for", b", ".join(forwarded_for)))
+    else:
+        out.append((b"x-forwarded-for", client))
+    out.append((b"x-forwarded-proto", policy.proto))
+    out.append((b"x-forwarded-host", info.host))
+    via.append(_via_entry(request.http_version, policy.via))
+    out.append((b"via", b", ".join(via)))
+    return out
+
+
+def _via_entry(http_version: bytes, pseudonym: bytes) -> bytes:
+    return http_version + b" " + pseudonym
+
+
+def downstream_response_headers(
+    headers: Sequence[tuple[bytes, bytes]],
+    http_version: bytes,
+    policy: ForwardingPolicy,
+    *,
+    upgrade: bool = False,
+    close: bool = False,
+) -> Headers:
+    """The header list sent back to the client: hop-by-hop removed, Via appended.
+
+    Transfer-Encoding is dropped because h11 re-frames the body for the client (chunked
+    for HTTP/1.1 when the backend gave no Content-Length, close-delimited for 1.0).
+    """
+    connection_values = [v for n, v in headers if n == b"connection"]
+    tokens = _connection_tokens(connection_values) if connection_values else frozenset()
+    out: Headers = []
+    via: list[bytes] = []
+    upgrade_value: bytes | None = None
+    for name, value in headers:
+        if name == b"upgrade":
+            upgrade_value = value
+        if _drop(name, tokens):
+            continue
+        if name == b"via":
+            via.append(value)
+        else:
+            out.append((name, value))
+    if upgrade and upgrade_value is not None:
+        out.append((b"connection", b"upgrade"))
+        out.append((b"upgrade", upgrade_value))
+    elif close:
+        out.append((b"connection", b"close"))
+    via.append(_via_entry(http_version, policy.via))
+    out.append((b"via", b", ".join(via)))
+    return out
+
+
+def is_event_stream(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return False
+
+
+def error_response(
+    status: int, detail: str, *, extra: Sequence[tuple[bytes, bytes]] = (), close: bool = True
+) -> tuple[h11.Response, bytes]:
+    """A small text/plain response the proxy sends on its own behalf."""
+    phrase = HTTPStatus(status).phrase
+    body = f"{status} {phrase}: {detail}\n".encode()
+    headers: Headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode("ascii")),
+        *extra,
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    return h11.Response(status_code=status, headers=headers, reason=phrase.encode()), body
+
+
+def raw_error_response(
+    status: int, detail: str, *, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> bytes:
+    """The same response serialised without an h11 connection (for connections the proxy
+    refuses before parsing anything, e.g. when a worker is full)."""
+    response, body = error_response(status, detail, extra=extra)
+    head = [b"HTTP/1.1 %d %s\r\n" % (status, response.reason)]
+    head.extend(b"%s: %s\r\n" % (name, value) for name, value in response.headers)
+    head.append(b"\r\n")
+    return b"".join(head) + body
+
+
+def protocol_error_status(exc: h11.RemoteProtocolError) -> tuple[int, str]:
+    """Map an h11 parse error to the status to answer with (431 for oversized heads)."""
+    status = exc.error_status_hint
+    text = str(exc)
+    if "Receive buffer too long" in text or "buffer too long" in text:
+        return 431, "request header section too large"
+    return status, text or "malformed request"

@@ -1,0 +1,1 @@
+"""Tests for the bundled demo MCP backend."""
