@@ -27,6 +27,7 @@ from proxy.protocol.http1 import (
     inspect_request,
     is_event_stream,
     protocol_error_status,
+    reason_phrase,
     upstream_request_headers,
 )
 from proxy.routing import Route
@@ -439,7 +440,11 @@ class ClientConnection:
         x.status = event.status_code
         out = [
             conn.send(
-                h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
+                h11.Response(
+                    status_code=event.status_code,
+                    headers=headers,
+                    reason=reason_phrase(event.status_code, event.reason),
+                )
             )
             or b""
         ]
@@ -491,7 +496,11 @@ class ClientConnection:
         try:
             head = (
                 conn.send(
-                    h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason)
+                    h11.InformationalResponse(
+                        status_code=101,
+                        headers=headers,
+                        reason=reason_phrase(event.status_code, event.reason),
+                    )
                 )
                 or b""
             )

@@ -24,6 +24,9 @@ from proxy.protocol.http1 import raw_error_response
 # accept() failures that mean "out of resources right now", worth a pause, not a crash.
 _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _ACCEPT_BACKOFF = 0.1
+# Refusals answered with a 503 at once; beyond this many in flight (a flood), extra
+# connections are closed without an answer so the refusals cannot exhaust descriptors.
+_MAX_PENDING_REFUSALS = 256
 
 
 def _family_and_address(listen: str) -> tuple[int, tuple[str, int]]:
@@ -57,7 +60,10 @@ def check_bindable(listen: str) -> None:
     bind_reuseport(listen, 1).close()
 
 
-async def _refuse_overloaded(stream: trio.SocketStream, response: bytes) -> None:
+async def _refuse_overloaded(
+    stream: trio.SocketStream, response: bytes, pending: list[int]
+) -> None:
+    pending[0] += 1
     try:
         with trio.move_on_after(2.0):
             # Read what the client already sent so the close is not a reset.
@@ -67,6 +73,7 @@ async def _refuse_overloaded(stream: trio.SocketStream, response: bytes) -> None
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
     finally:
+        pending[0] -= 1
         await trio.aclose_forcefully(stream)
 
 
@@ -84,6 +91,7 @@ async def accept_loop(
         "this worker is at max_connections_per_worker",
         extra=[(b"retry-after", str(ctx.config.server.retry_after_seconds).encode())],
     )
+    pending_refusals = [0]
     while True:
         try:
             client, address = await sock.accept()
@@ -98,6 +106,9 @@ async def accept_loop(
         stream = trio.SocketStream(client)
         if ctx.stats.active_connections >= limit:
             ctx.stats.rejected_overload += 1
-            nursery.start_soon(_refuse_overloaded, stream, overloaded)
+            if pending_refusals[0] >= _MAX_PENDING_REFUSALS:
+                await trio.aclose_forcefully(stream)
+            else:
+                nursery.start_soon(_refuse_overloaded, stream, overloaded, pending_refusals)
             continue
         nursery.start_soon(handler, stream, (address[0], address[1]))

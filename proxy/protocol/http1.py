@@ -252,6 +252,15 @@ def downstream_response_headers(
     return out
 
 
+_PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+
+
+def reason_phrase(status: int, given: bytes = b"") -> bytes:
+    """The backend's reason phrase, or the standard one when it sent none (some servers
+    send ``HTTP/1.1 200`` with nothing after the code)."""
+    return given or _PHRASES.get(status, b"")
+
+
 def is_event_stream(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     for name, value in headers:
         if name == b"content-type":

@@ -1,0 +1,57 @@
+# Two commands a newcomer needs: `make run` and `make test`. Everything else is optional.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Debian packages the test suite starts for real (integration tests) and tools it uses.
+APT_PACKAGES := redis-server postgresql pgbouncer haproxy wrk prometheus systemd procps
+
+.DEFAULT_GOAL := help
+.PHONY: help run test check lint typecheck unit apt venv bench clean
+
+help:
+	@echo "make run    start the proxy on its bundled default (demo MCP backend beside it)"
+	@echo "make test   install everything needed (Debian packages, Python deps), run all checks"
+	@echo "make check  lint + type-check + tests, without installing anything"
+	@echo "make bench  quick proxy-vs-direct throughput comparison (wrk)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Re-install when the package metadata changes.
+$(VENV)/.stamp-demo: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[demo]'
+	@touch $@
+
+$(VENV)/.stamp-test: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@ $(VENV)/.stamp-demo
+
+venv: $(VENV)/.stamp-test
+
+run: $(VENV)/.stamp-demo
+	$(BIN)/switchboard run
+
+apt:
+	@./.ci/apt-install $(APT_PACKAGES)
+
+lint: $(VENV)/.stamp-test
+	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff format --check proxy tests bench
+
+typecheck: $(VENV)/.stamp-test
+	$(BIN)/mypy
+
+unit: $(VENV)/.stamp-test
+	$(BIN)/python -m pytest
+
+check: lint typecheck unit
+
+test: apt venv
+	$(MAKE) --no-print-directory check
+
+bench: apt venv
+	$(BIN)/python -m bench.quick
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
