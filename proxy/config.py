@@ -7,7 +7,9 @@ file, the key and what is wrong, so a bad config fails before any worker starts.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +20,8 @@ import msgspec
 
 ENV_PREFIX = "SWITCHBOARD_"
 BUNDLED_CONFIG = Path(__file__).with_name("examples") / "default.toml"
+# What may appear in an HTTP request-target path: visible ASCII.
+_URL_PATH = re.compile(r"[\x21-\x7e]*")
 
 
 class ConfigError(Exception):
@@ -146,13 +150,23 @@ def parse_backend_url(url: str) -> tuple[str, int, str]:
     if parts.query or parts.fragment:
         raise ValueError(f"backend URL must not have a query or fragment: {url!r}")
     try:
-        port = parts.port or 80
+        port = 80 if parts.port is None else parts.port
     except ValueError as exc:
         raise ValueError(f"backend URL has a bad port: {url!r}") from exc
-    return parts.hostname, port, parts.path.rstrip("/")
+    if port == 0:
+        raise ValueError(f"backend URL port must be 1-65535: {url!r}")
+    path = parts.path.rstrip("/")
+    if not _URL_PATH.fullmatch(path):
+        raise ValueError(
+            f"backend URL path must be printable ASCII without spaces "
+            f"(percent-encode anything else): {url!r}"
+        )
+    return parts.hostname, port, path
 
 
 def _positive(source: str, key: str, value: float, *, allow_zero: bool = False) -> None:
+    if math.isnan(value):
+        raise ConfigError(source, key, "must be a number, got nan")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(source, key, f"must be {bound}, got {value}")
@@ -214,7 +228,7 @@ def _msgspec_error(source: str, exc: msgspec.ValidationError) -> ConfigError:
     text = str(exc)
     problem, _, path = text.rpartition(" - at `")
     if not problem:
-        return ConfigError(source, "", text)
+        problem, path = text, "$"  # msgspec names no path for top-level problems
     key = path.rstrip("`").removeprefix("$").lstrip(".")
     problem = problem.replace("`", "")
     if problem.startswith("Object contains unknown field"):

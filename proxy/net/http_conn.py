@@ -140,10 +140,16 @@ class ClientConnection:
         conn = self.conn
         limits = self.ctx.config.limits
         deadline: float | None = None
+        # h11's max_incomplete_event_size only bounds a head that is still incomplete; a
+        # whole oversized head arriving in one read would pass, so count what was fed.
+        fed = len(conn.trailing_data[0]) if not first else 0
         try:
             while True:
                 event = conn.next_event()
                 if type(event) is h11.Request:
+                    if fed - len(conn.trailing_data[0]) > limits.max_header_bytes:
+                        await self._refuse(431, "request header section too large", None)
+                        return None
                     return event
                 if event is not h11.NEED_DATA:
                     return None  # ConnectionClosed
@@ -165,10 +171,13 @@ class ClientConnection:
                             return None
                         started = accepted if first else trio.current_time()
                         deadline = started + limits.header_timeout
+                        fed += len(data)
                         conn.receive_data(data)
                         continue
                 with trio.move_on_at(deadline):
-                    conn.receive_data(await self.stream.receive_some(RECV_SIZE))
+                    data = await self.stream.receive_some(RECV_SIZE)
+                    fed += len(data)
+                    conn.receive_data(data)
                     continue
                 await self._refuse(408, "timed out reading request head", None)
                 return None
@@ -435,7 +444,7 @@ class ClientConnection:
             raise _BackendFailed(502, "backend closed the connection without a response")
         policy = ctx.policy_for(x.route)
         headers = downstream_response_headers(
-            event.headers, x.request.http_version, policy, close=ctx.draining
+            event.headers, event.http_version, policy, close=ctx.draining
         )
         x.status = event.status_code
         out = [
@@ -491,7 +500,7 @@ class ClientConnection:
     ) -> None:
         conn = self.conn
         headers = downstream_response_headers(
-            event.headers, x.request.http_version, self.ctx.policy_for(x.route), upgrade=True
+            event.headers, event.http_version, self.ctx.policy_for(x.route), upgrade=True
         )
         try:
             head = (
@@ -552,20 +561,7 @@ class ClientConnection:
         return False
 
     def _log_error(self, status: int, reason: str) -> None:
-        self.ctx.stats.responses_by_status[status] += 1
-        if self.ctx.access_log is not None:
-            self.ctx.access_log.info(
-                "access",
-                client=self.peer_ip,
-                port=self.peer_port,
-                method=None,
-                path=None,
-                status=status,
-                error=reason,
-                bytes_in=0,
-                bytes_out=0,
-                duration_ms=0.0,
-            )
+        log_refusal(self.ctx, self.peer_ip, self.peer_port, status, reason)
 
     def _log_access(self, x: _Exchange) -> None:
         log = self.ctx.access_log
@@ -587,6 +583,24 @@ class ClientConnection:
             bytes_out=x.bytes_out,
             duration_ms=round((time.perf_counter() - x.started) * 1000, 3),
             error=x.error,
+        )
+
+
+def log_refusal(ctx: WorkerContext, ip: str, port: int, status: int, reason: str) -> None:
+    """Count and log a refusal that happened before any request head was parsed."""
+    ctx.stats.responses_by_status[status] += 1
+    if ctx.access_log is not None:
+        ctx.access_log.info(
+            "access",
+            client=ip,
+            port=port,
+            method=None,
+            path=None,
+            status=status,
+            error=reason,
+            bytes_in=0,
+            bytes_out=0,
+            duration_ms=0.0,
         )
 
 

@@ -18,7 +18,7 @@ import trio
 
 from proxy.config import parse_hostport
 from proxy.net.context import WorkerContext
-from proxy.net.http_conn import RECV_SIZE, linger_close
+from proxy.net.http_conn import RECV_SIZE, linger_close, log_refusal
 from proxy.protocol.http1 import raw_error_response
 
 # accept() failures that mean "out of resources right now", worth a pause, not a crash.
@@ -86,9 +86,10 @@ async def accept_loop(
     """Accept until cancelled; connection tasks run in ``nursery`` (which outlives the
     accept loop during a drain)."""
     limit = ctx.config.server.max_connections_per_worker
+    overload_reason = "this worker is at max_connections_per_worker"
     overloaded = raw_error_response(
         503,
-        "this worker is at max_connections_per_worker",
+        overload_reason,
         extra=[(b"retry-after", str(ctx.config.server.retry_after_seconds).encode())],
     )
     pending_refusals = [0]
@@ -106,6 +107,7 @@ async def accept_loop(
         stream = trio.SocketStream(client)
         if ctx.stats.active_connections >= limit:
             ctx.stats.rejected_overload += 1
+            log_refusal(ctx, address[0], address[1], 503, overload_reason)
             if pending_refusals[0] >= _MAX_PENDING_REFUSALS:
                 await trio.aclose_forcefully(stream)
             else:

@@ -60,6 +60,8 @@ class RequestInfo:
     upgrade: bytes | None
     """The Upgrade header's value when the client asks to switch protocols."""
     connection_tokens: frozenset[bytes]
+    host_missing: bool = False
+    """True for an HTTP/1.0 request that sent no Host header."""
 
 
 def _connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -128,6 +130,7 @@ def inspect_request(request: h11.Request) -> RequestInfo:
     if chunked and content_length is not None:
         raise RequestRejected(400, "both Content-Length and Transfer-Encoding")
     target, authority = _split_target(request.target)
+    host_missing = host is None
     if host is None:
         if request.http_version != b"1.0":
             raise RequestRejected(400, "missing Host header")
@@ -148,6 +151,7 @@ def inspect_request(request: h11.Request) -> RequestInfo:
         content_length=content_length,
         upgrade=upgrade,
         connection_tokens=tokens,
+        host_missing=host_missing,
     )
 
 
@@ -193,6 +197,15 @@ def upstream_request_headers(
             out.append((b"host", backend_authority if policy.host_mode == "rewrite" else value))
         else:
             out.append((name, value))
+    if info.host_missing:
+        # An HTTP/1.0 client may omit Host; the backend gets an HTTP/1.1 request, which
+        # must carry one.
+        out.append(
+            (
+                b"host",
+                backend_authority if policy.host_mode == "rewrite" or not info.host else info.host,
+            )
+        )
     if info.chunked:
         out.append((b"transfer-encoding", b"chunked"))
     if info.upgrade is not None:
@@ -205,7 +218,8 @@ def upstream_request_headers(
     else:
         out.append((b"x-forwarded-for", client))
     out.append((b"x-forwarded-proto", policy.proto))
-    out.append((b"x-forwarded-host", info.host))
+    if info.host:
+        out.append((b"x-forwarded-host", info.host))
     via.append(_via_entry(request.http_version, policy.via))
     out.append((b"via", b", ".join(via)))
     return out
@@ -229,6 +243,9 @@ def downstream_response_headers(
     for HTTP/1.1 when the backend gave no Content-Length, close-delimited for 1.0).
     """
     connection_values = [v for n, v in headers if n == b"connection"]
+    # RFC 9112 §6.3: with Transfer-Encoding present, Content-Length is wrong by
+    # definition (h11 decodes such a response as chunked); it must not be passed on.
+    drop_length = any(n == b"transfer-encoding" for n, _ in headers)
     tokens = _connection_tokens(connection_values) if connection_values else frozenset()
     out: Headers = []
     via: list[bytes] = []
@@ -236,7 +253,7 @@ def downstream_response_headers(
     for name, value in headers:
         if name == b"upgrade":
             upgrade_value = value
-        if _drop(name, tokens):
+        if _drop(name, tokens) or (drop_length and name == b"content-length"):
             continue
         if name == b"via":
             via.append(value)
