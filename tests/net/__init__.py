@@ -1,0 +1,1 @@
+"""Network tests: the real proxy between real clients and real backends."""
