@@ -93,8 +93,17 @@ def run_wrk(tmp: Path, port: int, connections: int, duration: int) -> dict[str, 
     )
     out = subprocess.run(
         [
-            "wrk", "-t", "1", "-c", str(connections), "-d", f"{duration}s", "--latency",
-            "-s", str(script), f"http://127.0.0.1:{port}/mcp",
+            "wrk",
+            "-t",
+            "1",
+            "-c",
+            str(connections),
+            "-d",
+            f"{duration}s",
+            "--latency",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}/mcp",
         ],
         check=True,
         capture_output=True,
@@ -105,8 +114,13 @@ def run_wrk(tmp: Path, port: int, connections: int, duration: int) -> dict[str, 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     p50 = _latency(out, "50%")
     p99 = _latency(out, "99%")
-    return {"rps": rps, "requests": requests, "p50_ms": p50, "p99_ms": p99,
-            "non_2xx": float(errors.group(1)) if errors else 0.0}
+    return {
+        "rps": rps,
+        "requests": requests,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "non_2xx": float(errors.group(1)) if errors else 0.0,
+    }
 
 
 def _latency(out: str, label: str) -> float:
@@ -118,8 +132,9 @@ def _latency(out: str, label: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5)
@@ -148,15 +163,19 @@ def main() -> None:
                         result["proxy_cpu_s"] = cpu
                         result["req_per_cpu_s"] = result["requests"] / cpu if cpu else 0.0
                     results[name].append(result)
-                    print(f"round {rnd}/{args.rounds} {name:12s} {result['rps']:10.0f} req/s "
-                          f"p50 {result['p50_ms']:.3f} ms p99 {result['p99_ms']:.3f} ms",
-                          flush=True)
+                    print(
+                        f"round {rnd}/{args.rounds} {name:12s} {result['rps']:10.0f} req/s "
+                        f"p50 {result['p50_ms']:.3f} ms p99 {result['p99_ms']:.3f} ms",
+                        flush=True,
+                    )
             direct = statistics.median(r["rps"] for r in results["direct"])
             proxied = statistics.median(r["rps"] for r in results["switchboard"])
             per_cpu = statistics.median(r["req_per_cpu_s"] for r in results["switchboard"])
             print(f"\nmedian direct      {direct:10.0f} req/s")
-            print(f"median switchboard {proxied:10.0f} req/s ({args.workers} worker(s), "
-                  f"c={args.connections})")
+            print(
+                f"median switchboard {proxied:10.0f} req/s ({args.workers} worker(s), "
+                f"c={args.connections})"
+            )
             print(f"ratio proxy/direct {proxied / direct:10.3f}")
             print(f"switchboard requests per proxy CPU-second {per_cpu:10.0f}")
         finally:
