@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
 
     configure_logging(config.log.level, role="supervisor")
     try:
-        trio.run(lambda: Supervisor(config).run(on_ready=lambda: _print_ready(config)))
+        supervisor = Supervisor(config, reload_config=lambda: config_from_args(args))
+        trio.run(lambda: supervisor.run(on_ready=lambda: _print_ready(config)))
     except StartupError as exc:
         print(f"switchboard: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

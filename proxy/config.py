@@ -112,6 +112,11 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """Remove the prefix before forwarding (a backend URL path is then prepended)."""
 
 
+class AdminConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    listen: str = "127.0.0.1:9901"
+    """Admin endpoints (/health, /ready, /metrics, /services); "" turns them off."""
+
+
 class DemoConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = False
     """Start the bundled demo MCP backend beside the proxy (make run)."""
@@ -125,6 +130,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     forwarding: ForwardingConfig = ForwardingConfig()
     log: LogConfig = LogConfig()
     routes: tuple[RouteConfig, ...] = ()
+    admin: AdminConfig = AdminConfig()
     demo: DemoConfig = DemoConfig()
 
 
@@ -214,6 +220,13 @@ def validate(config: Config, source: str) -> Config:
                 parse_backend_url(url)
             except ValueError as exc:
                 raise ConfigError(source, f"{key}.backends[{j}]", str(exc)) from None
+    if config.admin.listen:
+        try:
+            parse_hostport(config.admin.listen)
+        except ValueError as exc:
+            raise ConfigError(source, "admin.listen", str(exc)) from None
+        if config.admin.listen in config.server.listen:
+            raise ConfigError(source, "admin.listen", "must differ from server.listen")
     if config.demo.enabled:
         try:
             parse_hostport(config.demo.listen)

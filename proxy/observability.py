@@ -7,8 +7,7 @@ cached on first use, rendering with msgspec straight to bytes.
 from __future__ import annotations
 
 import sys
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import msgspec
@@ -51,12 +50,9 @@ def get_logger(name: str) -> Any:
 
 @dataclass(slots=True)
 class WorkerStats:
-    """Counters one worker keeps; the admin endpoint aggregates them across workers."""
+    """What a worker needs to know about itself at once (limits, drain); everything an
+    operator looks at goes to Prometheus metrics (proxy.metrics)."""
 
     requests: int = 0
-    responses_by_status: Counter[int] = field(default_factory=Counter)
     active_connections: int = 0
     active_requests: int = 0
-    rejected_overload: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0

@@ -1,31 +1,48 @@
-"""The supervisor: starts N worker processes, restarts crashed ones, stops them cleanly.
+"""The supervisor: owns the listening sockets, runs generations of workers, talks to systemd.
 
-Workers are exec'd (``python -m proxy.worker``), never forked from a running Trio loop.
-Each gets the validated config as JSON on stdin and a pipe to report readiness on. A
-worker that exits unexpectedly is restarted after a back-off that doubles while it keeps
-crashing soon after start (0.5 s up to 30 s) and resets once it has run for a while; the
-other workers keep serving meanwhile. SIGTERM/SIGINT: workers get SIGTERM and drain;
-any still alive after ``drain_timeout`` + a grace period get SIGKILL.
+- **Sockets.** The supervisor binds one ``SO_REUSEPORT`` socket per listen address per
+  worker slot and hands each worker its own (``pass_fds``); it never accepts on them.
+  Because the supervisor keeps them open, a worker that exits never closes its socket:
+  connections waiting in its accept queue are not reset but taken by the worker that
+  replaces it (a restarted worker, or the next generation on reload). This is what makes
+  reloads and crashes lose nothing even without ``net.ipv4.tcp_migrate_req``.
+- **Workers** are exec'd (``python -m proxy.worker``), never forked from a running Trio
+  loop; each gets the config as JSON on stdin and reports ``ready`` on a pipe. One that
+  dies is restarted after a back-off (0.1 s, doubling up to 30 s while it keeps dying
+  within 10 s of its start).
+- **SIGHUP** reloads: the config is read again; if it is invalid the running generation
+  keeps serving and the error is logged. Otherwise a new generation starts on the same
+  sockets, and once all its workers are ready the old one is told to drain (SIGTERM).
+- **SIGTERM/SIGINT** drain: workers stop accepting, finish in-flight requests, end
+  streams; any still alive after ``drain_timeout`` + 5 s get SIGKILL.
+- **systemd** hears READY, RELOADING, STOPPING, STATUS and WATCHDOG (``proxy.sdnotify``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from proxy.config import Config, effective_workers, parse_hostport, to_json
-from proxy.net.listener import check_bindable
+from proxy.admin import AdminState, serve_admin
+from proxy.config import Config, ConfigError, effective_workers, parse_hostport, to_json
+from proxy.metrics import MULTIPROC_ENV, mark_process_dead, metrics
+from proxy.net.listener import bind_reuseport
 from proxy.observability import get_logger
-from proxy.worker import READY_FD_ENV, WORKER_ID_ENV
+from proxy.sdnotify import Notifier, watchdog_loop
+from proxy.worker import LISTEN_FDS_ENV, READY_FD_ENV, WORKER_ID_ENV
 
-_BACKOFF_START = 0.5
+_BACKOFF_START = 0.1
 _BACKOFF_MAX = 30.0
 _STABLE_AFTER = 10.0
 _READY_TIMEOUT = 30.0
@@ -39,70 +56,154 @@ class StartupError(Exception):
 @dataclass(slots=True, eq=False)
 class WorkerSlot:
     index: int
+    sockets: list[socket.socket]
     process: trio.Process | None = None
     restarts: int = 0
     ready: trio.Event = field(default_factory=trio.Event)
+    retired: bool = False
 
 
 @dataclass(slots=True, eq=False)
-class Supervisor:
+class Generation:
+    number: int
     config: Config
-    log: Any = field(default_factory=lambda: get_logger("switchboard.supervisor"))
-    slots: list[WorkerSlot] = field(default_factory=list)
-    stopping: bool = False
-    """Set once a stop began; read through is_stopping() (it changes across awaits)."""
-    demo_process: trio.Process | None = None
+    slots: list[WorkerSlot]
+    done: trio.Event = field(default_factory=trio.Event)
+    """Set when every worker of this generation has exited for good."""
 
-    def is_stopping(self) -> bool:
-        return self.stopping
+    def retire(self, signum: int = signal.SIGTERM) -> None:
+        for slot in self.slots:
+            slot.retired = True
+            if slot.process is not None and slot.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    slot.process.send_signal(signum)
 
-    def preflight(self) -> None:
-        for listen in self.config.server.listen:
-            try:
-                check_bindable(listen)
-            except OSError as exc:
-                raise StartupError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    def all_ready(self) -> bool:
+        return all(slot.ready.is_set() for slot in self.slots)
 
-    async def _spawn(self, slot: WorkerSlot) -> trio.Process:
+
+class Supervisor:
+    def __init__(
+        self, config: Config, *, reload_config: Callable[[], Config] | None = None
+    ) -> None:
+        self.config = config
+        self.reload_config = reload_config
+        self.log: Any = get_logger("switchboard.supervisor")
+        self.notifier = Notifier.from_env()
+        self.sockets: dict[tuple[str, int], socket.socket] = {}
+        self.current: Generation | None = None
+        self.generations = 0
+        self.stopping = False
+        self.admin = AdminState(config=config)
+        self.demo_process: trio.Process | None = None
+        self.metrics_dir = ""
+        self._nursery: trio.Nursery | None = None
+
+    # -- sockets ------------------------------------------------------------------------
+
+    def _sockets_for(self, config: Config) -> list[list[socket.socket]]:
+        """Per worker slot, one socket per listen address (existing ones reused)."""
+        per_slot: list[list[socket.socket]] = []
+        for index in range(effective_workers(config)):
+            slot_sockets = []
+            for listen in config.server.listen:
+                key = (listen, index)
+                sock = self.sockets.get(key)
+                if sock is None:
+                    try:
+                        sock = bind_reuseport(listen, config.server.backlog)
+                    except OSError as exc:
+                        raise StartupError(
+                            f"cannot listen on {listen}: {exc.strerror or exc}"
+                        ) from None
+                    self.sockets[key] = sock
+                slot_sockets.append(sock)
+            per_slot.append(slot_sockets)
+        return per_slot
+
+    def _close_unused_sockets(self) -> None:
+        used = {
+            id(sock)
+            for gen in (self.current,)
+            if gen is not None
+            for slot in gen.slots
+            for sock in slot.sockets
+        }
+        for key, sock in list(self.sockets.items()):
+            if id(sock) not in used:
+                sock.close()
+                del self.sockets[key]
+
+    # -- workers ------------------------------------------------------------------------
+
+    async def _spawn(self, gen: Generation, slot: WorkerSlot) -> trio.Process:
         read_fd, write_fd = os.pipe()
+        listen_fds = [sock.fileno() for sock in slot.sockets]
         env = dict(os.environ)
         env[WORKER_ID_ENV] = str(slot.index)
         env[READY_FD_ENV] = str(write_fd)
+        env[LISTEN_FDS_ENV] = ",".join(map(str, listen_fds))
         try:
             process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "proxy.worker"],
                 stdin=subprocess.PIPE,
-                pass_fds=(write_fd,),
+                pass_fds=(write_fd, *listen_fds),
                 env=env,
             )
         finally:
             os.close(write_fd)
-        assert process.stdin is not None
-        await process.stdin.send_all(to_json(self.config))
-        await process.stdin.aclose()
         slot.process = process
         ready_pipe = trio.lowlevel.FdStream(read_fd)
-        with trio.move_on_after(_READY_TIMEOUT):
-            line = await ready_pipe.receive_some(64)
-            if line.startswith(b"ready"):
-                slot.ready.set()
-        await ready_pipe.aclose()
+        try:
+            assert process.stdin is not None
+            await process.stdin.send_all(to_json(gen.config))
+            await process.stdin.aclose()
+            with trio.move_on_after(_READY_TIMEOUT):
+                line = await ready_pipe.receive_some(64)
+                if line.startswith(b"ready"):
+                    slot.ready.set()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the worker died at start; _keep_worker sees its exit
+        finally:
+            await ready_pipe.aclose()
         return process
 
-    async def _keep_worker(self, slot: WorkerSlot) -> None:
+    def _finished(self, slot: WorkerSlot) -> bool:
+        # A method, not an inline test: both flags change while this task awaits.
+        return slot.retired or self.stopping
+
+    async def _keep_worker(self, gen: Generation, slot: WorkerSlot) -> None:
         backoff = _BACKOFF_START
-        while not self.is_stopping():
+        m = metrics()
+        while not self._finished(slot):
             started = trio.current_time()
-            process = await self._spawn(slot)
+            process = await self._spawn(gen, slot)
             if slot.ready.is_set():
+                m.workers.inc()
                 self.log.info(
-                    "worker_started", worker=slot.index, pid=process.pid, restarts=slot.restarts
+                    "worker_started",
+                    worker=slot.index,
+                    pid=process.pid,
+                    generation=gen.number,
+                    restarts=slot.restarts,
                 )
             code = await process.wait()
-            if self.is_stopping():
+            if slot.ready.is_set():
+                m.workers.dec()
+            if self.metrics_dir:
+                mark_process_dead(process.pid, self.metrics_dir)
+            if self._finished(slot):
+                self.log.info(
+                    "worker_exited",
+                    worker=slot.index,
+                    pid=process.pid,
+                    generation=gen.number,
+                    code=code,
+                )
                 return
             slot.ready = trio.Event()
             slot.restarts += 1
+            m.worker_restarts.inc()
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             if trio.current_time() - started > _STABLE_AFTER:
                 backoff = _BACKOFF_START
@@ -111,11 +212,85 @@ class Supervisor:
                 worker=slot.index,
                 pid=process.pid,
                 how=how,
+                generation=gen.number,
                 restart_in_s=backoff,
                 restarts=slot.restarts,
             )
             await trio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    async def _run_generation(self, gen: Generation) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                for slot in gen.slots:
+                    nursery.start_soon(self._keep_worker, gen, slot)
+        finally:
+            gen.done.set()
+
+    async def _start_generation(self, config: Config) -> Generation:
+        """Start a generation and wait until every worker is ready; StartupError if not."""
+        assert self._nursery is not None
+        per_slot = self._sockets_for(config)
+        self.generations += 1
+        gen = Generation(
+            self.generations, config, [WorkerSlot(i, socks) for i, socks in enumerate(per_slot)]
+        )
+        self._nursery.start_soon(self._run_generation, gen)
+        with trio.move_on_after(_READY_TIMEOUT):
+            for slot in gen.slots:
+                await slot.ready.wait()
+        if not gen.all_ready():
+            gen.retire(signal.SIGKILL)
+            raise StartupError(f"workers of generation {gen.number} did not become ready")
+        return gen
+
+    async def _drain(self, gen: Generation) -> None:
+        gen.retire()
+        with trio.move_on_after(gen.config.server.drain_timeout + _KILL_GRACE):
+            await gen.done.wait()
+        if not gen.done.is_set():
+            self.log.warning("drain_deadline_passed", generation=gen.number)
+            gen.retire(signal.SIGKILL)
+            await gen.done.wait()
+
+    async def _drain_then_cleanup(self, gen: Generation) -> None:
+        await self._drain(gen)
+        self._close_unused_sockets()
+        self.log.info("generation_stopped", generation=gen.number)
+
+    # -- reload -------------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        assert self._nursery is not None and self.current is not None
+        self.notifier.reloading()
+        self.admin.reloading = True
+        m = metrics()
+        try:
+            if self.reload_config is None:
+                raise ConfigError("command line", "", "no config file to reload")
+            config = self.reload_config()
+            gen = await self._start_generation(config)
+        except (ConfigError, StartupError) as exc:
+            m.reloads.labels("failed").inc()
+            self.log.error(
+                "reload_failed", error=str(exc), detail="the running workers keep serving"
+            )
+            self.notifier.ready(f"reload failed: {exc}")
+            return
+        finally:
+            self.admin.reloading = False
+        old, self.current = self.current, gen
+        self.config = self.admin.config = config
+        m.reloads.labels("ok").inc()
+        self.log.info("reloaded", generation=gen.number, workers=len(gen.slots))
+        self._nursery.start_soon(self._drain_then_cleanup, old)
+        self.notifier.ready(self._status())
+
+    def _status(self) -> str:
+        workers = len(self.current.slots) if self.current else 0
+        return f"serving on {', '.join(self.config.server.listen)} with {workers} workers"
+
+    # -- demo backend -------------------------------------------------------------------
 
     async def _start_demo(self) -> None:
         host, port = parse_hostport(self.config.demo.listen)
@@ -135,63 +310,68 @@ class Supervisor:
                 return
         raise StartupError("the demo MCP backend did not start within 30 s")
 
-    def _signal_workers(self, signum: int) -> None:
-        for slot in self.slots:
-            if slot.process is not None and slot.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    slot.process.send_signal(signum)
+    async def _stop_demo(self) -> None:
+        process = self.demo_process
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        with trio.move_on_after(5):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
 
-    async def _stop(self) -> None:
-        self.stopping = True
-        self._signal_workers(signal.SIGTERM)
-        deadline = self.config.server.drain_timeout + _KILL_GRACE
-        with trio.move_on_after(deadline):
-            for slot in self.slots:
-                if slot.process is not None:
-                    await slot.process.wait()
-        self._signal_workers(signal.SIGKILL)
-        if self.demo_process is not None and self.demo_process.returncode is None:
-            self.demo_process.terminate()
-            with trio.move_on_after(5):
-                await self.demo_process.wait()
-            if self.demo_process.returncode is None:
-                self.demo_process.kill()
+    # -- main ---------------------------------------------------------------------------
 
-    async def run(self, *, on_ready: Any = None) -> None:
-        self.preflight()
-        count = effective_workers(self.config)
-        self.slots = [WorkerSlot(i) for i in range(count)]
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            try:
-                if self.config.demo.enabled:
-                    await self._start_demo()
-                async with trio.open_nursery() as nursery:
-                    for slot in self.slots:
-                        nursery.start_soon(self._keep_worker, slot)
-                    with trio.move_on_after(_READY_TIMEOUT) as wait:
-                        for slot in self.slots:
-                            await slot.ready.wait()
-                    if wait.cancelled_caught:
-                        await self._stop()
-                        raise StartupError("workers did not become ready in time")
-                    self.log.info("ready", workers=count, listen=list(self.config.server.listen))
+    async def run(self, *, on_ready: Callable[[], None] | None = None) -> None:
+        self.metrics_dir = tempfile.mkdtemp(prefix="switchboard-metrics-")
+        os.environ[MULTIPROC_ENV] = self.metrics_dir
+        try:
+            await self._run(on_ready)
+        finally:
+            for sock in self.sockets.values():
+                sock.close()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    async def _run(self, on_ready: Callable[[], None] | None) -> None:
+        signals_wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        with trio.open_signal_receiver(*signals_wanted) as signals:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    if self.config.admin.listen:
+                        await nursery.start(serve_admin, self.admin, self.metrics_dir)
+                    if self.config.demo.enabled:
+                        await self._start_demo()
+                    self.current = await self._start_generation(self.config)
+                    self.admin.ready = True
+                    nursery.start_soon(watchdog_loop, self.notifier)
+                    self.notifier.ready(self._status())
+                    self.log.info(
+                        "ready",
+                        workers=len(self.current.slots),
+                        listen=list(self.config.server.listen),
+                    )
                     if on_ready is not None:
                         on_ready()
                     async for signum in signals:
                         name = signal.Signals(signum).name
                         if signum == signal.SIGHUP:
-                            self.log.warning(
-                                "reload_unsupported",
-                                signal=name,
-                                detail="restart the service to apply changes",
-                            )
+                            self.log.info("reloading", signal=name)
+                            await self.reload()
                             continue
                         self.log.info("stopping", signal=name)
                         break
-                    await self._stop()
-                    nursery.cancel_scope.cancel()
-            finally:
-                if not self.stopping:
+                finally:
                     with trio.CancelScope(shield=True):
                         await self._stop()
+                nursery.cancel_scope.cancel()
         self.log.info("stopped")
+
+    async def _stop(self) -> None:
+        self.stopping = True
+        self.admin.ready = False
+        self.admin.draining = True
+        self.notifier.stopping()
+        if self.current is not None:
+            await self._drain(self.current)
+        await self._stop_demo()

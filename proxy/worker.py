@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import sys
 
 import trio
@@ -24,6 +25,8 @@ from proxy.observability import configure_logging, get_logger
 from proxy.routing import RouteTable
 
 READY_FD_ENV = "SWITCHBOARD_READY_FD"
+LISTEN_FDS_ENV = "SWITCHBOARD_LISTEN_FDS"
+"""Listening sockets handed down by the supervisor, one per server.listen address."""
 WORKER_ID_ENV = "SWITCHBOARD_WORKER_ID"
 _PR_SET_PDEATHSIG = 1
 
@@ -53,10 +56,7 @@ async def serve(
 ) -> None:
     """Bind, serve until SIGTERM/SIGINT, then drain."""
     ctx = build_context(config, worker_id)
-    socks = [
-        trio.socket.from_stdlib_socket(bind_reuseport(addr, config.server.backlog))
-        for addr in config.server.listen
-    ]
+    socks = [trio.socket.from_stdlib_socket(sock) for sock in _listening_sockets(config)]
 
     async def handle(stream: trio.SocketStream, peer: tuple[str, int]) -> None:
         await ClientConnection(ctx, stream, peer).run()
@@ -89,6 +89,18 @@ async def serve(
     for pool in ctx.pools.values():
         await pool.aclose()
     ctx.log.info("worker_stopped", requests=ctx.stats.requests)
+
+
+def _listening_sockets(config: Config) -> list[socket.socket]:
+    """The sockets the supervisor passed down, or (run standalone, e.g. in a test or a
+    profiler) sockets bound here."""
+    fds = os.environ.get(LISTEN_FDS_ENV)
+    if not fds:
+        return [bind_reuseport(addr, config.server.backlog) for addr in config.server.listen]
+    socks = [socket.socket(fileno=int(fd)) for fd in fds.split(",")]
+    for sock in socks:
+        sock.setblocking(False)
+    return socks
 
 
 def _notify_ready(ctx: WorkerContext) -> None:

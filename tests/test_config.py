@@ -513,7 +513,16 @@ def test_json_round_trip(tmp_path: Path) -> None:
         "host": "preserve",
         "strip_prefix": True,
     }
-    assert set(data) == {"server", "limits", "upstream", "forwarding", "log", "routes", "demo"}
+    assert set(data) == {
+        "server",
+        "limits",
+        "upstream",
+        "forwarding",
+        "log",
+        "routes",
+        "admin",
+        "demo",
+    }
 
 
 def test_from_json_rejects_unknown_fields() -> None:

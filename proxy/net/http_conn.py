@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import h11
 import trio
 
+from proxy.metrics import LIMIT_BY_STATUS, metrics
 from proxy.net.context import WorkerContext
 from proxy.net.relay import relay
 from proxy.net.upstream import UpstreamConnection, UpstreamPool, UpstreamUnavailable
@@ -67,6 +68,8 @@ class _Exchange:
     upload_complete: bool = False
     client_gone: bool = False
     upgraded: bool = False
+    refused: bool = False
+    """The proxy answered itself (a limit, a bad request, no backend)."""
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -94,6 +97,10 @@ class ClientConnection:
     async def run(self) -> None:
         stats = self.ctx.stats
         stats.active_connections += 1
+        m = metrics()
+        m.connections.inc()
+        active = m.connections_active.labels("http")
+        active.inc()
         try:
             await self._serve()
         except (*_CLOSED, _ClientGone):
@@ -103,6 +110,7 @@ class ClientConnection:
             self.ctx.log.exception("connection_failed", client=self.peer_ip, port=self.peer_port)
         finally:
             stats.active_connections -= 1
+            active.dec()
             await trio.aclose_forcefully(self.stream)
 
     async def _serve(self) -> None:
@@ -198,10 +206,13 @@ class ClientConnection:
             return await self._proxy(x)
         finally:
             ctx.stats.active_requests -= 1
-            ctx.stats.responses_by_status[x.status] += 1
-            ctx.stats.bytes_in += x.bytes_in
-            ctx.stats.bytes_out += x.bytes_out
-            self._log_access(x)
+            route = x.route.prefix if x.route is not None else "none"
+            elapsed = time.perf_counter() - x.started
+            m = metrics()
+            m.count_request(route, x.status, elapsed, x.bytes_in, x.bytes_out)
+            if x.refused and x.status in LIMIT_BY_STATUS:
+                m.refusals.labels(LIMIT_BY_STATUS[x.status]).inc()
+            self._log_access(x, elapsed)
 
     async def _proxy(self, x: _Exchange) -> bool:
         ctx = self.ctx
@@ -539,6 +550,7 @@ class ClientConnection:
         if x is not None:
             x.status = status
             x.error = reason
+            x.refused = True
         else:
             self._log_error(status, reason)
         extra: list[tuple[bytes, bytes]] = []
@@ -563,7 +575,7 @@ class ClientConnection:
     def _log_error(self, status: int, reason: str) -> None:
         log_refusal(self.ctx, self.peer_ip, self.peer_port, status, reason)
 
-    def _log_access(self, x: _Exchange) -> None:
+    def _log_access(self, x: _Exchange, elapsed: float) -> None:
         log = self.ctx.access_log
         if log is None:
             return
@@ -581,14 +593,17 @@ class ClientConnection:
             upstream=x.upstream or None,
             bytes_in=x.bytes_in,
             bytes_out=x.bytes_out,
-            duration_ms=round((time.perf_counter() - x.started) * 1000, 3),
+            duration_ms=round(elapsed * 1000, 3),
             error=x.error,
         )
 
 
 def log_refusal(ctx: WorkerContext, ip: str, port: int, status: int, reason: str) -> None:
     """Count and log a refusal that happened before any request head was parsed."""
-    ctx.stats.responses_by_status[status] += 1
+    m = metrics()
+    m.count_request("none", status, 0.0, 0, 0)
+    if status in LIMIT_BY_STATUS:
+        m.refusals.labels(LIMIT_BY_STATUS[status]).inc()
     if ctx.access_log is not None:
         ctx.access_log.info(
             "access",

@@ -106,7 +106,6 @@ async def accept_loop(
             raise
         stream = trio.SocketStream(client)
         if ctx.stats.active_connections >= limit:
-            ctx.stats.rejected_overload += 1
             log_refusal(ctx, address[0], address[1], 503, overload_reason)
             if pending_refusals[0] >= _MAX_PENDING_REFUSALS:
                 await trio.aclose_forcefully(stream)

@@ -52,9 +52,10 @@ def render_toml(sections: Mapping[str, Mapping[str, Any]], routes: list[Mapping[
 
 
 class ProxyProcess:
-    def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], port: int, admin: str = "") -> None:
         self.process = process
         self.port = port
+        self.admin_url = f"http://{admin}" if admin else ""
         self.lines: list[dict[str, Any]] = []
         self.stderr = b""
         self._ready = threading.Event()
@@ -131,6 +132,8 @@ def run_proxy(
     server = merged.setdefault("server", {})
     server.setdefault("listen", [f"127.0.0.1:{port}"])
     server.setdefault("workers", workers)
+    admin = merged.setdefault("admin", {})
+    admin.setdefault("listen", f"127.0.0.1:{free_port()}")
     config = tmp_path / f"switchboard-{port}.toml"
     config.write_text(render_toml(merged, routes))
     process = subprocess.Popen(
@@ -139,7 +142,7 @@ def run_proxy(
         stderr=subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )
-    proxy = ProxyProcess(process, port)
+    proxy = ProxyProcess(process, port, admin["listen"])
     try:
         proxy.wait_ready()
         yield proxy
