@@ -7,6 +7,7 @@ file, the key and what is wrong, so a bad config fails before any worker starts.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -112,6 +113,17 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """Remove the prefix before forwarding (a backend URL path is then prepended)."""
 
 
+class ProxyProtocolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = False
+    """Expect a PROXY protocol v1/v2 header (HAProxy send-proxy / send-proxy-v2) from
+    trusted sources."""
+    trusted_networks: tuple[str, ...] = ()
+    """CIDRs allowed to send a PROXY header; they must send one. Anyone else sending one
+    is refused."""
+    timeout: float = 3.0
+    """Seconds to receive the whole PROXY header; beyond it the connection is closed."""
+
+
 class AdminConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     listen: str = "127.0.0.1:9901"
     """Admin endpoints (/health, /ready, /metrics, /services); "" turns them off."""
@@ -130,6 +142,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     forwarding: ForwardingConfig = ForwardingConfig()
     log: LogConfig = LogConfig()
     routes: tuple[RouteConfig, ...] = ()
+    proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
     admin: AdminConfig = AdminConfig()
     demo: DemoConfig = DemoConfig()
 
@@ -220,6 +233,19 @@ def validate(config: Config, source: str) -> Config:
                 parse_backend_url(url)
             except ValueError as exc:
                 raise ConfigError(source, f"{key}.backends[{j}]", str(exc)) from None
+    pp = config.proxy_protocol
+    _positive(source, "proxy_protocol.timeout", pp.timeout)
+    for i, cidr in enumerate(pp.trusted_networks):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError as exc:
+            raise ConfigError(source, f"proxy_protocol.trusted_networks[{i}]", str(exc)) from None
+    if pp.enabled and not pp.trusted_networks:
+        raise ConfigError(
+            source,
+            "proxy_protocol.trusted_networks",
+            "needs at least one network when proxy_protocol is enabled",
+        )
     if config.admin.listen:
         try:
             parse_hostport(config.admin.listen)

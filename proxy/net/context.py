@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,8 @@ from proxy.net.upstream import UpstreamPool
 from proxy.observability import WorkerStats
 from proxy.protocol.http1 import ForwardingPolicy
 from proxy.routing import Backend, Route, RouteTable
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(slots=True, eq=False)
@@ -26,6 +29,20 @@ class WorkerContext:
     idle_scopes: set[trio.CancelScope] = field(default_factory=set)
     """Cancel scopes of connections waiting for a request; cancelled on drain."""
     _policies: dict[str | None, ForwardingPolicy] = field(default_factory=dict)
+    _trusted: tuple[IPNetwork, ...] | None = None
+
+    def is_trusted_proxy(self, ip: str) -> bool:
+        """Whether ``ip`` may (and must) send a PROXY protocol header."""
+        if self._trusted is None:
+            self._trusted = tuple(
+                ipaddress.ip_network(cidr, strict=False)
+                for cidr in self.config.proxy_protocol.trusted_networks
+            )
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
 
     def policy_for(self, route: Route | None) -> ForwardingPolicy:
         mode = route.host_mode if route is not None else None

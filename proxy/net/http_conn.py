@@ -31,12 +31,20 @@ from proxy.protocol.http1 import (
     reason_phrase,
     upstream_request_headers,
 )
+from proxy.protocol.proxy_header import (
+    V2_SIGNATURE,
+    ProxyHeaderError,
+    looks_like_proxy_header,
+    parse_proxy_header,
+    unmap_ipv4,
+)
 from proxy.routing import Route
 
 RECV_SIZE = 65536
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 1 << 20
 _CLOSED = (trio.BrokenResourceError, trio.ClosedResourceError)
+V2_SIGNATURE_LENGTH = len(V2_SIGNATURE)
 
 
 class _ClientGone(Exception):
@@ -102,6 +110,8 @@ class ClientConnection:
         active = m.connections_active.labels("http")
         active.inc()
         try:
+            if self.ctx.config.proxy_protocol.enabled and not await self._read_proxy_header():
+                return
             await self._serve()
         except (*_CLOSED, _ClientGone):
             pass
@@ -112,6 +122,46 @@ class ClientConnection:
             stats.active_connections -= 1
             active.dec()
             await trio.aclose_forcefully(self.stream)
+
+    async def _read_proxy_header(self) -> bool:
+        """Consume the PROXY protocol header a trusted load balancer sends first, and take
+        the client address from it; refuse a header from anyone else. False: close."""
+        ctx = self.ctx
+        trusted = ctx.is_trusted_proxy(self.peer_ip)
+        buf = bytearray()
+        reason = "timed out reading the PROXY header"
+        with trio.move_on_after(ctx.config.proxy_protocol.timeout):
+            while True:
+                data = await self.stream.receive_some(RECV_SIZE)
+                if not data:
+                    return False
+                buf += data
+                if not trusted:
+                    if not looks_like_proxy_header(buf[:V2_SIGNATURE_LENGTH]):
+                        self.conn.receive_data(bytes(buf))
+                        return True
+                    if len(buf) >= V2_SIGNATURE_LENGTH or buf.startswith(b"PROXY "):
+                        reason = "PROXY header from an untrusted source"
+                        break
+                    continue
+                try:
+                    parsed = parse_proxy_header(buf)
+                except ProxyHeaderError as exc:
+                    reason = f"malformed PROXY header: {exc}"
+                    break
+                if parsed is None:
+                    continue
+                info, consumed = parsed
+                if info.command == "PROXY" and info.source is not None:
+                    self.peer_ip, self.peer_port = unmap_ipv4(info.source[0]), info.source[1]
+                if consumed < len(buf):
+                    self.conn.receive_data(bytes(buf[consumed:]))
+                return True
+        metrics().refusals.labels("proxy_protocol").inc()
+        ctx.log.warning(
+            "proxy_header_refused", client=self.peer_ip, port=self.peer_port, reason=reason
+        )
+        return False
 
     async def _serve(self) -> None:
         accepted = trio.current_time()

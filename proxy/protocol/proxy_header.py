@@ -260,3 +260,13 @@ def _v2_tlvs(header: bytes, start: int) -> tuple[tuple[int, bytes], ...]:
                 raise ProxyHeaderError("v2: SSL TLV shorter than 5 bytes")
             _split_tlvs(value, 5)
     return tlvs
+
+
+def unmap_ipv4(address: str) -> str:
+    """``::ffff:192.0.2.1`` -> ``192.0.2.1``: HAProxy sends IPv4 clients of an IPv6
+    listener as IPv4-mapped addresses; logs and X-Forwarded-For want the IPv4 form."""
+    if address.startswith("::ffff:"):
+        mapped = ipaddress.IPv6Address(address).ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
+    return address
