@@ -77,6 +77,9 @@ class UpstreamConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     exchange is aborted."""
     stream_idle_timeout: float = 0.0
     """Seconds of silence allowed on SSE responses and WebSocket tunnels (0 = no limit)."""
+    tunnel_half_close_timeout: float = 5.0
+    """Seconds a WebSocket tunnel stays open after one side closed its direction, for the
+    other to finish (clients often never close after a server-initiated close)."""
     max_idle_per_backend: int = 64
     """Idle keep-alive connections kept per backend per worker (the pool's size cap)."""
     max_connections_per_backend: int = 0
@@ -214,7 +217,13 @@ def validate(config: Config, source: str) -> Config:
     for name in ("header_timeout", "keepalive_timeout", "body_timeout", "send_timeout"):
         _positive(source, f"limits.{name}", getattr(limits, name))
     up = config.upstream
-    for name in ("connect_timeout", "response_timeout", "read_timeout", "idle_ttl"):
+    for name in (
+        "connect_timeout",
+        "response_timeout",
+        "read_timeout",
+        "idle_ttl",
+        "tunnel_half_close_timeout",
+    ):
         _positive(source, f"upstream.{name}", getattr(up, name))
     for name in ("stream_idle_timeout", "max_idle_per_backend", "max_connections_per_backend"):
         _positive(source, f"upstream.{name}", getattr(up, name), allow_zero=True)

@@ -586,8 +586,12 @@ class ClientConnection:
         if client_pending:
             await up.stream.send_all(client_pending)
         # The access line is written when the tunnel ends, with its duration.
+        up_cfg = self.ctx.config.upstream
         outcome = await relay(
-            self.stream, up.stream, idle_timeout=self.ctx.config.upstream.stream_idle_timeout
+            self.stream,
+            up.stream,
+            idle_timeout=up_cfg.stream_idle_timeout,
+            half_close_timeout=up_cfg.tunnel_half_close_timeout,
         )
         if outcome != "closed":
             x.error = f"tunnel ended: {outcome}"

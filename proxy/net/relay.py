@@ -3,7 +3,8 @@
 After the 101 the proxy has nothing to interpret, so frames are not parsed: bytes are
 copied both ways. EOF on one side becomes a half-close (FIN) on the other; an error on
 either side ends both directions. An optional idle timeout ends a tunnel with no traffic
-in either direction for that long.
+in either direction for that long; once one side has closed, the other has
+``half_close_timeout`` to finish.
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ async def _watch_idle(idle_timeout: float, activity: list[float], scope: trio.Ca
         await trio.sleep_until(deadline)
 
 
-async def relay(a: trio.SocketStream, b: trio.SocketStream, *, idle_timeout: float = 0.0) -> str:
+async def relay(
+    a: trio.SocketStream,
+    b: trio.SocketStream,
+    *,
+    idle_timeout: float = 0.0,
+    half_close_timeout: float = 5.0,
+) -> str:
     """Copy bytes both ways until both sides have closed; returns how it ended."""
     activity = [trio.current_time()]
     outcome = "closed"
@@ -51,6 +58,13 @@ async def relay(a: trio.SocketStream, b: trio.SocketStream, *, idle_timeout: flo
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     outcome = "reset"
                     nursery.cancel_scope.cancel()
+                    return
+                # One side is done sending. Many clients never close their side after a
+                # server-initiated WebSocket close, so the other direction gets a
+                # bounded time to finish (like HAProxy's client-fin / server-fin).
+                limit = trio.current_time() + half_close_timeout
+                if limit < nursery.cancel_scope.deadline:
+                    nursery.cancel_scope.deadline = limit
 
             async def both() -> None:
                 async with trio.open_nursery() as pumps:

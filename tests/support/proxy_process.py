@@ -99,11 +99,14 @@ class ProxyProcess:
         raise TimeoutError("no matching log line")
 
     def worker_pids(self) -> list[int]:
-        return sorted(
-            child.pid
-            for child in psutil.Process(self.process.pid).children()
-            if "proxy.worker" in " ".join(child.cmdline())
-        )
+        pids = []
+        for child in psutil.Process(self.process.pid).children():
+            try:
+                if "proxy.worker" in " ".join(child.cmdline()):
+                    pids.append(child.pid)
+            except psutil.NoSuchProcess:  # includes ZombieProcess: died, not yet reaped
+                continue
+        return sorted(pids)
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.process.poll() is None:
