@@ -49,6 +49,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     """Listen backlog per worker socket (capped by net.core.somaxconn)."""
     drain_timeout: float = 30.0
     """Seconds a stopping worker waits for in-flight requests before exiting."""
+    drain_retry_ms: int = 1000
+    """The ``retry:`` hint (milliseconds) that ends SSE streams on a drain, telling clients
+    when to reconnect (to another worker or host) and resume."""
 
 
 class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -207,6 +210,7 @@ def validate(config: Config, source: str) -> Config:
     _positive(source, "server.max_connections_per_worker", config.server.max_connections_per_worker)
     _positive(source, "server.backlog", config.server.backlog)
     _positive(source, "server.drain_timeout", config.server.drain_timeout, allow_zero=True)
+    _positive(source, "server.drain_retry_ms", config.server.drain_retry_ms, allow_zero=True)
     _positive(
         source, "server.retry_after_seconds", config.server.retry_after_seconds, allow_zero=True
     )

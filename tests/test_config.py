@@ -513,16 +513,9 @@ def test_json_round_trip(tmp_path: Path) -> None:
         "host": "preserve",
         "strip_prefix": True,
     }
-    assert set(data) == {
-        "server",
-        "limits",
-        "upstream",
-        "forwarding",
-        "log",
-        "routes",
-        "admin",
-        "demo",
-    }
+    # Every section travels to the workers (they get the config as this JSON).
+    assert set(data) == {field.name for field in msgspec.structs.fields(Config)}
+    assert {"server", "limits", "upstream", "forwarding", "routes"} <= set(data)
 
 
 def test_from_json_rejects_unknown_fields() -> None:

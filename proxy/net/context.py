@@ -28,6 +28,10 @@ class WorkerContext:
     draining: bool = False
     idle_scopes: set[trio.CancelScope] = field(default_factory=set)
     """Cancel scopes of connections waiting for a request; cancelled on drain."""
+    stream_scopes: set[trio.CancelScope] = field(default_factory=set)
+    """Cancel scopes of SSE streams waiting for the backend; cancelled on drain so the
+    stream can be ended at its next event boundary."""
+    drain_event: trio.Event = field(default_factory=trio.Event)
     _policies: dict[str | None, ForwardingPolicy] = field(default_factory=dict)
     _trusted: tuple[IPNetwork, ...] | None = None
 
@@ -59,5 +63,6 @@ class WorkerContext:
 
     def start_drain(self) -> None:
         self.draining = True
-        for scope in list(self.idle_scopes):
+        self.drain_event.set()
+        for scope in [*self.idle_scopes, *self.stream_scopes]:
             scope.cancel()

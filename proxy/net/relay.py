@@ -1,82 +1,143 @@
-"""A raw byte relay between two streams, used after a protocol switch (WebSocket).
+"""The byte relay of a WebSocket tunnel, after the 101.
 
-After the 101 the proxy has nothing to interpret, so frames are not parsed: bytes are
-copied both ways. EOF on one side becomes a half-close (FIN) on the other; an error on
-either side ends both directions. An optional idle timeout ends a tunnel with no traffic
-in either direction for that long; once one side has closed, the other has
-``half_close_timeout`` to finish.
+The proxy has nothing to change in the frames, so bytes are copied both ways without
+being parsed; only the backend-to-client direction is followed frame by frame
+(``proxy.protocol.ws_frames.FrameTracker``, a few header bytes per frame) so that a
+drain can close the client with 1001 (going away) at a frame boundary. The client
+answers that close through the tunnel, which the backend sees as a normal client close.
+
+EOF on one side becomes a half-close (FIN) on the other; once one side has closed, the
+other has ``half_close_timeout`` to finish. An error on either side ends both. An
+optional idle timeout ends a tunnel with no traffic in either direction for that long.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import trio
 
+from proxy.protocol.ws_frames import GOING_AWAY, FrameTracker, ProtocolError, close_frame
+
 RECV_SIZE = 65536
+_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-async def _pump(source: trio.SocketStream, sink: trio.SocketStream, activity: list[float]) -> None:
-    while True:
-        data = await source.receive_some(RECV_SIZE)
-        if not data:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await sink.send_eof()
-            return
-        activity[0] = trio.current_time()
-        await sink.send_all(data)
+class Tunnel:
+    __slots__ = (
+        "_activity",
+        "_backend",
+        "_client",
+        "_lock",
+        "_tracker",
+        "closed_by_drain",
+        "outcome",
+    )
 
+    def __init__(self, client: trio.SocketStream, backend: trio.SocketStream) -> None:
+        self._client = client
+        self._backend = backend
+        self._activity = trio.current_time()
+        self._lock = trio.Lock()  # writes towards the client: relayed and injected bytes
+        self._tracker: FrameTracker | None = FrameTracker()
+        self.closed_by_drain = False
+        self.outcome = "closed"
 
-async def _watch_idle(idle_timeout: float, activity: list[float], scope: trio.CancelScope) -> None:
-    while True:
-        deadline = activity[0] + idle_timeout
-        if trio.current_time() >= deadline:
-            scope.cancel()
-            return
-        await trio.sleep_until(deadline)
+    def observe_backend_bytes(self, data: bytes) -> None:
+        """Account for backend bytes sent to the client before the relay started (those
+        h11 had buffered past the 101)."""
+        if self._tracker is not None:
+            try:
+                self._tracker.feed(data)
+            except ProtocolError:
+                self._tracker = None
 
+    async def _to_backend(self) -> None:
+        while True:
+            data = await self._client.receive_some(RECV_SIZE)
+            if not data:
+                await self._backend.send_eof()
+                return
+            self._activity = trio.current_time()
+            await self._backend.send_all(data)
 
-async def relay(
-    a: trio.SocketStream,
-    b: trio.SocketStream,
-    *,
-    idle_timeout: float = 0.0,
-    half_close_timeout: float = 5.0,
-) -> str:
-    """Copy bytes both ways until both sides have closed; returns how it ended."""
-    activity = [trio.current_time()]
-    outcome = "closed"
-    try:
-        async with trio.open_nursery() as nursery:
-            if idle_timeout > 0:
-                nursery.start_soon(_watch_idle, idle_timeout, activity, nursery.cancel_scope)
+    async def _to_client(self) -> None:
+        while True:
+            data = await self._backend.receive_some(RECV_SIZE)
+            if not data:
+                async with self._lock:
+                    await self._client.send_eof()
+                return
+            self._activity = trio.current_time()
+            self.observe_backend_bytes(data)  # not frames we understand: never inject
+            async with self._lock:
+                await self._client.send_all(data)
 
-            async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-                nonlocal outcome
-                try:
-                    await _pump(src, dst, activity)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    outcome = "reset"
-                    nursery.cancel_scope.cancel()
+    async def close_client(self) -> None:
+        """Send the client a 1001 close at the next frame boundary (drain)."""
+        while not self.closed_by_drain:
+            tracker = self._tracker
+            if tracker is None or tracker.saw_close:
+                return  # the backend is closing already, or we cannot tell frames apart
+            async with self._lock:
+                if tracker.at_boundary:
+                    await self._client.send_all(
+                        close_frame(GOING_AWAY, "server going away", mask=False)
+                    )
+                    self.closed_by_drain = True
                     return
-                # One side is done sending. Many clients never close their side after a
-                # server-initiated WebSocket close, so the other direction gets a
-                # bounded time to finish (like HAProxy's client-fin / server-fin).
-                limit = trio.current_time() + half_close_timeout
-                if limit < nursery.cancel_scope.deadline:
-                    nursery.cancel_scope.deadline = limit
+            await trio.sleep(0.01)  # mid-frame: the rest of it is on its way
 
-            async def both() -> None:
-                async with trio.open_nursery() as pumps:
-                    pumps.start_soon(pump, a, b)
-                    pumps.start_soon(pump, b, a)
-                nursery.cancel_scope.cancel()
+    async def run(
+        self,
+        *,
+        idle_timeout: float = 0.0,
+        half_close_timeout: float = 5.0,
+        drain: trio.Event | None = None,
+    ) -> str:
+        """Relay until both sides have closed; returns how it ended."""
+        try:
+            async with trio.open_nursery() as nursery:
+                scope = nursery.cancel_scope
 
-            nursery.start_soon(both)
-        idle_for = trio.current_time() - activity[0]
-        if outcome == "closed" and idle_timeout > 0 and idle_for >= idle_timeout:
-            outcome = "idle_timeout"
-    finally:
-        await trio.aclose_forcefully(a)
-        await trio.aclose_forcefully(b)
-    return outcome
+                async def pump(direction: str) -> None:
+                    try:
+                        await (self._to_backend() if direction == "up" else self._to_client())
+                    except _ERRORS:
+                        self.outcome = "reset"
+                        scope.cancel()
+                        return
+                    # One side is done sending. Many clients never close their side after
+                    # a server-initiated close, so the other direction gets a bounded time
+                    # to finish (like HAProxy's client-fin / server-fin).
+                    scope.deadline = min(scope.deadline, trio.current_time() + half_close_timeout)
+
+                async def both() -> None:
+                    async with trio.open_nursery() as pumps:
+                        pumps.start_soon(pump, "up")
+                        pumps.start_soon(pump, "down")
+                    scope.cancel()
+
+                async def watch_drain(event: trio.Event) -> None:
+                    await event.wait()
+                    try:
+                        await self.close_client()
+                    except _ERRORS:
+                        scope.cancel()
+
+                async def watch_idle() -> None:
+                    while True:
+                        deadline = self._activity + idle_timeout
+                        if trio.current_time() >= deadline:
+                            self.outcome = "idle_timeout"
+                            scope.cancel()
+                            return
+                        await trio.sleep_until(deadline)
+
+                nursery.start_soon(both)
+                if drain is not None:
+                    nursery.start_soon(watch_drain, drain)
+                if idle_timeout > 0:
+                    nursery.start_soon(watch_idle)
+        finally:
+            await trio.aclose_forcefully(self._client)
+            await trio.aclose_forcefully(self._backend)
+        return self.outcome

@@ -13,11 +13,13 @@ import select
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import h11
 import trio
 
 from proxy.config import UpstreamConfig
+from proxy.metrics import metrics
 from proxy.routing import Backend
 
 RECV_SIZE = 65536
@@ -58,6 +60,21 @@ class UpstreamPool:
     open_connections: int = 0
     in_use: int = 0
     _slots: trio.Semaphore | None = None
+    _gauges: tuple[Any, Any] | None = None
+
+    def _report(self) -> None:
+        # Gauges of this worker's pool; /metrics sums them over workers.
+        if self._gauges is None:
+            family = metrics().upstream_connections
+            self._gauges = (
+                family.labels(self.backend.url, "idle"),
+                family.labels(self.backend.url, "in_use"),
+            )
+        self._gauges[0].set(len(self.idle))
+        self._gauges[1].set(self.in_use)
+
+    def count_failure(self, reason: str) -> None:
+        metrics().upstream_failures.labels(self.backend.url, reason).inc()
 
     @classmethod
     def create(cls, backend: Backend, config: UpstreamConfig) -> UpstreamPool:
@@ -81,20 +98,25 @@ class UpstreamPool:
                 await self._close(conn)
                 continue
             self.in_use += 1
+            self._report()
             return conn
         if self._slots is not None:
             with trio.move_on_after(self.config.connect_timeout) as scope:
                 await self._slots.acquire()
             if scope.cancelled_caught:
+                self.count_failure("capacity")
                 raise UpstreamUnavailable(503, "backend connection limit reached")
         try:
             conn = await self._connect()
-        except BaseException:
+        except BaseException as exc:
             if self._slots is not None:
                 self._slots.release()
+            if isinstance(exc, UpstreamUnavailable):
+                self.count_failure("connect")
             raise
         self.open_connections += 1
         self.in_use += 1
+        self._report()
         return conn
 
     async def _connect(self) -> UpstreamConnection:
@@ -128,6 +150,7 @@ class UpstreamPool:
             conn.reused = True
             conn.idle_since = time.monotonic()
             self.idle.append(conn)
+            self._report()
             return
         await self._close(conn)
 
@@ -140,6 +163,7 @@ class UpstreamPool:
         self.open_connections -= 1
         if self._slots is not None:
             self._slots.release()
+        self._report()
         await conn.aclose()
 
     async def aclose(self) -> None:

@@ -1,0 +1,255 @@
+"""One request through the proxy: check, route, read ahead, send up, stream the body.
+
+Per request: check the head (``proxy.protocol.http1``), route it (``proxy.routing``),
+read ahead whatever body bytes already arrived (so a malformed first chunk is refused
+before any backend sees the request), send head and body-so-far in one write, then
+stream the rest of the body up while ``proxy.net.response`` streams the answer down.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import h11
+import trio
+
+from proxy.net.errors import CLOSED, BackendFailed
+from proxy.net.response import first_upstream_event, respond
+from proxy.net.upstream import UpstreamConnection, UpstreamPool, UpstreamUnavailable
+from proxy.protocol.http1 import (
+    RequestRejected,
+    inspect_request,
+    protocol_error_status,
+    upstream_request_headers,
+)
+from proxy.routing import Route
+
+if TYPE_CHECKING:
+    from proxy.net.http_conn import ClientConnection
+
+RECV_SIZE = 65536
+
+
+class Exchange:
+    """A request/response pair; its fields feed the access log, metrics and cleanup."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "client",
+        "client_gone",
+        "error",
+        "refused",
+        "request",
+        "response_complete",
+        "response_started",
+        "route",
+        "started",
+        "status",
+        "upgraded",
+        "upload_complete",
+        "upstream",
+        "upstream_complete",
+    )
+
+    def __init__(self, client: ClientConnection, request: h11.Request) -> None:
+        self.client = client
+        self.request = request
+        self.started = time.perf_counter()
+        self.route: Route | None = None
+        self.upstream = ""
+        self.status = 0
+        self.error: str | None = None
+        self.response_started = False
+        self.response_complete = False
+        """The client got a complete response."""
+        self.upstream_complete = False
+        """The backend's response was read to its end (its connection may be reused)."""
+        self.upload_complete = False
+        self.client_gone = False
+        self.upgraded = False
+        self.refused = False
+        """The proxy answered itself (a limit, a bad request, no backend)."""
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def fail(self, status: int, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+            if not self.response_started:
+                self.status = status
+
+    async def run(self) -> bool:
+        """Proxy the request; True if the client connection may carry another."""
+        client = self.client
+        ctx = client.ctx
+        limits = ctx.config.limits
+        try:
+            info = inspect_request(self.request)
+        except RequestRejected as exc:
+            return await client.refuse(exc.status, exc.reason, self)
+        route = ctx.routes.match(info.path)
+        if route is None:
+            return await client.refuse(404, "no route for this path", self)
+        self.route = route
+        if limits.max_body_bytes and (info.content_length or 0) > limits.max_body_bytes:
+            return await client.refuse(413, "request body larger than max_body_bytes", self)
+
+        body: list[bytes] = []
+        body_done = False
+        if not client.conn.client_is_waiting_for_100_continue:
+            try:
+                body_done = await self._read_body_ahead(body)
+            except RequestRejected as exc:
+                return await client.refuse(exc.status, exc.reason, self)
+
+        backend = route.choose_backend()
+        pool = ctx.pools[backend]
+        self.upstream = backend.url
+        headers = upstream_request_headers(
+            self.request,
+            info,
+            ctx.policy_for(route),
+            client_ip=client.peer_ip,
+            backend_authority=backend.authority,
+        )
+        upstream_request = h11.Request(
+            method=self.request.method,
+            target=route.upstream_target(backend, info.target),
+            headers=headers,
+        )
+        try:
+            up, first_event = await self._start_upstream(pool, upstream_request, body, body_done)
+        except (UpstreamUnavailable, BackendFailed) as exc:
+            return await client.refuse(exc.status, exc.reason, self)
+
+        try:
+            if body_done:
+                self.upload_complete = True
+                await respond(self, up, first_event)
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._upload, up, nursery.cancel_scope)
+                    await respond(self, up, first_event)
+                    if not self.upload_complete:
+                        nursery.cancel_scope.cancel()
+        except BaseException:
+            await pool.discard(up)
+            raise
+        if self.upstream_complete and self.upload_complete and not self.upgraded:
+            await pool.release(up)
+        else:
+            await pool.discard(up)
+            if self.error is not None and not self.client_gone and not self.upgraded:
+                pool.count_failure("timeout" if self.status == 504 else "error")
+        if self.error is not None and not self.response_started and not self.client_gone:
+            return await client.refuse(self.status, self.error, self)
+        return self.response_complete and self.upload_complete and not self.client_gone
+
+    async def _read_body_ahead(self, body: list[bytes]) -> bool:
+        """Collect the body bytes already received (at least one receive if none are);
+        True if the whole body is in ``body``."""
+        conn = self.client.conn
+        limits = self.client.ctx.config.limits
+        received = False
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    if received or body:
+                        return False
+                    with trio.move_on_after(limits.body_timeout):
+                        conn.receive_data(await self.client.stream.receive_some(RECV_SIZE))
+                        received = True
+                        continue
+                    raise RequestRejected(408, "timed out reading request body")
+                if type(event) is h11.Data:
+                    self.bytes_in += len(event.data)
+                    if limits.max_body_bytes and self.bytes_in > limits.max_body_bytes:
+                        raise RequestRejected(413, "request body larger than max_body_bytes")
+                    body.append(event.data)
+                    continue
+                if type(event) is h11.EndOfMessage or event is h11.PAUSED:
+                    return True
+                raise RequestRejected(400, "connection closed inside request body")
+        except h11.RemoteProtocolError as exc:
+            status, reason = protocol_error_status(exc)
+            raise RequestRejected(status, reason) from None
+
+    async def _start_upstream(
+        self, pool: UpstreamPool, request: h11.Request, body: list[bytes], body_done: bool
+    ) -> tuple[UpstreamConnection, h11.Event | type[h11.NEED_DATA]]:
+        """Send the request head (and the body read so far); on a reused connection that
+        turns out to be dead, retry once on a fresh one when nothing was lost."""
+        timeout = self.client.ctx.config.upstream.response_timeout
+        for attempt in (1, 2):
+            up = await pool.acquire()
+            try:
+                out = [up.h11.send(request)]
+                out.extend(up.h11.send(h11.Data(data=chunk)) for chunk in body)
+                if body_done:
+                    out.append(up.h11.send(h11.EndOfMessage()))
+                try:
+                    await up.stream.send_all(b"".join(o for o in out if o))
+                except CLOSED:
+                    raise BackendFailed(
+                        502, "backend closed the connection", retryable=up.reused
+                    ) from None
+                if not body_done:
+                    return up, h11.NEED_DATA
+                return up, await first_upstream_event(up, timeout)
+            except BackendFailed as exc:
+                await pool.discard(up)
+                pool.count_failure("timeout" if exc.status == 504 else "error")
+                if not (exc.retryable and body_done and attempt == 1):
+                    raise
+            except BaseException:
+                await pool.discard(up)
+                raise
+        raise AssertionError("unreachable")
+
+    async def _upload(self, up: UpstreamConnection, scope: trio.CancelScope) -> None:
+        """Stream the rest of the request body to the backend; on a client-side failure
+        record it and cancel the exchange."""
+        conn = self.client.conn
+        limits = self.client.ctx.config.limits
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self.fail(*protocol_error_status(exc))
+                scope.cancel()
+                return
+            if event is h11.NEED_DATA:
+                with trio.move_on_after(limits.body_timeout):
+                    try:
+                        data = await self.client.stream.receive_some(RECV_SIZE)
+                    except CLOSED:
+                        self.client_gone = True
+                        self.fail(499, "client closed the connection inside the request body")
+                        scope.cancel()
+                        return
+                    conn.receive_data(data)
+                    continue
+                self.fail(408, "timed out reading request body")
+                scope.cancel()
+                return
+            if type(event) is h11.Data:
+                self.bytes_in += len(event.data)
+                if limits.max_body_bytes and self.bytes_in > limits.max_body_bytes:
+                    self.fail(413, "request body larger than max_body_bytes")
+                    scope.cancel()
+                    return
+                data = up.h11.send(event) or b""
+            else:  # EndOfMessage (or PAUSED, after an upgrade request's end)
+                data = up.h11.send(h11.EndOfMessage()) or b""
+            try:
+                await up.stream.send_all(data)
+            except (*CLOSED, OSError):
+                # The backend stopped reading; whatever it answered (often an early
+                # error status) is still relayed by respond().
+                return
+            if type(event) is not h11.Data:
+                self.upload_complete = True
+                return
