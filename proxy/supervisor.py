@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -35,12 +36,19 @@ from typing import Any
 import trio
 
 from proxy.admin import AdminState, serve_admin
-from proxy.config import Config, ConfigError, effective_workers, parse_hostport, to_json
+from proxy.config import (
+    Config,
+    ConfigError,
+    effective_workers,
+    parse_hostport,
+    to_json,
+    with_session_key,
+)
 from proxy.metrics import MULTIPROC_ENV, mark_process_dead, metrics
 from proxy.net.listener import bind_reuseport
 from proxy.observability import get_logger
 from proxy.sdnotify import Notifier, watchdog_loop
-from proxy.worker import LISTEN_FDS_ENV, READY_FD_ENV, WORKER_ID_ENV
+from proxy.worker import LIFELINE_FD_ENV, LISTEN_FDS_ENV, READY_FD_ENV, WORKER_ID_ENV
 
 _BACKOFF_START = 0.1
 _BACKOFF_MAX = 30.0
@@ -98,6 +106,21 @@ class Supervisor:
         self.demo_process: trio.Process | None = None
         self.metrics_dir = ""
         self._nursery: trio.Nursery | None = None
+        self._lifelines: dict[int, int] = {}
+        """Worker pid -> write end of its lifeline pipe."""
+        # Signs MCP session tokens when the config names no key; kept across reloads.
+        self._session_secret = secrets.token_urlsafe(32)
+        self.config = self._with_key(config)
+
+    def _with_key(self, config: Config) -> Config:
+        keyed = with_session_key(config, "auto", self._session_secret)
+        if keyed is not config:
+            self.log.warning(
+                "mcp_session_key_generated",
+                detail="no [mcp] session_keys configured: MCP sessions will not survive a "
+                "restart, and other proxies cannot continue them",
+            )
+        return keyed
 
     # -- sockets ------------------------------------------------------------------------
 
@@ -138,20 +161,29 @@ class Supervisor:
 
     async def _spawn(self, gen: Generation, slot: WorkerSlot) -> trio.Process:
         read_fd, write_fd = os.pipe()
+        # The worker watches the read end of a pipe whose write end only this process
+        # holds: EOF tells it the supervisor is gone, however it died.
+        lifeline_read, lifeline_write = os.pipe()
         listen_fds = [sock.fileno() for sock in slot.sockets]
         env = dict(os.environ)
         env[WORKER_ID_ENV] = str(slot.index)
         env[READY_FD_ENV] = str(write_fd)
+        env[LIFELINE_FD_ENV] = str(lifeline_read)
         env[LISTEN_FDS_ENV] = ",".join(map(str, listen_fds))
         try:
             process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "proxy.worker"],
                 stdin=subprocess.PIPE,
-                pass_fds=(write_fd, *listen_fds),
+                pass_fds=(write_fd, lifeline_read, *listen_fds),
                 env=env,
             )
+        except BaseException:
+            os.close(lifeline_write)
+            raise
         finally:
             os.close(write_fd)
+            os.close(lifeline_read)
+        self._lifelines[process.pid] = lifeline_write
         slot.process = process
         ready_pipe = trio.lowlevel.FdStream(read_fd)
         try:
@@ -167,6 +199,11 @@ class Supervisor:
         finally:
             await ready_pipe.aclose()
         return process
+
+    def _close_lifeline_of(self, process: trio.Process) -> None:
+        fd = self._lifelines.pop(process.pid, None)
+        if fd is not None:
+            os.close(fd)
 
     def _finished(self, slot: WorkerSlot) -> bool:
         # A method, not an inline test: both flags change while this task awaits.
@@ -188,6 +225,7 @@ class Supervisor:
                     restarts=slot.restarts,
                 )
             code = await process.wait()
+            self._close_lifeline_of(process)
             if slot.ready.is_set():
                 m.workers.dec()
             if self.metrics_dir:
@@ -268,7 +306,7 @@ class Supervisor:
         try:
             if self.reload_config is None:
                 raise ConfigError("command line", "", "no config file to reload")
-            config = self.reload_config()
+            config = self._with_key(self.reload_config())
             gen = await self._start_generation(config)
         except (ConfigError, StartupError) as exc:
             m.reloads.labels("failed").inc()
@@ -333,6 +371,9 @@ class Supervisor:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     async def _run(self, on_ready: Callable[[], None] | None) -> None:
+        m = metrics()
+        for result in ("ok", "failed"):
+            m.reloads.labels(result)  # present from the start, so increase() sees the first
         signals_wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         with trio.open_signal_receiver(*signals_wanted) as signals:
             async with trio.open_nursery() as nursery:

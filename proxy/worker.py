@@ -8,50 +8,87 @@ keep-alive connections, let in-flight exchanges finish until ``drain_timeout``.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 import trio
 
-from proxy.config import Config, from_json
+from proxy.config import Config, HealthCheckConfig, from_json
 from proxy.net.context import WorkerContext
+from proxy.net.health import check_forever
 from proxy.net.http_conn import ClientConnection
 from proxy.net.listener import accept_loop, bind_reuseport
 from proxy.net.upstream import UpstreamPool
 from proxy.observability import configure_logging, get_logger
-from proxy.routing import RouteTable
+from proxy.protocol.session_token import Keyring, SessionTokens
+from proxy.routing import Backend, BackendHealth, RouteTable
 
 READY_FD_ENV = "SWITCHBOARD_READY_FD"
+LIFELINE_FD_ENV = "SWITCHBOARD_LIFELINE_FD"
 LISTEN_FDS_ENV = "SWITCHBOARD_LISTEN_FDS"
 """Listening sockets handed down by the supervisor, one per server.listen address."""
 WORKER_ID_ENV = "SWITCHBOARD_WORKER_ID"
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """Ask the kernel to SIGTERM this worker if the supervisor dies (even by SIGKILL)."""
+async def _watch_supervisor(fd: int) -> None:
+    """Drain when the supervisor is gone. The supervisor holds the write end of this
+    pipe and never writes: EOF means it exited, however it died. (PR_SET_PDEATHSIG is
+    no substitute: it fires when the *thread* that forked the worker exits, and trio
+    forks from worker threads that end after 10 s idle.)"""
+    stream = trio.lowlevel.FdStream(fd)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
+        while await stream.receive_some(64):
+            pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def build_context(config: Config, worker_id: int) -> WorkerContext:
     routes = RouteTable.from_config(config.routes)
-    pools = {b: UpstreamPool.create(b, config.upstream) for b in routes.backends()}
+    pools: dict[Backend, UpstreamPool] = {}
+    for route in routes.routes:
+        for backend in route.backends:
+            if backend in pools:
+                continue  # a backend shared by routes keeps its first route's settings
+            pool = UpstreamPool.create(backend, config.upstream)
+            pool.health = BackendHealth(
+                eject_after=route.eject_after,
+                eject_seconds=route.eject_seconds,
+                rise=route.health.rise,
+                fall=route.health.fall,
+            )
+            pools[backend] = pool
     log = get_logger("switchboard.worker")
     access = get_logger("switchboard.access") if config.log.access_log else None
-    return WorkerContext(config=config, routes=routes, pools=pools, log=log, access_log=access)
+    tokens = None
+    if config.mcp.session_keys:
+        secrets = {kid: key.encode() for kid, key in config.mcp.session_keys.items()}
+        current = config.mcp.current_key or next(iter(secrets))
+        tokens = SessionTokens(Keyring(secrets, current))
+    return WorkerContext(
+        config=config, routes=routes, pools=pools, log=log, access_log=access, tokens=tokens
+    )
+
+
+def _health_checks(ctx: WorkerContext) -> list[tuple[UpstreamPool, HealthCheckConfig]]:
+    checks: dict[Backend, tuple[UpstreamPool, HealthCheckConfig]] = {}
+    for route in ctx.routes.routes:
+        if route.health.path:
+            for backend in route.backends:
+                checks.setdefault(backend, (ctx.pools[backend], route.health))
+    return list(checks.values())
 
 
 async def serve(
     config: Config,
     *,
     worker_id: int = 0,
+    on_ready: Callable[[WorkerContext], None] | None = None,
     task_status: trio.TaskStatus[WorkerContext] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind, serve until SIGTERM/SIGINT, then drain."""
@@ -72,8 +109,19 @@ async def serve(
                             accept_nursery.start_soon(accept_loop, ctx, sock, handle, connections)
 
             connections.start_soon(accept_all)
+            checks = trio.CancelScope()
+
+            async def check_all() -> None:
+                with checks:
+                    async with trio.open_nursery() as nursery:
+                        for pool, health in _health_checks(ctx):
+                            nursery.start_soon(check_forever, pool, health, ctx.log)
+
+            connections.start_soon(check_all)
             ctx.log.info("worker_ready", listen=list(config.server.listen))
             task_status.started(ctx)
+            if on_ready is not None:
+                on_ready(ctx)
             async for signum in signals:
                 ctx.log.info(
                     "worker_draining",
@@ -82,6 +130,7 @@ async def serve(
                 )
                 break
             accepting.cancel()
+            checks.cancel()
             for sock in socks:
                 sock.close()
             ctx.start_drain()
@@ -113,14 +162,14 @@ def _notify_ready(ctx: WorkerContext) -> None:
 
 async def _main(config: Config, worker_id: int) -> None:
     async with trio.open_nursery() as nursery:
-        ctx = await nursery.start(
-            lambda task_status: serve(config, worker_id=worker_id, task_status=task_status)
-        )
-        _notify_ready(ctx)
+        lifeline = os.environ.get(LIFELINE_FD_ENV)
+        if lifeline is not None:
+            nursery.start_soon(_watch_supervisor, int(lifeline))
+        await serve(config, worker_id=worker_id, on_ready=_notify_ready)
+        nursery.cancel_scope.cancel()
 
 
 def main() -> None:
-    _die_with_parent()
     worker_id = int(os.environ.get(WORKER_ID_ENV, "0"))
     config = from_json(sys.stdin.buffer.read())
     configure_logging(config.log.level, worker=worker_id, pid=os.getpid())
