@@ -32,8 +32,10 @@ examples:
   switchboard run
       the bundled default config ({BUNDLED_CONFIG.name}) with the demo MCP backend
   switchboard run --config /etc/switchboard/switchboard.toml
-  switchboard run --listen 0.0.0.0:8080 --route /mcp=http://10.0.0.5:8000,http://10.0.0.6:8000
-      a config-less quick start: every other option keeps its default
+  switchboard run --listen 0.0.0.0:8080 --mcp /mcp=http://10.0.0.5:8000,http://10.0.0.6:8000
+      a config-less quick start: an MCP route over two replicas, other options default
+  switchboard run --listen 0.0.0.0:8080 --route /=http://10.0.0.7:9000
+      a plain HTTP route
 
 Any config key can also be set from the environment as SWITCHBOARD_<SECTION>__<KEY>,
 e.g. SWITCHBOARD_LIMITS__MAX_BODY_BYTES=1048576. Command-line flags win over the
@@ -52,6 +54,13 @@ def _listen(value: str) -> str:
 def _route(value: str) -> dict[str, Any]:
     try:
         return parse_route_flag(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _mcp_route(value: str) -> dict[str, Any]:
+    try:
+        return parse_route_flag(value, kind="mcp")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -85,6 +94,16 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         metavar="PREFIX=URL[,URL...]",
         help="proxy paths under PREFIX to these backends, round-robin; repeat for several "
         "routes (added to the config file's routes, or used alone without --config)",
+    )
+    parser.add_argument(
+        "--mcp",
+        "-m",
+        action="append",
+        type=_mcp_route,
+        dest="route",
+        metavar="PREFIX=URL[,URL...]",
+        help="an MCP-aware route: sessions pinned to a replica with signed session ids, "
+        "both protocol eras and legacy SSE, health-aware balancing; repeatable",
     )
     parser.add_argument(
         "--workers",

@@ -108,15 +108,51 @@ class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     """One JSON line per request on stdout."""
 
 
+class HealthCheckConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    path: str = ""
+    """Path probed with GET on every backend of the route ("" = no active checks)."""
+    interval: float = 2.0
+    """Seconds between probes."""
+    timeout: float = 1.0
+    """Seconds a probe may take; a slower answer counts as a failure."""
+    rise: int = 2
+    """Consecutive passing probes that bring a backend back."""
+    fall: int = 2
+    """Consecutive failing probes that take a backend out."""
+
+
 class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     prefix: str
     """Path prefix matched against the request target (longest prefix wins)."""
     backends: tuple[str, ...]
     """Backend base URLs, http://HOST:PORT[/PATH]."""
+    kind: Literal["http", "mcp"] = "http"
+    """http: a plain reverse-proxy route; mcp: MCP-aware (sessions, eras, JSON-RPC)."""
+    origins: tuple[str, ...] = ()
+    """mcp: Origin values allowed (e.g. "https://app.example"); a request with any other
+    Origin header gets 403. Requests without Origin (non-browser clients) are allowed."""
+    keepalive_interval: float = 15.0
+    """mcp: seconds of silence on an SSE stream before a keep-alive comment is sent
+    (0 = never)."""
+    health: HealthCheckConfig = HealthCheckConfig()
+    eject_after: int = 3
+    """Consecutive connect failures or 5xx answers that take a backend out of rotation
+    (0 = never)."""
+    eject_seconds: float = 10.0
+    """How long an ejected backend stays out before it is tried again."""
     host: Literal["preserve", "rewrite"] | None = None
     """Overrides forwarding.host for this route."""
     strip_prefix: bool = False
     """Remove the prefix before forwarding (a backend URL path is then prepended)."""
+
+
+class McpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    session_keys: dict[str, str] = msgspec.field(default_factory=dict)
+    """Key id -> secret (at least 32 characters) for the session tokens the proxy hands
+    to MCP clients. Every proxy that should continue a session needs the same keys."""
+    current_key: str = ""
+    """The key id new tokens are signed with (default: the only key). Old keys keep
+    verifying: rotate by adding a key, making it current, removing the old one later."""
 
 
 class ProxyProtocolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -148,6 +184,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     forwarding: ForwardingConfig = ForwardingConfig()
     log: LogConfig = LogConfig()
     routes: tuple[RouteConfig, ...] = ()
+    mcp: McpConfig = McpConfig()
     proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
     admin: AdminConfig = AdminConfig()
     demo: DemoConfig = DemoConfig()
@@ -246,6 +283,24 @@ def validate(config: Config, source: str) -> Config:
                 parse_backend_url(url)
             except ValueError as exc:
                 raise ConfigError(source, f"{key}.backends[{j}]", str(exc)) from None
+        if len(set(route.backends)) != len(route.backends):
+            raise ConfigError(source, f"{key}.backends", "lists a backend twice")
+        _positive(source, f"{key}.keepalive_interval", route.keepalive_interval, allow_zero=True)
+        _positive(source, f"{key}.eject_after", route.eject_after, allow_zero=True)
+        _positive(source, f"{key}.eject_seconds", route.eject_seconds)
+        health = route.health
+        if health.path and not health.path.startswith("/"):
+            raise ConfigError(source, f"{key}.health.path", "must start with '/'")
+        for name in ("interval", "timeout", "rise", "fall"):
+            _positive(source, f"{key}.health.{name}", getattr(health, name))
+    mcp = config.mcp
+    for kid, secret in mcp.session_keys.items():
+        if len(secret) < 32:
+            raise ConfigError(source, f"mcp.session_keys.{kid}", "must be at least 32 characters")
+    if mcp.current_key and mcp.current_key not in mcp.session_keys:
+        raise ConfigError(source, "mcp.current_key", f"no key {mcp.current_key!r} in session_keys")
+    if len(mcp.session_keys) > 1 and not mcp.current_key:
+        raise ConfigError(source, "mcp.current_key", "required when there are several keys")
     pp = config.proxy_protocol
     _positive(source, "proxy_protocol.timeout", pp.timeout)
     for i, cidr in enumerate(pp.trusted_networks):
@@ -353,12 +408,18 @@ def load(
     return from_mapping(data, source)
 
 
-def parse_route_flag(value: str) -> dict[str, Any]:
-    """``PREFIX=URL[,URL...]`` from ``--route``."""
+def parse_route_flag(value: str, kind: str = "http") -> dict[str, Any]:
+    """``PREFIX=URL[,URL...]`` from ``--route`` (or ``--mcp``, with kind "mcp")."""
     prefix, sep, urls = value.partition("=")
     if not sep or not prefix or not urls:
         raise ValueError(f"expected PREFIX=URL[,URL...], got {value!r}")
-    return {"prefix": prefix, "backends": [u.strip() for u in urls.split(",") if u.strip()]}
+    route: dict[str, Any] = {
+        "prefix": prefix,
+        "backends": [u.strip() for u in urls.split(",") if u.strip()],
+    }
+    if kind != "http":
+        route["kind"] = kind
+    return route
 
 
 def effective_workers(config: Config) -> int:
@@ -371,3 +432,13 @@ def to_json(config: Config) -> bytes:
 
 def from_json(data: bytes) -> Config:
     return msgspec.json.decode(data, type=Config)
+
+
+def with_session_key(config: Config, kid: str, secret: str) -> Config:
+    """The config with a session key added when MCP routes exist but none is configured
+    (sessions then survive reloads of this supervisor, not its restart)."""
+    if config.mcp.session_keys or not any(r.kind == "mcp" for r in config.routes):
+        return config
+    return msgspec.structs.replace(
+        config, mcp=McpConfig(session_keys={kid: secret}, current_key=kid)
+    )

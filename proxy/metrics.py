@@ -52,7 +52,7 @@ class Metrics:
         )
         self.request_duration = Histogram(
             "switchboard_request_duration_seconds",
-            "Time from request head received to response end, by route.",
+            "Time from request head received to response end, by route (streams excluded).",
             ["route"],
             buckets=_LATENCY_BUCKETS,
         )
@@ -85,6 +85,28 @@ class Metrics:
             "Backend exchanges that failed, by backend and reason.",
             ["backend", "reason"],
         )
+        self.ejections = Counter(
+            "switchboard_backend_ejections_total",
+            "Times a backend was taken out of rotation after consecutive failures.",
+            ["backend"],
+        )
+        self.backend_up = Gauge(
+            "switchboard_backend_up",
+            "1 when every worker's active health check passes for the backend, else 0.",
+            ["backend"],
+            multiprocess_mode="livemin",
+        )
+        self.mcp_requests = Counter(
+            "switchboard_mcp_requests_total",
+            "MCP messages by route, JSON-RPC method (or era-level kind) and HTTP status.",
+            ["route", "method", "status"],
+        )
+        self.mcp_duration = Histogram(
+            "switchboard_mcp_request_duration_seconds",
+            "Time to answer an MCP message, by JSON-RPC method.",
+            ["route", "method"],
+            buckets=_LATENCY_BUCKETS,
+        )
         self.worker_restarts = Counter(
             "switchboard_worker_restarts_total", "Workers restarted after dying."
         )
@@ -99,8 +121,10 @@ class Metrics:
         self._request_children: dict[tuple[str, int], Any] = {}
 
     def count_request(
-        self, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int
+        self, route: str, status: int, seconds: float | None, bytes_in: int, bytes_out: int
     ) -> None:
+        """One answered request; ``seconds`` None for streams (SSE, WebSocket), whose
+        duration is how long the stream lived, not how long the proxy took."""
         key = (route, status)
         children = self._request_children.get(key)
         if children is None:
@@ -113,7 +137,8 @@ class Metrics:
             self._request_children[key] = children
         requests, duration, req_bytes, resp_bytes = children
         requests.inc()
-        duration.observe(seconds)
+        if seconds is not None:
+            duration.observe(seconds)
         if bytes_in:
             req_bytes.inc(bytes_in)
         if bytes_out:

@@ -7,11 +7,19 @@ matches ``/api`` and ``/api/x`` but not ``/apix``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from proxy.config import RouteConfig, parse_backend_url
+from proxy.config import HealthCheckConfig, RouteConfig, parse_backend_url
+
+
+def replica_id(url: str) -> str:
+    """A short, stable, opaque id for a backend URL, carried in MCP session tokens
+    (signed, not encrypted: clients can read it, so it must not reveal addresses)."""
+    return hashlib.sha256(url.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,11 +40,74 @@ class Backend:
 
 
 @dataclass(slots=True)
+class BackendHealth:
+    """Whether a backend may get new work: passive ejection after consecutive failures
+    (connect errors, 5xx) for a while, and active probes with rise/fall thresholds."""
+
+    eject_after: int = 3
+    eject_seconds: float = 10.0
+    rise: int = 2
+    fall: int = 2
+    failures: int = 0
+    ejected_until: float = 0.0
+    probe_down: bool = False
+    _streak: int = 0
+
+    def usable(self, now: float) -> bool:
+        return not self.probe_down and now >= self.ejected_until
+
+    def record(self, ok: bool, now: float) -> bool:
+        """An exchange's outcome; True when this failure ejected the backend."""
+        if ok:
+            self.failures = 0
+            return False
+        self.failures += 1
+        if self.eject_after and self.failures >= self.eject_after:
+            self.failures = 0
+            self.ejected_until = now + self.eject_seconds
+            return True
+        return False
+
+    def probe(self, ok: bool) -> bool:
+        """An active check's outcome; True when it changed the probe state."""
+        if ok == (not self.probe_down):
+            self._streak = 0
+            return False
+        self._streak += 1
+        if self._streak >= (self.rise if self.probe_down else self.fall):
+            self.probe_down = not ok
+            self._streak = 0
+            if ok:
+                self.ejected_until = 0.0  # a passing probe also ends a passive ejection
+            return True
+        return False
+
+
+def pick_least_loaded(
+    candidates: Sequence[Backend], load: Callable[[Backend], int], rng: random.Random
+) -> Backend:
+    """Power of two choices: two random candidates, the less loaded wins. Nearly as
+    good as least-loaded over all, without herding every worker onto the same one."""
+    if len(candidates) == 1:
+        return candidates[0]
+    first, second = rng.sample(candidates, 2)
+    return first if load(first) <= load(second) else second
+
+
+@dataclass(slots=True)
 class Route:
     prefix: str
     backends: tuple[Backend, ...]
     host_mode: Literal["preserve", "rewrite"] | None
     strip_prefix: bool
+    kind: Literal["http", "mcp"] = "http"
+    allowed_origins: frozenset[bytes] = frozenset()
+    keepalive_interval: float = 0.0
+    health: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    eject_after: int = 3
+    eject_seconds: float = 10.0
+    replicas: dict[str, Backend] = field(default_factory=dict)
+    """Replica id (mcp_routing.replica_id) -> backend, for session affinity."""
     _next: int = field(default=0, repr=False)
 
     def choose_backend(self) -> Backend:
@@ -78,17 +149,25 @@ class RouteTable:
 
     @classmethod
     def from_config(cls, routes: Sequence[RouteConfig]) -> RouteTable:
-        return cls(
-            [
+        built = []
+        for r in routes:
+            backends = tuple(Backend.from_url(u) for u in r.backends)
+            built.append(
                 Route(
                     prefix=r.prefix,
-                    backends=tuple(Backend.from_url(u) for u in r.backends),
+                    backends=backends,
                     host_mode=r.host,
                     strip_prefix=r.strip_prefix,
+                    kind=r.kind,
+                    allowed_origins=frozenset(o.encode("latin-1") for o in r.origins),
+                    keepalive_interval=r.keepalive_interval,
+                    health=r.health,
+                    eject_after=r.eject_after,
+                    eject_seconds=r.eject_seconds,
+                    replicas={replica_id(b.url): b for b in backends},
                 )
-                for r in routes
-            ]
-        )
+            )
+        return cls(built)
 
     @property
     def routes(self) -> tuple[Route, ...]:

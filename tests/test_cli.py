@@ -15,8 +15,8 @@ import pytest
 import proxy
 
 REPO_ROOT = Path(proxy.__file__).resolve().parent.parent
-OPTIONS = ("--config", "--listen", "--route", "--workers", "--log-level")
-SHORT_OPTIONS = ("-c", "-l", "-r", "-w")
+OPTIONS = ("--mcp", "--config", "--listen", "--route", "--workers", "--log-level")
+SHORT_OPTIONS = ("-c", "-l", "-r", "-m", "-w")
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -79,7 +79,8 @@ def test_command_help_mentions_every_option(command: str) -> None:
 def test_run_help_shows_examples_and_the_environment_convention() -> None:
     result = switchboard("run", "--help")
     assert "SWITCHBOARD_" in result.stdout
-    assert "--route /mcp=" in result.stdout
+    assert "--mcp /mcp=" in result.stdout
+    assert "--route /=" in result.stdout
 
 
 def test_console_script_help() -> None:
@@ -132,10 +133,21 @@ def test_check_config_with_a_missing_file_exits_2(tmp_path: Path) -> None:
 
 def test_check_config_with_a_route_flag_prints_json() -> None:
     data = check_config_json("--route", "/=http://127.0.0.1:9")
-    assert data["routes"] == [
-        {"prefix": "/", "backends": ["http://127.0.0.1:9"], "host": None, "strip_prefix": False}
-    ]
+    [route] = data["routes"]
+    assert route["prefix"] == "/"
+    assert route["backends"] == ["http://127.0.0.1:9"]
+    assert route["kind"] == "http"
+    assert route["host"] is None
+    assert route["strip_prefix"] is False
     assert data["demo"]["enabled"] is False  # --route alone: no bundled config
+
+
+def test_check_config_with_an_mcp_flag_makes_an_mcp_route() -> None:
+    data = check_config_json(
+        "--mcp", "/mcp=http://127.0.0.1:9,http://127.0.0.1:10", "--route", "/=http://127.0.0.1:11"
+    )
+    kinds = {route["prefix"]: route["kind"] for route in data["routes"]}
+    assert kinds == {"/mcp": "mcp", "/": "http"}
 
 
 def test_check_config_without_options_shows_the_bundled_demo_config() -> None:

@@ -507,12 +507,11 @@ def test_json_round_trip(tmp_path: Path) -> None:
     assert from_json(to_json(Config())) == Config()
     data = json.loads(encoded)
     assert data["server"]["workers"] == 3
-    assert data["routes"][1] == {
-        "prefix": "/b",
-        "backends": ["http://h:2", "http://h:3/x"],
-        "host": "preserve",
-        "strip_prefix": True,
-    }
+    route = data["routes"][1]
+    assert route["prefix"] == "/b"
+    assert route["backends"] == ["http://h:2", "http://h:3/x"]
+    assert route["host"] == "preserve"
+    assert route["strip_prefix"] is True
     # Every section travels to the workers (they get the config as this JSON).
     assert set(data) == {field.name for field in msgspec.structs.fields(Config)}
     assert {"server", "limits", "upstream", "forwarding", "routes"} <= set(data)

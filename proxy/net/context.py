@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +14,8 @@ from proxy.config import Config
 from proxy.net.upstream import UpstreamPool
 from proxy.observability import WorkerStats
 from proxy.protocol.http1 import ForwardingPolicy
-from proxy.routing import Backend, Route, RouteTable
+from proxy.protocol.session_token import SessionTokens
+from proxy.routing import Backend, Route, RouteTable, pick_least_loaded
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -32,6 +35,9 @@ class WorkerContext:
     """Cancel scopes of SSE streams waiting for the backend; cancelled on drain so the
     stream can be ended at its next event boundary."""
     drain_event: trio.Event = field(default_factory=trio.Event)
+    tokens: SessionTokens | None = None
+    """Signs and checks the MCP session tokens (None when no route is an MCP route)."""
+    rng: random.Random = field(default_factory=random.Random)
     _policies: dict[str | None, ForwardingPolicy] = field(default_factory=dict)
     _trusted: tuple[IPNetwork, ...] | None = None
 
@@ -60,6 +66,28 @@ class WorkerContext:
             )
             self._policies[mode] = policy
         return policy
+
+    def choose_backend(self, route: Route, replica: str | None = None) -> Backend | None:
+        """The backend for a request: its session's replica if it has one (None if that
+        replica is gone or out of rotation), else a usable backend of the route (round
+        robin for http routes, power of two choices on in-flight requests for mcp)."""
+        now = time.monotonic()
+        pools = self.pools
+        if replica is not None:
+            backend = route.replicas.get(replica)
+            if backend is None or not pools[backend].usable(now):
+                return None
+            return backend
+        if route.kind == "mcp":
+            usable = [b for b in route.backends if pools[b].usable(now)]
+            if not usable:
+                return None
+            return pick_least_loaded(usable, lambda b: pools[b].in_use, self.rng)
+        for _ in range(len(route.backends)):
+            backend = route.choose_backend()
+            if pools[backend].usable(now):
+                return backend
+        return None
 
     def start_drain(self) -> None:
         self.draining = True

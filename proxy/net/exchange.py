@@ -14,6 +14,14 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
+from proxy.mcp_routing import (
+    SESSION_NOT_FOUND,
+    McpDecision,
+    McpRefusal,
+    check_origin,
+    decide,
+    with_session,
+)
 from proxy.net.errors import CLOSED, BackendFailed
 from proxy.net.response import first_upstream_event, respond
 from proxy.net.upstream import UpstreamConnection, UpstreamPool, UpstreamUnavailable
@@ -23,34 +31,42 @@ from proxy.protocol.http1 import (
     protocol_error_status,
     upstream_request_headers,
 )
-from proxy.routing import Route
+from proxy.protocol.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST
+from proxy.protocol.session_token import SessionTokens
+from proxy.routing import Backend, Route, replica_id
 
 if TYPE_CHECKING:
     from proxy.net.http_conn import ClientConnection
 
 RECV_SIZE = 65536
+_RETRY_LATER = ((b"retry-after", b"1"),)
 
 
 class Exchange:
     """A request/response pair; its fields feed the access log, metrics and cleanup."""
 
     __slots__ = (
+        "backend",
         "bytes_in",
         "bytes_out",
         "client",
         "client_gone",
         "error",
+        "mcp",
         "refused",
+        "replica",
         "request",
         "response_complete",
         "response_started",
         "route",
         "started",
         "status",
+        "streamed",
         "upgraded",
         "upload_complete",
         "upstream",
         "upstream_complete",
+        "upstream_target",
     )
 
     def __init__(self, client: ClientConnection, request: h11.Request) -> None:
@@ -73,6 +89,14 @@ class Exchange:
         """The proxy answered itself (a limit, a bad request, no backend)."""
         self.bytes_in = 0
         self.bytes_out = 0
+        self.mcp: McpDecision | None = None
+        """What MCP routing decided (MCP routes only)."""
+        self.replica = ""
+        """The replica id of the chosen backend (signed into session tokens)."""
+        self.backend: Backend | None = None
+        self.upstream_target = b""
+        self.streamed = False
+        """An SSE stream or a tunnel: its duration is the stream's life, not latency."""
 
     def fail(self, status: int, reason: str) -> None:
         if self.error is None:
@@ -96,17 +120,38 @@ class Exchange:
         if limits.max_body_bytes and (info.content_length or 0) > limits.max_body_bytes:
             return await client.refuse(413, "request body larger than max_body_bytes", self)
 
+        mcp = route.kind == "mcp"
         body: list[bytes] = []
         body_done = False
-        if not client.conn.client_is_waiting_for_100_continue:
+        if not client.conn.client_is_waiting_for_100_continue or mcp:
             try:
-                body_done = await self._read_body_ahead(body)
+                # An MCP message is routed on its content: read it whole (it is small,
+                # and bounded by max_body_bytes like any body).
+                body_done = await self._read_body_ahead(body, whole=mcp)
             except RequestRejected as exc:
                 return await client.refuse(exc.status, exc.reason, self)
 
-        backend = route.choose_backend()
+        decision: McpDecision | None = None
+        if mcp:
+            try:
+                check_origin(self.request.headers, route.allowed_origins)
+                decision = decide(
+                    self.request.method,
+                    info.target,
+                    self.request.headers,
+                    b"".join(body) if self.request.method == b"POST" else None,
+                    self._tokens(),
+                )
+            except McpRefusal as exc:
+                return await client.refuse_rpc(exc, self)
+            self.mcp = decision
+        backend = ctx.choose_backend(route, decision.replica if decision else None)
+        if backend is None:
+            return await self._no_backend(decision)
         pool = ctx.pools[backend]
         self.upstream = backend.url
+        self.replica = replica_id(backend.url)
+        self.backend = backend
         headers = upstream_request_headers(
             self.request,
             info,
@@ -114,14 +159,19 @@ class Exchange:
             client_ip=client.peer_ip,
             backend_authority=backend.authority,
         )
+        target = info.target
+        if decision is not None:
+            if decision.backend_session is not None:
+                with_session(headers, decision.backend_session)
+            target = decision.target or target
+        self.upstream_target = route.upstream_target(backend, target)
         upstream_request = h11.Request(
-            method=self.request.method,
-            target=route.upstream_target(backend, info.target),
-            headers=headers,
+            method=self.request.method, target=self.upstream_target, headers=headers
         )
         try:
             up, first_event = await self._start_upstream(pool, upstream_request, body, body_done)
         except (UpstreamUnavailable, BackendFailed) as exc:
+            pool.record(False)
             return await client.refuse(exc.status, exc.reason, self)
 
         try:
@@ -137,6 +187,8 @@ class Exchange:
         except BaseException:
             await pool.discard(up)
             raise
+        if self.response_started:
+            pool.record(self.status < 500)
         if self.upstream_complete and self.upload_complete and not self.upgraded:
             await pool.release(up)
         else:
@@ -147,9 +199,33 @@ class Exchange:
             return await client.refuse(self.status, self.error, self)
         return self.response_complete and self.upload_complete and not self.client_gone
 
-    async def _read_body_ahead(self, body: list[bytes]) -> bool:
-        """Collect the body bytes already received (at least one receive if none are);
-        True if the whole body is in ``body``."""
+    def _tokens(self) -> SessionTokens:
+        tokens = self.client.ctx.tokens
+        if tokens is None:  # the supervisor always provides keys for MCP routes
+            raise RuntimeError("an MCP route without session keys")
+        return tokens
+
+    async def _no_backend(self, decision: McpDecision | None) -> bool:
+        client = self.client
+        if decision is None:
+            return await client.refuse(503, "no healthy backend for this route", self)
+        if decision.replica is not None:
+            # The session's replica is gone or out of rotation: the client must start a
+            # new session, which the spec signals with 404.
+            refusal = McpRefusal(404, INVALID_REQUEST, SESSION_NOT_FOUND, decision.request_id)
+        else:
+            refusal = McpRefusal(
+                503,
+                INTERNAL_ERROR,
+                "No healthy backend for this route",
+                decision.request_id,
+                headers=_RETRY_LATER,
+            )
+        return await client.refuse_rpc(refusal, self)
+
+    async def _read_body_ahead(self, body: list[bytes], *, whole: bool = False) -> bool:
+        """Collect the body bytes already received (at least one receive if none are;
+        all of it if ``whole``); True if the whole body is in ``body``."""
         conn = self.client.conn
         limits = self.client.ctx.config.limits
         received = False
@@ -157,7 +233,7 @@ class Exchange:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    if received or body:
+                    if (received or body) and not whole:
                         return False
                     with trio.move_on_after(limits.body_timeout):
                         conn.receive_data(await self.client.stream.receive_some(RECV_SIZE))

@@ -15,12 +15,13 @@ from contextlib import contextmanager
 import h11
 import trio
 
+from proxy.mcp_routing import McpRefusal, method_label
 from proxy.metrics import LIMIT_BY_STATUS, metrics
 from proxy.net.context import WorkerContext
 from proxy.net.errors import CLOSED, ClientGone
 from proxy.net.exchange import Exchange
 from proxy.net.proxy_protocol import read_proxy_header
-from proxy.protocol.http1 import error_response, protocol_error_status
+from proxy.protocol.http1 import error_response, protocol_error_status, reason_phrase
 
 RECV_SIZE = 65536
 _LINGER_SECONDS = 2.0
@@ -118,7 +119,7 @@ class ClientConnection:
         deadline: float | None = None
         # h11's max_incomplete_event_size only bounds a head that is still incomplete; a
         # whole oversized head arriving in one read would pass, so count what was fed.
-        fed = len(conn.trailing_data[0]) if not first else 0
+        fed = len(conn.trailing_data[0])  # bytes read with a PROXY header count too
         try:
             while True:
                 event = conn.next_event()
@@ -177,9 +178,15 @@ class ClientConnection:
             route = x.route.prefix if x.route is not None else "none"
             elapsed = time.perf_counter() - x.started
             m = metrics()
-            m.count_request(route, x.status, elapsed, x.bytes_in, x.bytes_out)
+            latency = None if x.streamed else elapsed
+            m.count_request(route, x.status, latency, x.bytes_in, x.bytes_out)
             if x.refused and x.status in LIMIT_BY_STATUS:
                 m.refusals.labels(LIMIT_BY_STATUS[x.status]).inc()
+            if x.mcp is not None:
+                label = method_label(x.mcp, request.method)
+                m.mcp_requests.labels(route, label, str(x.status)).inc()
+                if latency is not None:
+                    m.mcp_duration.labels(route, label).observe(latency)
             self._log_access(x, elapsed)
 
     async def send(self, data: bytes) -> None:
@@ -194,7 +201,28 @@ class ClientConnection:
 
     # -- answers the proxy gives itself ---------------------------------------------------
 
-    async def refuse(self, status: int, reason: str, x: Exchange | None) -> bool:
+    async def refuse_rpc(self, refusal: McpRefusal, x: Exchange) -> bool:
+        """Refuse an MCP request with its JSON-RPC error body."""
+        body = refusal.body()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode("ascii")),
+            (b"connection", b"close"),
+            *refusal.headers,
+        ]
+        response = h11.Response(
+            status_code=refusal.status, headers=headers, reason=reason_phrase(refusal.status)
+        )
+        return await self.refuse(refusal.status, refusal.message, x, prepared=(response, body))
+
+    async def refuse(
+        self,
+        status: int,
+        reason: str,
+        x: Exchange | None,
+        *,
+        prepared: tuple[h11.Response, bytes] | None = None,
+    ) -> bool:
         """Answer with an error status and close (lingering so the client reads it)."""
         if x is not None:
             x.status = status
@@ -202,13 +230,16 @@ class ClientConnection:
             x.refused = True
         else:
             log_refusal(self.ctx, self.peer_ip, self.peer_port, status, reason)
-        extra: list[tuple[bytes, bytes]] = []
-        if status == 503:
-            extra.append((b"retry-after", str(self.ctx.config.server.retry_after_seconds).encode()))
         conn = self.conn
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return False
-        response, body = error_response(status, reason, extra=extra)
+        if prepared is None:
+            extra: list[tuple[bytes, bytes]] = []
+            if status == 503:
+                retry = str(self.ctx.config.server.retry_after_seconds).encode()
+                extra.append((b"retry-after", retry))
+            prepared = error_response(status, reason, extra=extra)
+        response, body = prepared
         try:
             data = (conn.send(response) or b"") + (conn.send(h11.Data(data=body)) or b"")
             data += conn.send(h11.EndOfMessage()) or b""
@@ -240,7 +271,20 @@ class ClientConnection:
             bytes_out=x.bytes_out,
             duration_ms=round(elapsed * 1000, 3),
             error=x.error,
+            **self._mcp_fields(x),
         )
+
+    @staticmethod
+    def _mcp_fields(x: Exchange) -> dict[str, object]:
+        decision = x.mcp
+        if decision is None:
+            return {}
+        return {
+            "mcp_era": decision.era.value,
+            "mcp_method": decision.method,
+            "mcp_name": decision.name,
+            "replica": x.replica or None,
+        }
 
 
 def log_refusal(ctx: WorkerContext, ip: str, port: int, status: int, reason: str) -> None:

@@ -18,10 +18,10 @@ import h11
 import trio
 
 from proxy.net.errors import CLOSED, BackendFailed, ClientGone
+from proxy.net.event_stream import EventStreamRelay, mcp_response_headers
 from proxy.net.relay import Tunnel
 from proxy.net.upstream import UpstreamConnection
 from proxy.protocol.http1 import downstream_response_headers, is_event_stream, reason_phrase
-from proxy.protocol.sse import EventStreamTracker, retry_hint
 
 if TYPE_CHECKING:
     from proxy.net.exchange import Exchange
@@ -84,6 +84,9 @@ async def _relay(
     headers = downstream_response_headers(
         event.headers, event.http_version, ctx.policy_for(x.route), close=ctx.draining
     )
+    streaming = is_event_stream(event.headers)
+    if x.mcp is not None:
+        mcp_response_headers(x, headers, streaming=streaming)
     x.status = event.status_code
     head = conn.send(
         h11.Response(
@@ -93,11 +96,20 @@ async def _relay(
         )
     )
     x.response_started = True
-    if is_event_stream(event.headers):
-        with client.kind("sse"):
-            await _relay_event_stream(x, up, head or b"", headers)
-    else:
+    if not streaming:
         await _relay_body(x, up, head or b"")
+        return
+    x.streamed = True
+    with client.kind("sse"):
+        if x.mcp is not None and x.mcp.cancel_on_disconnect:
+            # 2026-07-28: closing the response stream cancels the request, so the
+            # proxy must notice the client leaving even while the stream is silent.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_client_leaving, x, nursery.cancel_scope)
+                await EventStreamRelay(x, up, headers).run(head or b"")
+                nursery.cancel_scope.cancel()
+        else:
+            await EventStreamRelay(x, up, headers).run(head or b"")
 
 
 async def _relay_body(x: Exchange, up: UpstreamConnection, head: bytes) -> None:
@@ -140,70 +152,19 @@ async def _relay_body(x: Exchange, up: UpstreamConnection, head: bytes) -> None:
             return
 
 
-async def _relay_event_stream(
-    x: Exchange, up: UpstreamConnection, head: bytes, headers: list[tuple[bytes, bytes]]
-) -> None:
-    """Like _relay_body, for text/event-stream: event boundaries are followed so that a
-    drain can end the stream between two events with a retry hint."""
+async def _watch_client_leaving(x: Exchange, scope: trio.CancelScope) -> None:
     client = x.client
-    conn = client.conn
-    ctx = client.ctx
-    uh = up.h11
-    timeout = ctx.config.upstream.stream_idle_timeout
-    tracker = EventStreamTracker()
-    # Bytes can be added only where the proxy frames the body itself.
-    can_end_early = not any(name == b"content-length" for name, _ in headers)
-    out = [head]
-    while True:
-        try:
-            event = uh.next_event()
-        except h11.RemoteProtocolError as exc:
-            x.fail(502, f"invalid response body from backend: {exc}")
-            await client.send(b"".join(out))
-            return
-        if event is h11.NEED_DATA:
-            if ctx.draining and can_end_early and tracker.at_boundary:
-                hint = retry_hint(ctx.config.server.drain_retry_ms)
-                out.append(conn.send(h11.Data(data=hint)) or b"")
-                out.append(conn.send(h11.EndOfMessage()) or b"")
-                await client.send(b"".join(out))
-                x.response_complete = True
-                x.error = "stream ended by drain"
-                return
-            if out:
-                await client.send(b"".join(out))
-                out.clear()
-            wait = trio.CancelScope(
-                deadline=trio.current_time() + timeout if timeout else trio.current_time() + 1e9
-            )
-            if not ctx.draining:
-                ctx.stream_scopes.add(wait)  # a drain interrupts the wait
-            try:
-                with wait:
-                    try:
-                        uh.receive_data(await up.stream.receive_some(RECV_SIZE))
-                    except (*CLOSED, OSError):
-                        x.fail(502, "backend reset the connection mid-response")
-                        return
-            finally:
-                ctx.stream_scopes.discard(wait)
-            if wait.cancelled_caught and not ctx.draining:
-                x.fail(504, "event stream idle longer than stream_idle_timeout")
-                return
-            continue
-        if type(event) is h11.Data:
-            x.bytes_out += len(event.data)
-            tracker.feed(event.data)
-            out.append(conn.send(event) or b"")
-        elif type(event) is h11.EndOfMessage:
-            out.append(conn.send(h11.EndOfMessage()) or b"")
-            await client.send(b"".join(out))
-            x.response_complete = x.upstream_complete = True
-            return
-        else:
-            x.fail(502, "backend closed the connection mid-response")
-            await client.send(b"".join(out))
-            return
+    try:
+        while True:
+            data = await client.stream.receive_some(RECV_SIZE)
+            if not data:
+                break
+            client.conn.receive_data(data)  # a pipelined request: kept for later
+    except (*CLOSED, OSError):
+        pass
+    x.client_gone = True
+    x.fail(499, "client closed the stream (cancels the request upstream)")
+    scope.cancel()
 
 
 async def _switch_protocols(
@@ -231,7 +192,7 @@ async def _switch_protocols(
         raise BackendFailed(502, "backend switched protocols unasked") from None
     x.status = 101
     x.response_started = True
-    x.upgraded = True
+    x.upgraded = x.streamed = True
     client_pending = conn.trailing_data[0]
     backend_pending = up.h11.trailing_data[0]
     tunnel = Tunnel(client.stream, up.stream)

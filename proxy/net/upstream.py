@@ -20,7 +20,7 @@ import trio
 
 from proxy.config import UpstreamConfig
 from proxy.metrics import metrics
-from proxy.routing import Backend
+from proxy.routing import Backend, BackendHealth
 
 RECV_SIZE = 65536
 
@@ -61,6 +61,16 @@ class UpstreamPool:
     in_use: int = 0
     _slots: trio.Semaphore | None = None
     _gauges: tuple[Any, Any] | None = None
+    health: BackendHealth = field(default_factory=BackendHealth)
+
+    def record(self, ok: bool) -> None:
+        """Passive health: an exchange with this backend succeeded or failed."""
+        if self.health.record(ok, time.monotonic()):
+            metrics().ejections.labels(self.backend.url).inc()
+            metrics().backend_up.labels(self.backend.url).set(0)
+
+    def usable(self, now: float) -> bool:
+        return self.health.usable(now)
 
     def _report(self) -> None:
         # Gauges of this worker's pool; /metrics sums them over workers.
@@ -119,22 +129,31 @@ class UpstreamPool:
         self._report()
         return conn
 
+    async def open_stream(self) -> trio.SocketStream:
+        """A new connection to the backend (no timeout of its own); OSError if none."""
+        last_error: OSError = OSError("no address")
+        for family, sockaddr in self.addresses:
+            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+            try:
+                await sock.connect(sockaddr)
+            except OSError as exc:
+                sock.close()
+                last_error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return trio.SocketStream(sock)
+        raise last_error
+
     async def _connect(self) -> UpstreamConnection:
-        last_error = "no address"
         with trio.move_on_after(self.config.connect_timeout):
-            for family, sockaddr in self.addresses:
-                sock = trio.socket.socket(family, socket.SOCK_STREAM)
-                try:
-                    await sock.connect(sockaddr)
-                except OSError as exc:
-                    sock.close()
-                    last_error = errno.errorcode.get(exc.errno or 0, str(exc))
-                    continue
-                except BaseException:
-                    sock.close()
-                    raise
-                return UpstreamConnection(trio.SocketStream(sock), h11.Connection(h11.CLIENT))
-            raise UpstreamUnavailable(502, f"cannot connect to backend: {last_error}")
+            try:
+                stream = await self.open_stream()
+            except OSError as exc:
+                reason = errno.errorcode.get(exc.errno or 0, str(exc))
+                raise UpstreamUnavailable(502, f"cannot connect to backend: {reason}") from None
+            return UpstreamConnection(stream, h11.Connection(h11.CLIENT))
         raise UpstreamUnavailable(502, "timed out connecting to backend")
 
     async def release(self, conn: UpstreamConnection) -> None:

@@ -1,0 +1,236 @@
+"""Pure decisions for MCP routes: which era, which replica, what to rewrite, what to refuse.
+
+Given one request (method, target, headers, body) and the route's session tokens, say
+where it goes and what changes on the wire, or how to refuse it. No I/O: the connection
+driver (``proxy.net.exchange``) acts on the decision.
+
+Session affinity without shared state: the proxy answers ``initialize`` with its own
+``Mcp-Session-Id``, a signed token carrying the replica's id and the backend's own
+session id (``proxy.protocol.session_token``). Any worker of any proxy with the same keys
+routes a later request of that session to the same replica and restores the backend's
+id, with no lookup. The legacy 2024-11-05 transport gets the same treatment through the
+``session_id`` query parameter of its message endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from proxy.protocol.jsonrpc import (
+    INVALID_REQUEST,
+    Envelope,
+    JsonRpcDecodeError,
+    RequestId,
+    decode_message,
+    error_body,
+)
+from proxy.protocol.mcp import (
+    SESSION_HEADER,
+    EndpointRewriteError,
+    Era,
+    check_header_body_agreement,
+    detect_era,
+    legacy_session_token,
+    restore_message_target,
+)
+from proxy.protocol.session_token import InvalidSessionToken, SessionClaims, SessionTokens
+
+SESSION_NOT_FOUND = "Session not found"  # the reference SDK's wording, code -32600, 404
+
+
+class McpRefusal(Exception):
+    """The proxy answers this request itself with a JSON-RPC error."""
+
+    def __init__(
+        self,
+        status: int,
+        code: int,
+        message: str,
+        request_id: RequestId | None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.headers = tuple(headers)
+
+    def body(self) -> bytes:
+        return error_body(self.request_id, self.code, self.message)
+
+
+@dataclass(slots=True)
+class McpDecision:
+    era: Era
+    envelope: Envelope | None
+    replica: str | None
+    """The replica this request must go to (its session's), or None to pick one."""
+    backend_session: str | None = None
+    """The backend's own session id, to restore in Mcp-Session-Id."""
+    target: bytes | None = None
+    """A rewritten target (legacy message endpoint), or None to keep it."""
+    issue_session: bool = False
+    """Turn the backend's Mcp-Session-Id in the response into a token."""
+    legacy_stream: bool = False
+    """A legacy GET /sse stream: its ``endpoint`` event must be rewritten."""
+    cancel_on_disconnect: bool = False
+    """2026-07-28: closing the response stream cancels the request upstream."""
+
+    @property
+    def request_id(self) -> RequestId | None:
+        return self.envelope.id if self.envelope is not None else None
+
+    @property
+    def method(self) -> str | None:
+        return self.envelope.method if self.envelope is not None else None
+
+    @property
+    def name(self) -> str | None:
+        envelope = self.envelope
+        if envelope is None:
+            return None
+        return envelope.name or envelope.uri
+
+
+def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def check_origin(headers: Sequence[tuple[bytes, bytes]], allowed: frozenset[bytes]) -> None:
+    """Refuse a browser request from an origin not on the route's list (DNS rebinding
+    defence the spec asks servers to apply); requests without Origin pass."""
+    origin = _header(headers, b"origin")
+    if origin is not None and origin not in allowed:
+        raise McpRefusal(403, INVALID_REQUEST, "Origin not allowed", None)
+
+
+def _verify(tokens: SessionTokens, token: str, request_id: RequestId | None) -> SessionClaims:
+    try:
+        return tokens.verify(token)
+    except InvalidSessionToken:
+        # Tampered, foreign or expired: the spec's signal to start a new session.
+        raise McpRefusal(404, INVALID_REQUEST, SESSION_NOT_FOUND, request_id) from None
+
+
+def decide(
+    method: bytes,
+    target: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    body: bytes | None,
+    tokens: SessionTokens,
+) -> McpDecision:
+    """Classify and route one MCP request; McpRefusal for what must not reach a backend."""
+    envelope: Envelope | None = None
+    if method == b"POST":
+        try:
+            envelope = decode_message(body or b"")
+        except JsonRpcDecodeError as exc:
+            raise McpRefusal(400, exc.code, exc.message, exc.id) from None
+    request_id = envelope.id if envelope is not None else None
+    era = detect_era(method, headers, envelope, target).era
+    if era is Era.STATELESS:
+        if method != b"POST":
+            raise McpRefusal(
+                405,
+                INVALID_REQUEST,
+                "Method not allowed: 2026-07-28 requests are POSTs",
+                None,
+                headers=[(b"allow", b"POST")],
+            )
+        assert envelope is not None
+        mismatch = check_header_body_agreement(headers, envelope)
+        if mismatch is not None:
+            raise McpRefusal(mismatch.status, mismatch.code, mismatch.message, request_id)
+        return McpDecision(era, envelope, None, cancel_on_disconnect=True)
+    if era is Era.LEGACY_SSE:
+        try:
+            token = legacy_session_token(target)
+        except EndpointRewriteError as exc:
+            raise McpRefusal(400, INVALID_REQUEST, str(exc), request_id) from None
+        if token is None:
+            return McpDecision(era, envelope, None, legacy_stream=method == b"GET")
+        claims = _verify(tokens, token, request_id)
+        return McpDecision(
+            era,
+            envelope,
+            claims.replica,
+            claims.backend_session,
+            target=restore_message_target(target, claims.backend_session),
+        )
+    session = _header(headers, SESSION_HEADER)
+    if session is None:
+        return McpDecision(era, envelope, None, issue_session=True)
+    claims = _verify(tokens, session.decode("latin-1"), request_id)
+    return McpDecision(era, envelope, claims.replica, claims.backend_session, issue_session=True)
+
+
+def with_session(headers: list[tuple[bytes, bytes]], backend_session: str) -> None:
+    """Put the backend's own session id back in place of the proxy's token."""
+    value = backend_session.encode("latin-1")
+    for i, (name, _) in enumerate(headers):
+        if name == SESSION_HEADER:
+            headers[i] = (name, value)
+
+
+KNOWN_METHODS = frozenset(
+    {
+        "initialize",
+        "ping",
+        "server/discover",
+        "tools/list",
+        "tools/call",
+        "resources/list",
+        "resources/read",
+        "resources/templates/list",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "logging/setLevel",
+        "roots/list",
+        "sampling/createMessage",
+        "elicitation/create",
+        "tasks/get",
+        "tasks/list",
+        "tasks/cancel",
+        "tasks/result",
+    }
+)
+
+
+def method_label(decision: McpDecision, http_method: bytes) -> str:
+    """A bounded metric label: the JSON-RPC method if it is a known one, else a class
+    (clients choose method strings; unbounded label values would grow without limit)."""
+    envelope = decision.envelope
+    if envelope is None:
+        return "stream" if http_method == b"GET" else http_method.decode("ascii", "replace")
+    if envelope.kind in ("response", "error"):
+        return "response"
+    method = envelope.method or ""
+    if method in KNOWN_METHODS:
+        return method
+    if method.startswith("notifications/"):
+        return "notification"
+    return "other"
+
+
+def rewrite_endpoint_block(block: bytes, rewrite: Callable[[bytes], bytes]) -> bytes:
+    """Apply ``rewrite`` to the data of an SSE event block if it is an ``endpoint``
+    event (the legacy transport's first event), leaving other blocks untouched."""
+    lines = block.splitlines(keepends=True)
+    if not any(line.rstrip(b"\r\n") in (b"event: endpoint", b"event:endpoint") for line in lines):
+        return block
+    out = []
+    for line in lines:
+        stripped = line.rstrip(b"\r\n")
+        if stripped.startswith(b"data:"):
+            value = stripped[5:].removeprefix(b" ")
+            line = b"data: " + rewrite(value) + line[len(stripped) :]
+        out.append(line)
+    return b"".join(out)
