@@ -23,6 +23,7 @@ REPO_ROOT = PROXY_DIR.parent
 SANS_IO_FILES = (
     *sorted((PROXY_DIR / "protocol").glob("*.py")),
     PROXY_DIR / "routing.py",
+    PROXY_DIR / "mcp_routing.py",
     PROXY_DIR / "config.py",
 )
 SANS_IO_MODULES = tuple(
