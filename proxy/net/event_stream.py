@@ -53,7 +53,7 @@ def mcp_response_headers(
 
 
 class EventStreamRelay:
-    __slots__ = ("_endpoint_block", "_out", "_tracker", "_up", "can_add", "x")
+    __slots__ = ("_endpoint_block", "_out", "_tracker", "_up", "can_add", "ending", "x")
 
     def __init__(
         self, x: Exchange, up: UpstreamConnection, headers: list[tuple[bytes, bytes]]
@@ -66,6 +66,8 @@ class EventStreamRelay:
         legacy = x.mcp is not None and x.mcp.legacy_stream
         self._endpoint_block: bytearray | None = bytearray() if legacy else None
         self._out: list[bytes] = []
+        self.ending = False
+        """Set once the stream's last bytes are on their way to the client."""
 
     def _emit(self, data: bytes) -> None:
         self._tracker.feed(data)
@@ -100,6 +102,7 @@ class EventStreamRelay:
                 continue
             if type(event) is h11.EndOfMessage:
                 self._out.append(x.client.conn.send(h11.EndOfMessage()) or b"")
+                self.ending = True
                 await self._flush()
                 x.response_complete = x.upstream_complete = True
                 return
@@ -111,6 +114,7 @@ class EventStreamRelay:
             if ctx.draining and self.can_add and at_boundary:
                 self._emit(retry_hint(ctx.config.server.drain_retry_ms))
                 self._out.append(x.client.conn.send(h11.EndOfMessage()) or b"")
+                self.ending = True
                 await self._flush()
                 x.response_complete = True
                 x.error = "stream ended by drain"

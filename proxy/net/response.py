@@ -101,15 +101,15 @@ async def _relay(
         return
     x.streamed = True
     with client.kind("sse"):
-        if x.mcp is not None and x.mcp.cancel_on_disconnect:
-            # 2026-07-28: closing the response stream cancels the request, so the
-            # proxy must notice the client leaving even while the stream is silent.
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_client_leaving, x, nursery.cancel_scope)
-                await EventStreamRelay(x, up, headers).run(head or b"")
-                nursery.cancel_scope.cancel()
-        else:
-            await EventStreamRelay(x, up, headers).run(head or b"")
+        # A silent stream writes nothing, so only reading tells that the client left:
+        # without this the backend stream (and both sockets) would be held until the
+        # backend next sent something. In the 2026-07-28 era the client leaving is
+        # also the cancellation of the request, which closing the upstream carries out.
+        relay = EventStreamRelay(x, up, headers)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_client_leaving, x, relay, nursery.cancel_scope)
+            await relay.run(head or b"")
+            nursery.cancel_scope.cancel()
 
 
 async def _relay_body(x: Exchange, up: UpstreamConnection, head: bytes) -> None:
@@ -152,7 +152,9 @@ async def _relay_body(x: Exchange, up: UpstreamConnection, head: bytes) -> None:
             return
 
 
-async def _watch_client_leaving(x: Exchange, scope: trio.CancelScope) -> None:
+async def _watch_client_leaving(
+    x: Exchange, relay: EventStreamRelay, scope: trio.CancelScope
+) -> None:
     client = x.client
     try:
         while True:
@@ -162,8 +164,11 @@ async def _watch_client_leaving(x: Exchange, scope: trio.CancelScope) -> None:
             client.conn.receive_data(data)  # a pipelined request: kept for later
     except (*CLOSED, OSError):
         pass
+    if relay.ending:
+        return  # the stream was ending anyway: a client closing after it is no news
     x.client_gone = True
-    x.fail(499, "client closed the stream (cancels the request upstream)")
+    cancels = x.mcp is not None and x.mcp.cancel_on_disconnect
+    x.fail(499, "client closed the stream" + (" (cancels the request upstream)" if cancels else ""))
     scope.cancel()
 
 
