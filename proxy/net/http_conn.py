@@ -99,8 +99,16 @@ class ClientConnection:
 
     # -- reading the request head -------------------------------------------------------
 
-    async def _receive_idle(self, deadline: float) -> bytes | None:
-        """Wait for the first bytes of a request; None if the wait ends (timeout, drain)."""
+    async def _receive_idle(self, deadline: float, *, kept_alive: bool) -> bytes | None:
+        """Wait for the first bytes of a request; None if the wait ends (timeout, or a
+        drain for a kept-alive connection)."""
+        if not kept_alive:
+            # A new connection may have been queued before the drain began and may have
+            # sent its whole request already: serve it (the drain deadline still bounds
+            # this), or closing it unread would reset it.
+            with trio.move_on_at(deadline):
+                return await self.stream.receive_some(RECV_SIZE)
+            return None
         if self.ctx.draining:
             return None
         scope = trio.CancelScope(deadline=deadline)
@@ -135,15 +143,15 @@ class ClientConnection:
                         deadline = trio.current_time() + limits.header_timeout
                     else:
                         # Nothing of the next request yet: a fresh connection gets the
-                        # header timeout, a kept-alive one the idle timeout. Drain
-                        # cancels this wait; either way it closes without a word.
+                        # header timeout, a kept-alive one the idle timeout (which a
+                        # drain cuts short); either way it closes without a word.
                         now = trio.current_time()
                         wait = (
                             accepted + limits.header_timeout
                             if first
                             else (now + limits.keepalive_timeout)
                         )
-                        data = await self._receive_idle(wait)
+                        data = await self._receive_idle(wait, kept_alive=not first)
                         if data is None:
                             return None
                         started = accepted if first else trio.current_time()
