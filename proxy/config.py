@@ -129,8 +129,9 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     kind: Literal["http", "mcp"] = "http"
     """http: a plain reverse-proxy route; mcp: MCP-aware (sessions, eras, JSON-RPC)."""
     origins: tuple[str, ...] = ()
-    """mcp: Origin values allowed (e.g. "https://app.example"); a request with any other
-    Origin header gets 403. Requests without Origin (non-browser clients) are allowed."""
+    """mcp: Origin values allowed (e.g. "https://app.example", "http://localhost:*" for
+    any port); a request with any other Origin header gets 403. Empty: same-origin and
+    loopback origins only. Requests without Origin (non-browser clients) pass."""
     keepalive_interval: float = 15.0
     """mcp: seconds of silence on an SSE stream before a keep-alive comment is sent
     (0 = never)."""

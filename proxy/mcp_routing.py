@@ -101,12 +101,40 @@ def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None
     return None
 
 
-def check_origin(headers: Sequence[tuple[bytes, bytes]], allowed: frozenset[bytes]) -> None:
-    """Refuse a browser request from an origin not on the route's list (DNS rebinding
-    defence the spec asks servers to apply); requests without Origin pass."""
+_LOOPBACK_HOSTS = (b"localhost", b"127.0.0.1", b"[::1]")
+
+
+def _origin_matches(origin: bytes, pattern: bytes) -> bool:
+    """Exact, or ``scheme://host:*`` for any port (as the reference SDK allows)."""
+    if pattern.endswith(b":*"):
+        base = pattern[:-2]
+        return origin == base or (
+            origin.startswith(base + b":") and origin[len(base) + 1 :].isdigit()
+        )
+    return origin == pattern
+
+
+def check_origin(
+    headers: Sequence[tuple[bytes, bytes]], allowed: frozenset[bytes], host: bytes = b""
+) -> None:
+    """Refuse a browser request from an origin not allowed (the DNS-rebinding defence
+    the spec asks servers to apply). Requests without Origin pass. With no list
+    configured, same-origin requests (Origin's authority equals Host) and loopback
+    origins pass, as the reference SDK does on loopback."""
     origin = _header(headers, b"origin")
-    if origin is not None and origin not in allowed:
-        raise McpRefusal(403, INVALID_REQUEST, "Origin not allowed", None)
+    if origin is None:
+        return
+    if allowed:
+        if any(_origin_matches(origin, pattern) for pattern in allowed):
+            return
+    else:
+        authority = origin.partition(b"://")[2]
+        if authority and authority == host:
+            return
+        hostname = authority.rsplit(b":", 1)[0] if not authority.endswith(b"]") else authority
+        if origin.startswith(b"http://") and hostname in _LOOPBACK_HOSTS:
+            return
+    raise McpRefusal(403, INVALID_REQUEST, "Origin not allowed", None)
 
 
 def _verify(tokens: SessionTokens, token: str, request_id: RequestId | None) -> SessionClaims:

@@ -203,3 +203,27 @@ def test_replica_ids_are_stable_and_opaque() -> None:
     assert replica_id(url) != replica_id("http://10.1.2.3:8001")
     assert "10.1.2.3" not in replica_id(url)
     assert len(replica_id(url)) == 12
+
+
+def test_origin_defaults_to_same_origin_and_loopback() -> None:
+    none: frozenset[bytes] = frozenset()
+    check_origin([(b"origin", b"http://proxy.example:8080")], none, b"proxy.example:8080")
+    check_origin([(b"origin", b"http://localhost:5173")], none, b"proxy.example:8080")
+    check_origin([(b"origin", b"http://127.0.0.1")], none, b"proxy.example:8080")
+    check_origin([(b"origin", b"http://[::1]:3000")], none, b"proxy.example:8080")
+    for foreign in (
+        b"https://evil.example",
+        b"http://localhost.evil.example",
+        b"http://proxy.example:9999",
+    ):
+        with pytest.raises(McpRefusal):
+            check_origin([(b"origin", foreign)], none, b"proxy.example:8080")
+
+
+def test_origin_port_wildcards() -> None:
+    allowed = frozenset({b"http://localhost:*"})
+    check_origin([(b"origin", b"http://localhost:3000")], allowed)
+    check_origin([(b"origin", b"http://localhost")], allowed)
+    for refused in (b"http://localhost:3000x", b"http://localhost.evil:1", b"https://localhost:1"):
+        with pytest.raises(McpRefusal):
+            check_origin([(b"origin", refused)], allowed)

@@ -48,7 +48,7 @@ def mcp_response_headers(
             if name == SESSION_HEADER:
                 token = tokens.issue(x.replica, value.decode("latin-1"))
                 headers[i] = (name, token.encode("ascii"))
-    if streaming:
+    if streaming and not any(name == b"x-accel-buffering" for name, _ in headers):
         headers.append((b"x-accel-buffering", b"no"))
 
 

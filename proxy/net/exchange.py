@@ -134,7 +134,7 @@ class Exchange:
         decision: McpDecision | None = None
         if mcp:
             try:
-                check_origin(self.request.headers, route.allowed_origins)
+                check_origin(self.request.headers, route.allowed_origins, info.host)
                 decision = decide(
                     self.request.method,
                     info.target,
