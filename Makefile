@@ -6,13 +6,14 @@ BIN    := $(VENV)/bin
 APT_PACKAGES := redis-server postgresql pgbouncer haproxy wrk prometheus systemd procps
 
 .DEFAULT_GOAL := help
-.PHONY: help run test check lint typecheck unit apt venv bench clean
+.PHONY: help run test check lint typecheck unit apt venv bench conformance clean
 
 help:
 	@echo "make run    start the proxy on its bundled default (demo MCP backend beside it)"
 	@echo "make test   install everything needed (Debian packages, Python deps), run all checks"
 	@echo "make check  lint + type-check + tests, without installing anything"
 	@echo "make bench  quick proxy-vs-direct throughput comparison (wrk)"
+	@echo "make conformance  MCP conformance suite, directly vs through the proxy (npm, PyPI)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,11 +37,12 @@ apt:
 	@./.ci/apt-install $(APT_PACKAGES)
 
 lint: $(VENV)/.stamp-test
-	$(BIN)/ruff check proxy tests bench
-	$(BIN)/ruff format --check proxy tests bench
+	$(BIN)/ruff check proxy tests bench conformance
+	$(BIN)/ruff format --check proxy tests bench conformance
 
 typecheck: $(VENV)/.stamp-test
 	$(BIN)/mypy
+	$(BIN)/mypy conformance/run.py
 
 unit: $(VENV)/.stamp-test
 	$(BIN)/python -m pytest
@@ -53,5 +55,9 @@ test: apt venv
 bench: apt venv
 	$(BIN)/python -m bench.quick
 
+conformance: $(VENV)/.stamp-demo
+	$(BIN)/python conformance/run.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
+	rm -rf conformance/node_modules conformance/.venv conformance/results
