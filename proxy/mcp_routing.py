@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import msgspec
+
 from proxy.protocol.jsonrpc import (
     INVALID_REQUEST,
     Envelope,
@@ -262,3 +264,39 @@ def rewrite_endpoint_block(block: bytes, rewrite: Callable[[bytes], bytes]) -> b
             line = b"data: " + rewrite(value) + line[len(stripped) :]
         out.append(line)
     return b"".join(out)
+
+
+def event_payloads(blocks: bytes) -> list[bytes]:
+    """The data of each complete SSE event in ``blocks`` (``data:`` lines joined with
+    newlines, as a client assembles them)."""
+    payloads = []
+    for block in blocks.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n\n"):
+        data = [
+            line[5:].removeprefix(b" ") for line in block.split(b"\n") if line.startswith(b"data:")
+        ]
+        if data:
+            payloads.append(b"\n".join(data))
+    return payloads
+
+
+_ABSENT = msgspec.Raw(b"")  # msgspec cannot put Raw in a union: an empty Raw means absent
+
+
+class _ResponseProbe(msgspec.Struct):
+    id: int | str | None = None
+    result: msgspec.Raw = _ABSENT
+    error: msgspec.Raw = _ABSENT
+
+
+_probe = msgspec.json.Decoder(_ResponseProbe)
+
+
+def response_id(payload: bytes) -> int | str | None:
+    """The id of a JSON-RPC response (result or error), None for anything else."""
+    try:
+        message = _probe.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if not message.result and not message.error:
+        return None
+    return message.id

@@ -227,3 +227,18 @@ def test_origin_port_wildcards() -> None:
     for refused in (b"http://localhost:3000x", b"http://localhost.evil:1", b"https://localhost:1"):
         with pytest.raises(McpRefusal):
             check_origin([(b"origin", refused)], allowed)
+
+
+def test_event_payloads_and_response_ids() -> None:
+    from proxy.mcp_routing import event_payloads, response_id
+
+    blocks = (
+        b'event: message\r\nid: 1\r\ndata: {"jsonrpc":"2.0","method":"notifications/progress"}'
+        b'\r\n\r\nevent: message\r\ndata: {"jsonrpc":"2.0","id":7,"result":{}}\r\n\r\n'
+        b': comment\n\ndata: {"jsonrpc":"2.0","id":"a",\n'
+        b'data: "error":{"code":1,"message":"x"}}\n\n'
+    )
+    payloads = event_payloads(blocks)
+    assert [response_id(p) for p in payloads] == [None, 7, "a"]
+    assert response_id(b"not json") is None
+    assert response_id(b'{"jsonrpc":"2.0","id":3,"method":"ping"}') is None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
-from proxy.mcp_routing import rewrite_endpoint_block
+from proxy.mcp_routing import event_payloads, response_id, rewrite_endpoint_block
 from proxy.net.errors import CLOSED
 from proxy.net.upstream import RECV_SIZE, UpstreamConnection
 from proxy.protocol.mcp import (
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from proxy.net.exchange import Exchange
 
 _FOREVER = 1e9
+_MAX_EVENT_BYTES = 1 << 20
 
 
 def mcp_response_headers(
@@ -53,7 +54,18 @@ def mcp_response_headers(
 
 
 class EventStreamRelay:
-    __slots__ = ("_endpoint_block", "_out", "_tracker", "_up", "can_add", "ending", "x")
+    __slots__ = (
+        "_awaited",
+        "_endpoint_block",
+        "_out",
+        "_pending",
+        "_tracker",
+        "_up",
+        "can_add",
+        "client_left",
+        "ending",
+        "x",
+    )
 
     def __init__(
         self, x: Exchange, up: UpstreamConnection, headers: list[tuple[bytes, bytes]]
@@ -65,16 +77,28 @@ class EventStreamRelay:
         self.can_add = not any(name == b"content-length" for name, _ in headers)
         legacy = x.mcp is not None and x.mcp.legacy_stream
         self._endpoint_block: bytearray | None = bytearray() if legacy else None
+        # The SSE answer to a POSTed request ends, for the client, with the response to
+        # that request: clients close the stream right after it (the reference SDK does),
+        # often before the backend's end of body has arrived.
+        request = x.mcp.envelope if x.mcp is not None else None
+        awaited = request.id if request is not None and request.kind == "request" else None
+        self._awaited: int | str | None = awaited
+        self._pending = bytearray()
         self._out: list[bytes] = []
         self.ending = False
-        """Set once the stream's last bytes are on their way to the client."""
+        """Set once the client has what it came for (the stream's end, or the response
+        to its request) and may close without that being an error."""
+        self.client_left = False
+        """The client closed after ``ending``: bytes still due are read, not sent."""
 
     def _emit(self, data: bytes) -> None:
         self._tracker.feed(data)
         self._out.append(self.x.client.conn.send(h11.Data(data=data)) or b"")
 
     async def _flush(self) -> None:
-        if self._out:
+        if self.client_left:
+            self._out.clear()
+        elif self._out:
             await self.x.client.send(b"".join(self._out))
             self._out.clear()
 
@@ -154,6 +178,8 @@ class EventStreamRelay:
         if block is None:
             self._tracker.feed(data)
             self._out.append(self.x.client.conn.send(h11.Data(data=data)) or b"")
+            if self._awaited is not None:
+                self._look_for_response(data)
             return True
         block += data
         tracker = EventStreamTracker()
@@ -171,6 +197,19 @@ class EventStreamRelay:
             return False
         self._emit(rewritten)
         return True
+
+    def _look_for_response(self, data: bytes) -> None:
+        """Set ``ending`` once the awaited JSON-RPC response has gone by."""
+        self._pending += data
+        if not self._tracker.at_boundary:
+            if len(self._pending) > _MAX_EVENT_BYTES:
+                self._awaited = None  # events this large are not worth following
+            return
+        for payload in event_payloads(bytes(self._pending)):
+            if response_id(payload) == self._awaited:
+                self.ending = True
+                self._awaited = None
+        self._pending.clear()
 
     def _rewrite_endpoint(self, value: bytes) -> bytes:
         x = self.x

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from proxy.net.exchange import Exchange
 
 RECV_SIZE = 65536
+_FINISH_GRACE = 5.0
 
 
 async def first_upstream_event(up: UpstreamConnection, response_timeout: float) -> h11.Event:
@@ -165,7 +166,11 @@ async def _watch_client_leaving(
     except (*CLOSED, OSError):
         pass
     if relay.ending:
-        return  # the stream was ending anyway: a client closing after it is no news
+        # The client has what it came for: not an error. Let the backend finish its
+        # body for a moment (so its connection can be reused), sending nothing more.
+        relay.client_left = True
+        scope.deadline = min(scope.deadline, trio.current_time() + _FINISH_GRACE)
+        return
     x.client_gone = True
     cancels = x.mcp is not None and x.mcp.cancel_on_disconnect
     x.fail(499, "client closed the stream" + (" (cancels the request upstream)" if cancels else ""))
