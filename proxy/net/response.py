@@ -165,14 +165,23 @@ async def _watch_client_leaving(
             client.conn.receive_data(data)  # a pipelined request: kept for later
     except (*CLOSED, OSError):
         pass
-    if relay.ending:
-        # The client has what it came for: not an error. Let the backend finish its
-        # body for a moment (so its connection can be reused), sending nothing more.
+    cancels = x.mcp is not None and x.mcp.cancel_on_disconnect
+    # Only a POSTed request has work upstream worth letting finish; a GET stream of a
+    # client that left is just closed.
+    let_finish = x.mcp is not None and not cancels and x.request.method == b"POST"
+    if relay.ending or let_finish:
+        # Either the client has what it came for (not an error), or it left a stream of
+        # an era where leaving is no cancellation (2025-11-25, legacy): the request is
+        # left to finish upstream, its bytes read and dropped, so the backend sees no
+        # disconnect; it can deliver the outcome on a resumed stream.
         relay.client_left = True
-        scope.deadline = min(scope.deadline, trio.current_time() + _FINISH_GRACE)
+        grace = _FINISH_GRACE if relay.ending else x.client.ctx.config.upstream.response_timeout
+        scope.deadline = min(scope.deadline, trio.current_time() + grace)
+        if not relay.ending:
+            x.client_gone = True
+            x.fail(499, "client closed the stream (request left to finish upstream)")
         return
     x.client_gone = True
-    cancels = x.mcp is not None and x.mcp.cancel_on_disconnect
     x.fail(499, "client closed the stream" + (" (cancels the request upstream)" if cancels else ""))
     scope.cancel()
 
