@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from proxy import __version__
+from proxy import __version__, control
 from proxy.config import (
     BUNDLED_CONFIG,
     Config,
@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="address to serve on (default: %(default)s)",
     )
+    control.add_subcommands(commands)
     return parser
 
 
@@ -197,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["run", *(argv or [])])
+    if getattr(args, "control_handler", None) is not None:
+        raise SystemExit(control.run(args))
     if args.command == "demo-backend":
         from proxy.demo.backend import main as demo_main
 
