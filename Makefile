@@ -6,13 +6,14 @@ BIN    := $(VENV)/bin
 APT_PACKAGES := redis-server postgresql pgbouncer haproxy wrk prometheus systemd procps
 
 .DEFAULT_GOAL := help
-.PHONY: help run test check lint typecheck unit apt venv bench conformance clean
+.PHONY: help run test check lint typecheck unit apt venv bench bench-quick conformance clean
 
 help:
 	@echo "make run    start the proxy on its bundled default (demo MCP backend beside it)"
 	@echo "make test   install everything needed (Debian packages, Python deps), run all checks"
 	@echo "make check  lint + type-check + tests, without installing anything"
-	@echo "make bench  quick proxy-vs-direct throughput comparison (wrk)"
+	@echo "make bench  the benchmark suite: direct vs Switchboard vs HAProxy (~10 min)"
+	@echo "make bench-quick  the same workloads, small (~2 min)"
 	@echo "make conformance  MCP conformance suite, directly vs through the proxy (npm, PyPI)"
 
 $(BIN)/python:
@@ -52,8 +53,15 @@ check: lint typecheck unit
 test: apt venv
 	$(MAKE) --no-print-directory check
 
-bench: apt venv
-	$(BIN)/python -m bench.quick
+$(VENV)/.stamp-bench: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	@touch $@
+
+bench: apt venv $(VENV)/.stamp-bench
+	$(BIN)/python -m bench.run --publish
+
+bench-quick: apt venv $(VENV)/.stamp-bench
+	$(BIN)/python -m bench.run --quick
 
 conformance: $(VENV)/.stamp-demo
 	$(BIN)/python conformance/run.py
