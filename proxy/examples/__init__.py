@@ -1,0 +1,1 @@
+"""The bundled default config (default.toml), shipped as package data."""
