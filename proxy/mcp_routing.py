@@ -33,6 +33,7 @@ from proxy.protocol.mcp import (
     Era,
     check_header_body_agreement,
     detect_era,
+    first_header,
     legacy_session_token,
     restore_message_target,
 )
@@ -96,13 +97,6 @@ class McpDecision:
         return envelope.name or envelope.uri
 
 
-def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key == name:
-            return value
-    return None
-
-
 _LOOPBACK_HOSTS = (b"localhost", b"127.0.0.1", b"[::1]")
 
 
@@ -123,7 +117,7 @@ def check_origin(
     the spec asks servers to apply). Requests without Origin pass. With no list
     configured, same-origin requests (Origin's authority equals Host) and loopback
     origins pass, as the reference SDK does on loopback."""
-    origin = _header(headers, b"origin")
+    origin = first_header(headers, b"origin")
     if origin is None:
         return
     if allowed:
@@ -192,7 +186,7 @@ def decide(
             claims.backend_session,
             target=restore_message_target(target, claims.backend_session),
         )
-    session = _header(headers, SESSION_HEADER)
+    session = first_header(headers, SESSION_HEADER)
     if session is None:
         return McpDecision(era, envelope, None, issue_session=True)
     claims = _verify(tokens, session.decode("latin-1"), request_id)

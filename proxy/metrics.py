@@ -14,7 +14,6 @@ increment, not a label resolution.
 
 from __future__ import annotations
 
-import os
 from functools import cache
 from typing import Any
 
@@ -158,10 +157,6 @@ LIMIT_BY_STATUS = {
     429: "rate",
     503: "capacity",
 }
-
-
-def multiprocess_enabled() -> bool:
-    return bool(os.environ.get(MULTIPROC_ENV))
 
 
 def render(directory: str) -> tuple[bytes, str]:

@@ -55,4 +55,3 @@ class WorkerStats:
 
     requests: int = 0
     active_connections: int = 0
-    active_requests: int = 0

@@ -177,12 +177,10 @@ class ClientConnection:
         """Proxy one request; True if the client connection may carry another."""
         ctx = self.ctx
         ctx.stats.requests += 1
-        ctx.stats.active_requests += 1
         x = Exchange(self, request)
         try:
             return await x.run()
         finally:
-            ctx.stats.active_requests -= 1
             route = x.route.prefix if x.route is not None else "none"
             elapsed = time.perf_counter() - x.started
             m = metrics()

@@ -53,13 +53,6 @@ def bind_reuseport(listen: str, backlog: int) -> socket.socket:
     return sock
 
 
-def check_bindable(listen: str) -> None:
-    """Raise OSError if ``listen`` cannot be bound by a worker (address in use by a
-    non-reuseport socket, bad address, privileged port). The probe socket is closed at
-    once, so it never takes a share of the connections."""
-    bind_reuseport(listen, 1).close()
-
-
 async def _refuse_overloaded(
     stream: trio.SocketStream, response: bytes, pending: list[int]
 ) -> None:

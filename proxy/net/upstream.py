@@ -57,7 +57,6 @@ class UpstreamPool:
     config: UpstreamConfig
     addresses: list[tuple[int, tuple[str, int] | tuple[str, int, int, int]]]
     idle: list[UpstreamConnection] = field(default_factory=list)
-    open_connections: int = 0
     in_use: int = 0
     _slots: trio.Semaphore | None = None
     _gauges: tuple[Any, Any] | None = None
@@ -124,7 +123,6 @@ class UpstreamPool:
             if isinstance(exc, UpstreamUnavailable):
                 self.count_failure("connect")
             raise
-        self.open_connections += 1
         self.in_use += 1
         self._report()
         return conn
@@ -179,7 +177,6 @@ class UpstreamPool:
         await self._close(conn)
 
     async def _close(self, conn: UpstreamConnection) -> None:
-        self.open_connections -= 1
         if self._slots is not None:
             self._slots.release()
         self._report()

@@ -104,7 +104,7 @@ class HeaderMismatch:
         return error_body(request_id, self.code, self.message)
 
 
-def _first(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+def first_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     for key, value in headers:
         if key.lower() == name:
             return value
@@ -135,7 +135,7 @@ def detect_era(
     else STATEFUL at the header's version, initialize's offer, or 2025-03-26. These are
     guesses from one request; a route configured for one era should not ask.
     """
-    version = _first(headers, VERSION_HEADER)
+    version = first_header(headers, VERSION_HEADER)
     if version is not None:
         claimed = version.decode("latin-1")
         if claimed not in HANDSHAKE_VERSIONS:
@@ -145,7 +145,7 @@ def detect_era(
     else:
         claimed = None
     legacy = _has_legacy_session(target) or (http_method == b"GET" and claimed is None)
-    if legacy and _first(headers, SESSION_HEADER) is None:
+    if legacy and first_header(headers, SESSION_HEADER) is None:
         return EraGuess(Era.LEGACY_SSE, claimed)
     if claimed is None and envelope is not None and envelope.method == "initialize":
         claimed = envelope.offered_version
