@@ -19,7 +19,7 @@ import hmac
 import secrets
 import string
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -28,6 +28,8 @@ from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
+
+from proxy.audit import UsageRecord, clean_text
 
 KEY_PREFIX = "sb_"
 PREFIX_LENGTH = 8
@@ -494,3 +496,40 @@ def remove_route(conn: psycopg.Connection[Any], prefix: str) -> None:
                 raise NotFound(f"no route with prefix {prefix!r}")
     except errors.UndefinedTable:
         raise _missing_schema() from None
+
+
+# --- usage/audit records ------------------------------------------------------------------
+
+_USAGE_COPY = (
+    "COPY usage_records (ts, key_id, tenant_id, route, method, tool, status, bytes_in,"
+    " bytes_out, duration_ms) FROM STDIN"
+)
+
+
+def write_usage(conn: psycopg.Connection[Any], records: Sequence[UsageRecord]) -> int:
+    """Insert a batch of usage records with one COPY in one transaction (all or none);
+    return how many. COPY needs no prepared statement, so it is fine through PgBouncer."""
+    if not records:
+        return 0
+    try:
+        with conn.transaction(), conn.cursor() as cur, cur.copy(_USAGE_COPY) as copy:
+            for r in records:
+                # Text is cleaned here, where PostgreSQL would reject it: one NUL in a tool
+                # name must not make the whole batch (and its spill file) fail forever.
+                copy.write_row(
+                    (
+                        datetime.fromtimestamp(r.ts, UTC),
+                        r.key_id,
+                        r.tenant_id,
+                        clean_text(r.route),
+                        clean_text(r.method),
+                        None if r.tool is None else clean_text(r.tool),
+                        r.status,
+                        r.bytes_in,
+                        r.bytes_out,
+                        r.duration_ms,
+                    )
+                )
+    except errors.UndefinedTable:
+        raise _missing_schema() from None
+    return len(records)

@@ -329,3 +329,34 @@ def pg_fixture() -> Iterator[PgEnv]:
         if _users == 0:
             _shared = None
             _shared_stop.close()
+
+
+def bouncer_admin(env: PgEnv, *commands: str) -> None:
+    """Run commands on PgBouncer's admin console (the test role is in ``admin_users``).
+    Without parameters psycopg sends each as a simple query, all the console speaks."""
+    with psycopg.connect(
+        env.dsn(database="pgbouncer"), autocommit=True, prepare_threshold=None
+    ) as conn:
+        for command in commands:
+            conn.execute(command)
+
+
+def bouncer_refuse(env: PgEnv, database: str) -> None:
+    """Make the real PgBouncer refuse ``database`` as in an outage: new connections fail
+    at once ("database is disabled") and the open ones are dropped. Other databases of
+    the shared cluster are untouched."""
+    name = _console_name(database)
+    # KILL leaves the database paused (new clients would hang); RESUME lifts only that.
+    bouncer_admin(env, f"DISABLE {name}", f"KILL {name}", f"RESUME {name}")
+
+
+def bouncer_accept(env: PgEnv, database: str) -> None:
+    """Undo ``bouncer_refuse``."""
+    bouncer_admin(env, f"ENABLE {_console_name(database)}")
+
+
+def _console_name(database: str) -> str:
+    # The console takes bare names only; create_database() names are plain identifiers.
+    if not database.isidentifier():
+        raise ValueError(f"not a plain database name: {database!r}")
+    return database
