@@ -39,6 +39,8 @@ Headers = Sequence[tuple[bytes, bytes]]
 KEY_PREFIX: Final = "sb_"
 _KEY_SHAPE: Final = re.compile(r"sb_([a-z0-9]{8})_[A-Za-z0-9_-]{1,244}")
 TOOL_NOT_ALLOWED: Final = -32003
+AUTH_FAILED: Final = -32001
+"""The JSON-RPC error code in the body of a 401/403 on an MCP route."""
 REALM: Final = b'Bearer realm="switchboard"'
 
 
@@ -70,6 +72,10 @@ class Identity:
     """None: every tool; otherwise only these names in ``tools/call``."""
     limits: Mapping[str, Rate] = field(default_factory=dict)
     """Rate overrides by scope: ``"key"``, ``"tenant"``, ``"tool:<name>"``."""
+    key_id: int | None = None
+    tenant_id: int | None = None
+    max_connections: int | None = None
+    """The tenant's own concurrent-connection cap, overriding the configured default."""
 
 
 @dataclass(frozen=True, slots=True)

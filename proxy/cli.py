@@ -213,10 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "check-config":
         sys.stdout.buffer.write(to_json(config) + b"\n")
         return
-    if not config.routes:
+    if not config.routes and not config.database.url:
         print(
-            "switchboard: config error: no routes: give --route PREFIX=URL or a [[routes]] "
-            "table in the config",
+            "switchboard: config error: no routes: give --route PREFIX=URL, a [[routes]] "
+            "table in the config, or a control-plane database (database.url)",
             file=sys.stderr,
         )
         raise SystemExit(2)

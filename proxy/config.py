@@ -15,9 +15,11 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
+
+from proxy.auth import HMAC_ALGORITHMS, PUBLIC_ALGORITHMS
 
 ENV_PREFIX = "SWITCHBOARD_"
 BUNDLED_CONFIG = Path(__file__).with_name("examples") / "default.toml"
@@ -145,6 +147,14 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """Overrides forwarding.host for this route."""
     strip_prefix: bool = False
     """Remove the prefix before forwarding (a backend URL path is then prepended)."""
+    auth: Literal["default", "none", "required"] = "default"
+    """Whether callers must present an API key or JWT: "default" follows auth.required."""
+    tenants: tuple[str, ...] = ()
+    """With auth: only identities of these tenants may use the route (others get 403).
+    Empty: any tenant."""
+    forward_credentials: bool = False
+    """With auth: pass the client's credential header on to the backend (by default the
+    proxy consumes it, so backends never see callers' keys or tokens)."""
 
 
 class McpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -172,6 +182,91 @@ class AdminConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """Admin endpoints (/health, /ready, /metrics, /services); "" turns them off."""
 
 
+class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    url: str = ""
+    """PostgreSQL DSN, usually PgBouncer's address (transaction pooling is fine). Empty:
+    no control-plane database; routes come from this file only and no keys exist."""
+    poll_interval: float = 1.0
+    """Seconds between checks of the config_version row; changes reach workers this fast."""
+    state_dir: str = "/var/lib/switchboard"
+    """Where the last good snapshot (snapshot.json) and audit spill files are kept."""
+    pool_size: int = 2
+    """PostgreSQL connections per worker (snapshot polling and audit writes only)."""
+    connect_timeout: float = 3.0
+    """Seconds to connect (or get a pooled connection) before PostgreSQL counts as down."""
+    statement_timeout: float = 5.0
+    """Seconds a snapshot read may take."""
+    ready_grace: float = 60.0
+    """Seconds PostgreSQL may be unreachable before /ready answers 503 (the snapshot keeps
+    serving either way); 0: never degrade."""
+    audit: bool = True
+    """Write one usage record per request to usage_records (batched, in the background)."""
+    audit_batch_size: int = 500
+    audit_flush_interval: float = 1.0
+    """Seconds between audit writes."""
+    audit_max_buffer: int = 10000
+    """Records held in memory per worker before the oldest are spilled to disk."""
+
+
+class RedisConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    url: str = ""
+    """redis://[:PASSWORD@]HOST:PORT[/DB] shared by every proxy for global rate limits and
+    connection caps. Empty: limits are per worker only."""
+    command_timeout: float = 0.25
+    """Seconds a rate-limit decision may wait for Redis before the local fallback decides."""
+    fail_mode: Literal["open", "closed"] = "open"
+    """While Redis is unreachable: "open" lets each worker enforce every limit on its own
+    (availability first); "closed" gives each worker 1/workers of each limit, and answers
+    503 where that share is under one request."""
+
+
+class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    required: bool = False
+    """Whether routes require an API key or JWT unless they say otherwise (route.auth)."""
+    header: str = "authorization"
+    """Header carrying the credential: "authorization" (Bearer) or e.g. "x-api-key"
+    (the raw key or token)."""
+    jwt_algorithms: tuple[str, ...] = ()
+    """JWT algorithms accepted (HS256, RS256, ES256, ...); empty: JWTs are not accepted.
+    "none" is never accepted."""
+    jwt_secret: str = ""
+    """Shared secret for HS* algorithms."""
+    jwt_jwks_file: str = ""
+    """JWKS file with the public keys for RS/PS/ES/EdDSA algorithms."""
+    jwt_jwks_url: str = ""
+    """JWKS URL, fetched in the background and cached (jwt_jwks_max_age)."""
+    jwt_jwks_max_age: float = 3600.0
+    jwt_audience: str = ""
+    """Required "aud"; empty: tokens carrying an "aud" are refused."""
+    jwt_issuer: str = ""
+    """Required "iss"; empty: not checked."""
+    jwt_leeway: float = 30.0
+    """Seconds of clock skew allowed on exp and nbf."""
+    jwt_tenant_claim: str = "tenant"
+    """The claim naming the caller's tenant."""
+
+
+class RateLimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    per_ip: int = 0
+    """Requests per minute per client IP (0: no limit)."""
+    per_key: int = 0
+    """Requests per minute per API key or JWT subject, unless the key sets its own."""
+    per_tenant: int = 0
+    """Requests per minute per tenant, unless the tenant sets its own."""
+    per_tool: int = 0
+    """tools/call requests per minute per identity and tool, unless the key sets its own."""
+    burst: int = 0
+    """Requests allowed at once from idle; 0: the per-minute limit itself."""
+    max_connections_per_ip: int = 0
+    """Concurrent client connections per IP across every proxy (0: no cap)."""
+    max_connections_per_tenant: int = 0
+    """Concurrent client connections per tenant across every proxy (0: no cap)."""
+    connection_lease_ttl: float = 15.0
+    """Seconds a dead worker's connections keep counting against the caps."""
+    local_max_keys: int = 100000
+    """Buckets a worker keeps for its local pre-check and fallback (LRU)."""
+
+
 class DemoConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = False
     """Start the bundled demo MCP backend beside the proxy (make run)."""
@@ -189,6 +284,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
     admin: AdminConfig = AdminConfig()
     demo: DemoConfig = DemoConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    redis: RedisConfig = RedisConfig()
+    auth: AuthConfig = AuthConfig()
+    rate_limits: RateLimitsConfig = RateLimitsConfig()
 
 
 def parse_hostport(value: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -327,7 +426,83 @@ def validate(config: Config, source: str) -> Config:
             parse_hostport(config.demo.listen)
         except ValueError as exc:
             raise ConfigError(source, "demo.listen", str(exc)) from None
+    _validate_control_plane(config, source)
     return config
+
+
+def _validate_control_plane(config: Config, source: str) -> None:
+    db = config.database
+    for name in ("poll_interval", "connect_timeout", "statement_timeout", "audit_flush_interval"):
+        _positive(source, f"database.{name}", getattr(db, name))
+    for name in ("pool_size", "audit_batch_size", "audit_max_buffer"):
+        _positive(source, f"database.{name}", getattr(db, name))
+    _positive(source, "database.ready_grace", db.ready_grace, allow_zero=True)
+    if db.url and not db.state_dir:
+        raise ConfigError(source, "database.state_dir", "needed when database.url is set")
+    redis = config.redis
+    if redis.url:
+        try:
+            parse_redis_url(redis.url)
+        except ValueError as exc:
+            raise ConfigError(source, "redis.url", str(exc)) from None
+    _positive(source, "redis.command_timeout", redis.command_timeout)
+    auth = config.auth
+    if not auth.header or not auth.header.replace("-", "").isalnum():
+        raise ConfigError(source, "auth.header", f"not a header name: {auth.header!r}")
+    algorithms = set(auth.jwt_algorithms)
+    if "none" in {a.lower() for a in algorithms}:
+        raise ConfigError(source, "auth.jwt_algorithms", '"none" is never accepted')
+    known = HMAC_ALGORITHMS | PUBLIC_ALGORITHMS
+    if algorithms - known:
+        raise ConfigError(
+            source, "auth.jwt_algorithms", f"unsupported: {sorted(algorithms - known)}"
+        )
+    if algorithms & HMAC_ALGORITHMS and len(auth.jwt_secret) < 32:
+        raise ConfigError(source, "auth.jwt_secret", "HS* needs a secret of 32+ characters")
+    if algorithms & PUBLIC_ALGORITHMS and not (auth.jwt_jwks_file or auth.jwt_jwks_url):
+        raise ConfigError(
+            source, "auth.jwt_jwks_file", "public-key algorithms need jwt_jwks_file or _url"
+        )
+    _positive(source, "auth.jwt_jwks_max_age", auth.jwt_jwks_max_age)
+    _positive(source, "auth.jwt_leeway", auth.jwt_leeway, allow_zero=True)
+    rl = config.rate_limits
+    for name in (
+        "per_ip",
+        "per_key",
+        "per_tenant",
+        "per_tool",
+        "burst",
+        "max_connections_per_ip",
+        "max_connections_per_tenant",
+    ):
+        _positive(source, f"rate_limits.{name}", getattr(rl, name), allow_zero=True)
+    _positive(source, "rate_limits.connection_lease_ttl", rl.connection_lease_ttl)
+    _positive(source, "rate_limits.local_max_keys", rl.local_max_keys)
+    needs_auth = auth.required or any(r.auth == "required" for r in config.routes)
+    if needs_auth and not (db.url or algorithms):
+        raise ConfigError(
+            source,
+            "auth.required",
+            "authentication needs API keys (database.url) or JWTs (auth.jwt_algorithms)",
+        )
+
+
+def parse_redis_url(url: str) -> tuple[str, int, int, str | None]:
+    """``redis://[:PASSWORD@]HOST[:PORT][/DB]`` -> (host, port, db, password)."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis":
+        raise ValueError(f"expected redis://HOST:PORT[/DB], got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"Redis URL has no host: {url!r}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError(f"Redis URL has a bad port: {url!r}") from None
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError(f"Redis database must be a number: {url!r}")
+    password = unquote(parts.password) if parts.password else None
+    return parts.hostname, port, int(path or 0), password
 
 
 def _msgspec_error(source: str, exc: msgspec.ValidationError) -> ConfigError:
@@ -438,7 +613,9 @@ def from_json(data: bytes) -> Config:
 def with_session_key(config: Config, kid: str, secret: str) -> Config:
     """The config with a session key added when MCP routes exist but none is configured
     (sessions then survive reloads of this supervisor, not its restart)."""
-    if config.mcp.session_keys or not any(r.kind == "mcp" for r in config.routes):
+    # With a database, MCP routes may appear at any time, so a key is always needed.
+    wanted = config.database.url or any(r.kind == "mcp" for r in config.routes)
+    if config.mcp.session_keys or not wanted:
         return config
     return msgspec.structs.replace(
         config, mcp=McpConfig(session_keys={kid: secret}, current_key=kid)

@@ -117,6 +117,45 @@ class Metrics:
         self.reloads = Counter(
             "switchboard_reloads_total", "Configuration reloads, by result.", ["result"]
         )
+        self.redis_up = Gauge(
+            "switchboard_redis_up",
+            "1 when the worker is connected to Redis, else 0 (its limits are then local).",
+            ["worker"],
+            multiprocess_mode="livemin",
+        )
+        self.postgres_up = Gauge(
+            "switchboard_postgres_up",
+            "1 when the worker's last PostgreSQL call succeeded, else 0.",
+            ["worker"],
+            multiprocess_mode="livemin",
+        )
+        self.snapshot_version = Gauge(
+            "switchboard_snapshot_version",
+            "config_version of the control-plane snapshot the worker serves.",
+            ["worker"],
+            multiprocess_mode="livemin",
+        )
+        self.rate_limit_decisions = Counter(
+            "switchboard_rate_limit_decisions_total",
+            "Rate-limit decisions by result (allowed, limited, unavailable) and by who "
+            "decided (redis, precheck, local).",
+            ["result", "source"],
+        )
+        self.auth_failures = Counter(
+            "switchboard_auth_failures_total",
+            "Requests refused by authentication or authorization, by HTTP status.",
+            ["status"],
+        )
+        self.audit_records = Counter(
+            "switchboard_audit_records_total",
+            "Usage records by outcome (written, spilled to disk, replayed from disk).",
+            ["outcome"],
+        )
+        self.connection_cap_refusals = Counter(
+            "switchboard_connection_cap_refusals_total",
+            "Connections refused by a global concurrent-connection cap, by scope.",
+            ["scope", "source"],
+        )
         self._request_children: dict[tuple[str, int], Any] = {}
 
     def count_request(

@@ -18,9 +18,9 @@ by the fail mode:
 
 * ``"open"``: each worker enforces the full rate on its own (availability first; a
   deployment of W workers admits up to W times the limit while Redis is down).
-* ``"closed"``: each worker enforces 1/W of the rate (``Rate.share``), so the total never
-  exceeds the limit. Where a share is less than one request (limit < W) the worker cannot
-  enforce the limit alone: the decision is 503 with Retry-After (``Decision.unavailable``).
+* ``"closed"``: a limit that cannot be enforced globally is not enforced by guesswork: a
+  request under any limit is refused with 503 and Retry-After (``Decision.unavailable``)
+  until Redis is back. Requests under no limit still pass.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
 
 FailMode = Literal["open", "closed"]
+RATE_LIMITED: Final = -32029
+"""The JSON-RPC error code in the body of a 429 on an MCP route."""
 US: Final = 1_000_000
 
 
@@ -55,15 +57,6 @@ class Rate:
     @property
     def capacity(self) -> int:
         return self.burst or self.limit
-
-    def share(self, workers: int) -> Rate | None:
-        """This rate divided among ``workers``; None when a share is under one request."""
-        if workers <= 1:
-            return self
-        limit, burst = self.limit // workers, self.capacity // workers
-        if limit < 1 or burst < 1:
-            return None
-        return Rate(limit, self.period, burst)
 
     def policy(self) -> bytes:
         window = int(self.period) if self.period == int(self.period) else self.period
@@ -265,16 +258,14 @@ class LocalLimiter:
         rates: Sequence[Rate],
         now: int,
         mode: FailMode = "open",
-        workers: int = 1,
         cost: int = 1,
     ) -> Decision:
         """The fallback decision while Redis is down (see the module's fail modes)."""
-        local: list[Rate] = []
-        for rate in rates:
-            share = rate if mode == "open" else rate.share(workers)
-            if share is None:
-                return Decision.unavailable()
-            local.append(share)
+        if not rates:
+            return Decision(True, None)
+        if mode == "closed":
+            return Decision.unavailable()
+        local = rates
         ok, results = gcra_multi(now, [self._tats.get(k) for k in keys], local, cost)
         if ok:
             for key, result in zip(keys, results, strict=True):

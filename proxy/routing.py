@@ -108,6 +108,10 @@ class Route:
     eject_seconds: float = 10.0
     replicas: dict[str, Backend] = field(default_factory=dict)
     """Replica id (mcp_routing.replica_id) -> backend, for session affinity."""
+    auth: Literal["default", "none", "required"] = "default"
+    tenants: frozenset[str] | None = None
+    """Tenants allowed on the route (None: any)."""
+    forward_credentials: bool = False
     _next: int = field(default=0, repr=False)
 
     def choose_backend(self) -> Backend:
@@ -165,6 +169,9 @@ class RouteTable:
                     eject_after=r.eject_after,
                     eject_seconds=r.eject_seconds,
                     replicas={replica_id(b.url): b for b in backends},
+                    auth=r.auth,
+                    tenants=frozenset(r.tenants) if r.tenants else None,
+                    forward_credentials=r.forward_credentials,
                 )
             )
         return cls(built)

@@ -45,6 +45,7 @@ from proxy.config import (
     with_session_key,
 )
 from proxy.metrics import MULTIPROC_ENV, mark_process_dead, metrics
+from proxy.net.database import watch_for_readiness
 from proxy.net.listener import bind_reuseport
 from proxy.observability import get_logger
 from proxy.sdnotify import Notifier, watchdog_loop
@@ -386,6 +387,9 @@ class Supervisor:
                     self.current = await self._start_generation(self.config)
                     self.admin.ready = True
                     nursery.start_soon(watchdog_loop, self.notifier)
+                    nursery.start_soon(
+                        watch_for_readiness, lambda: self.config.database, self._set_degraded
+                    )
                     self.notifier.ready(self._status())
                     self.log.info(
                         "ready",
@@ -407,6 +411,14 @@ class Supervisor:
                         await self._stop()
                 nursery.cancel_scope.cancel()
         self.log.info("stopped")
+
+    def _set_degraded(self, reason: str | None) -> None:
+        if reason != self.admin.degraded_reason:
+            if reason:
+                self.log.error("degraded", reason=reason)
+            else:
+                self.log.info("degraded_cleared")
+            self.admin.degraded_reason = reason
 
     async def _stop(self) -> None:
         self.stopping = True

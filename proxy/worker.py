@@ -12,12 +12,13 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from proxy.config import Config, HealthCheckConfig, from_json
+from proxy.config import Config, HealthCheckConfig, RouteConfig, effective_workers, from_json
 from proxy.net.context import WorkerContext
+from proxy.net.control_plane import ControlPlane
 from proxy.net.health import check_forever
 from proxy.net.http_conn import ClientConnection
 from proxy.net.listener import accept_loop, bind_reuseport
@@ -48,9 +49,7 @@ async def _watch_supervisor(fd: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def build_context(config: Config, worker_id: int) -> WorkerContext:
-    routes = RouteTable.from_config(config.routes)
-    pools: dict[Backend, UpstreamPool] = {}
+def _add_pools(routes: RouteTable, pools: dict[Backend, UpstreamPool], config: Config) -> None:
     for route in routes.routes:
         for backend in route.backends:
             if backend in pools:
@@ -63,6 +62,22 @@ def build_context(config: Config, worker_id: int) -> WorkerContext:
                 fall=route.health.fall,
             )
             pools[backend] = pool
+
+
+def install_routes(ctx: WorkerContext, routes: tuple[RouteConfig, ...]) -> None:
+    """Serve a new route list (from a control-plane snapshot): pools for new backends,
+    then one assignment, so a request sees the old table or the new one, never a mix.
+    Pools of backends no longer routed to stay until the worker exits: requests already
+    on them finish, and a backend that comes back keeps its health history."""
+    table = RouteTable.from_config(routes)
+    _add_pools(table, ctx.pools, ctx.config)
+    ctx.routes = table
+
+
+def build_context(config: Config, worker_id: int) -> WorkerContext:
+    routes = RouteTable.from_config(config.routes)
+    pools: dict[Backend, UpstreamPool] = {}
+    _add_pools(routes, pools, config)
     log = get_logger("switchboard.worker")
     access = get_logger("switchboard.access") if config.log.access_log else None
     tokens = None
@@ -75,13 +90,45 @@ def build_context(config: Config, worker_id: int) -> WorkerContext:
     )
 
 
-def _health_checks(ctx: WorkerContext) -> list[tuple[UpstreamPool, HealthCheckConfig]]:
+def _health_checks(ctx: WorkerContext) -> dict[Backend, tuple[UpstreamPool, HealthCheckConfig]]:
     checks: dict[Backend, tuple[UpstreamPool, HealthCheckConfig]] = {}
     for route in ctx.routes.routes:
         if route.health.path:
             for backend in route.backends:
                 checks.setdefault(backend, (ctx.pools[backend], route.health))
-    return list(checks.values())
+    return checks
+
+
+class HealthChecks:
+    """One active health-check task per checked backend, following route changes."""
+
+    def __init__(self, ctx: WorkerContext, nursery: trio.Nursery) -> None:
+        self.ctx = ctx
+        self.nursery = nursery
+        self.running: dict[Backend, tuple[HealthCheckConfig, trio.CancelScope]] = {}
+
+    def sync(self) -> None:
+        wanted = _health_checks(self.ctx)
+        for backend, (health, scope) in list(self.running.items()):
+            if backend not in wanted or wanted[backend][1] != health:
+                scope.cancel()
+                del self.running[backend]
+        for backend, (pool, health) in wanted.items():
+            if backend not in self.running:
+                scope = trio.CancelScope()
+                self.running[backend] = (health, scope)
+                self.nursery.start_soon(self._check, scope, pool, health)
+
+    async def _check(
+        self, scope: trio.CancelScope, pool: UpstreamPool, health: HealthCheckConfig
+    ) -> None:
+        with scope:
+            await check_forever(pool, health, self.ctx.log)
+
+    def stop(self) -> None:
+        for _, scope in self.running.values():
+            scope.cancel()
+        self.running.clear()
 
 
 async def serve(
@@ -99,45 +146,62 @@ async def serve(
         await ClientConnection(ctx, stream, peer).run()
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as connections:
-            accepting = trio.CancelScope()
+        async with trio.open_nursery() as background:
+            checks = HealthChecks(ctx, background)
 
-            async def accept_all() -> None:
-                with accepting:
-                    async with trio.open_nursery() as accept_nursery:
-                        for sock in socks:
-                            accept_nursery.start_soon(accept_loop, ctx, sock, handle, connections)
+            def on_routes(routes: tuple[RouteConfig, ...]) -> None:
+                install_routes(ctx, routes)
+                checks.sync()
 
-            connections.start_soon(accept_all)
-            checks = trio.CancelScope()
-
-            async def check_all() -> None:
-                with checks:
-                    async with trio.open_nursery() as nursery:
-                        for pool, health in _health_checks(ctx):
-                            nursery.start_soon(check_forever, pool, health, ctx.log)
-
-            connections.start_soon(check_all)
-            ctx.log.info("worker_ready", listen=list(config.server.listen))
-            task_status.started(ctx)
-            if on_ready is not None:
-                on_ready(ctx)
-            async for signum in signals:
-                ctx.log.info(
-                    "worker_draining",
-                    signal=signal.Signals(signum).name,
-                    active_connections=ctx.stats.active_connections,
-                )
-                break
-            accepting.cancel()
-            checks.cancel()
-            for sock in socks:
-                sock.close()
-            ctx.start_drain()
-            connections.cancel_scope.deadline = trio.current_time() + config.server.drain_timeout
+            control = ControlPlane(config, worker_id, effective_workers(config), ctx.log, on_routes)
+            ctx.control = control
+            await control.start(background)
+            checks.sync()
+            await _serve_until_signal(ctx, config, socks, handle, signals, task_status, on_ready)
+            checks.stop()
+            await control.close()
+            background.cancel_scope.cancel()
     for pool in ctx.pools.values():
         await pool.aclose()
     ctx.log.info("worker_stopped", requests=ctx.stats.requests)
+
+
+async def _serve_until_signal(
+    ctx: WorkerContext,
+    config: Config,
+    socks: list[trio.socket.SocketType],
+    handle: Callable[[trio.SocketStream, tuple[str, int]], Awaitable[None]],
+    signals: AsyncIterator[int],
+    task_status: trio.TaskStatus[WorkerContext],
+    on_ready: Callable[[WorkerContext], None] | None,
+) -> None:
+    """Accept until SIGTERM/SIGINT, then drain the connections (bounded)."""
+    async with trio.open_nursery() as connections:
+        accepting = trio.CancelScope()
+
+        async def accept_all() -> None:
+            with accepting:
+                async with trio.open_nursery() as accept_nursery:
+                    for sock in socks:
+                        accept_nursery.start_soon(accept_loop, ctx, sock, handle, connections)
+
+        connections.start_soon(accept_all)
+        ctx.log.info("worker_ready", listen=list(config.server.listen))
+        task_status.started(ctx)
+        if on_ready is not None:
+            on_ready(ctx)
+        async for signum in signals:
+            ctx.log.info(
+                "worker_draining",
+                signal=signal.Signals(signum).name,
+                active_connections=ctx.stats.active_connections,
+            )
+            break
+        accepting.cancel()
+        for sock in socks:
+            sock.close()
+        ctx.start_drain()
+        connections.cancel_scope.deadline = trio.current_time() + config.server.drain_timeout
 
 
 def _listening_sockets(config: Config) -> list[socket.socket]:

@@ -19,12 +19,23 @@ import proxy
 PROXY_DIR = Path(proxy.__file__).resolve().parent
 REPO_ROOT = PROXY_DIR.parent
 
-# Every module of proxy/protocol is sans-IO, new ones included, plus routing and config.
+# Every module of proxy/protocol is sans-IO, new ones included, plus the policy modules.
 SANS_IO_FILES = (
     *sorted((PROXY_DIR / "protocol").glob("*.py")),
-    PROXY_DIR / "routing.py",
-    PROXY_DIR / "mcp_routing.py",
-    PROXY_DIR / "config.py",
+    *(
+        PROXY_DIR / name
+        for name in (
+            "routing.py",
+            "mcp_routing.py",
+            "config.py",
+            "auth.py",
+            "ratelimit.py",
+            "admission.py",
+            "snapshot.py",
+            "conncaps.py",
+            "audit.py",
+        )
+    ),
 )
 SANS_IO_MODULES = tuple(
     "proxy.protocol"
@@ -33,7 +44,17 @@ SANS_IO_MODULES = tuple(
     for f in SANS_IO_FILES
 )
 # I/O modules (ours and the stdlib's) that sans-IO code must not load.
-FORBIDDEN_MODULES = ("trio", "socket", "selectors", "asyncio", "ssl")
+FORBIDDEN_MODULES = (
+    "trio",
+    "socket",
+    "selectors",
+    "asyncio",
+    "ssl",
+    "psycopg",
+    "psycopg_pool",
+    "redis",
+    "hiredis",
+)
 FORBIDDEN_OURS = ("proxy.net", "proxy.worker", "proxy.supervisor", "proxy.cli", "proxy.demo")
 
 

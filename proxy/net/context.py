@@ -6,7 +6,7 @@ import ipaddress
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -16,6 +16,9 @@ from proxy.observability import WorkerStats
 from proxy.protocol.http1 import ForwardingPolicy
 from proxy.protocol.session_token import SessionTokens
 from proxy.routing import Backend, Route, RouteTable, pick_least_loaded
+
+if TYPE_CHECKING:
+    from proxy.net.control_plane import ControlPlane
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -38,6 +41,8 @@ class WorkerContext:
     tokens: SessionTokens | None = None
     """Signs and checks the MCP session tokens (None when no route is an MCP route)."""
     rng: random.Random = field(default_factory=random.Random)
+    control: ControlPlane | None = None
+    """Keys, JWTs, rate limits, caps and audit (set by the worker before it serves)."""
     _policies: dict[str | None, ForwardingPolicy] = field(default_factory=dict)
     _trusted: tuple[IPNetwork, ...] | None = None
 
@@ -53,6 +58,9 @@ class WorkerContext:
         except ValueError:
             return False
         return any(address in network for network in self._trusted)
+
+    def auth_required(self, route: Route) -> bool:
+        return route.auth == "required" or (route.auth == "default" and self.config.auth.required)
 
     def policy_for(self, route: Route | None) -> ForwardingPolicy:
         mode = route.host_mode if route is not None else None

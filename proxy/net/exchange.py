@@ -14,6 +14,16 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
+from proxy.admission import rate_buckets
+from proxy.auth import (
+    AUTH_FAILED,
+    Identity,
+    authenticate,
+    check_access,
+    check_tool_allowed,
+    strip_credentials,
+)
+from proxy.conncaps import CapDecision
 from proxy.mcp_routing import (
     SESSION_NOT_FOUND,
     McpDecision,
@@ -22,6 +32,7 @@ from proxy.mcp_routing import (
     decide,
     with_session,
 )
+from proxy.metrics import metrics
 from proxy.net.errors import CLOSED, BackendFailed
 from proxy.net.response import first_upstream_event, respond
 from proxy.net.upstream import UpstreamConnection, UpstreamPool, UpstreamUnavailable
@@ -31,8 +42,9 @@ from proxy.protocol.http1 import (
     protocol_error_status,
     upstream_request_headers,
 )
-from proxy.protocol.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST
+from proxy.protocol.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST, RequestId
 from proxy.protocol.session_token import SessionTokens
+from proxy.ratelimit import RATE_LIMITED, Decision
 from proxy.routing import Backend, Route, replica_id
 
 if TYPE_CHECKING:
@@ -52,6 +64,7 @@ class Exchange:
         "client",
         "client_gone",
         "error",
+        "identity",
         "mcp",
         "refused",
         "replica",
@@ -97,6 +110,8 @@ class Exchange:
         self.upstream_target = b""
         self.streamed = False
         """An SSE stream or a tunnel: its duration is the stream's life, not latency."""
+        self.identity: Identity | None = None
+        """Who the caller proved to be (routes with auth only)."""
 
     def fail(self, status: int, reason: str) -> None:
         if self.error is None:
@@ -119,8 +134,16 @@ class Exchange:
         self.route = route
         if limits.max_body_bytes and (info.content_length or 0) > limits.max_body_bytes:
             return await client.refuse(413, "request body larger than max_body_bytes", self)
-
         mcp = route.kind == "mcp"
+        if ctx.auth_required(route):
+            refused = await self._authenticate(route, mcp)
+            if refused is not None:
+                return refused
+        if not mcp:
+            refused = await self._rate_limit(None, None)
+            if refused is not None:
+                return refused
+
         body: list[bytes] = []
         body_done = False
         if not client.conn.client_is_waiting_for_100_continue or mcp:
@@ -145,6 +168,15 @@ class Exchange:
             except McpRefusal as exc:
                 return await client.refuse_rpc(exc, self)
             self.mcp = decision
+            tool = decision.name if decision.method == "tools/call" else None
+            if self.identity is not None and decision.method == "tools/call":
+                denied = check_tool_allowed(self.identity, tool)
+                if denied is not None:
+                    metrics().auth_failures.labels("tool").inc()
+                    return await client.answer_rpc_error(denied, decision.request_id, self)
+            refused = await self._rate_limit(decision, tool)
+            if refused is not None:
+                return refused
         backend = ctx.choose_backend(route, decision.replica if decision else None)
         if backend is None:
             return await self._no_backend(decision)
@@ -159,6 +191,8 @@ class Exchange:
             client_ip=client.peer_ip,
             backend_authority=backend.authority,
         )
+        if self.identity is not None and not route.forward_credentials:
+            headers = strip_credentials(headers, False, ctx.config.auth.header.encode())
         target = info.target
         if decision is not None:
             if decision.backend_session is not None:
@@ -198,6 +232,74 @@ class Exchange:
         if self.error is not None and not self.response_started and not self.client_gone:
             return await client.refuse(self.status, self.error, self)
         return self.response_complete and self.upload_complete and not self.client_gone
+
+    async def _authenticate(self, route: Route, mcp: bool) -> bool | None:
+        """Set ``identity``; None to go on, else the refusal's result (401 or 403, with a
+        JSON-RPC error body on MCP routes), or 429 when the tenant's connection cap is
+        full."""
+        client = self.client
+        ctx = client.ctx
+        control = ctx.control
+        assert control is not None
+        result = authenticate(
+            self.request.headers,
+            control.keys,
+            control.jwt,
+            now=time.time(),
+            header_name=control.auth_header,
+        )
+        if isinstance(result, Identity):
+            result = check_access(result, route.tenants) or result
+        if not isinstance(result, Identity):
+            metrics().auth_failures.labels(str(result.status)).inc()
+            if mcp:
+                refusal = McpRefusal(
+                    result.status,
+                    AUTH_FAILED,
+                    result.description,
+                    None,
+                    headers=result.headers(),
+                )
+                return await client.refuse_rpc(refusal, self)
+            return await client.refuse(
+                result.status, result.description, self, extra=result.headers()
+            )
+        self.identity = result
+        cap = await client.hold_tenant_lease(result)
+        if cap is not None:
+            return await self._refuse_limited(cap, mcp, None)
+        return None
+
+    async def _rate_limit(self, decision: McpDecision | None, tool: str | None) -> bool | None:
+        """None to go on, else the 429 (or fail-closed 503) refusal's result."""
+        control = self.client.ctx.control
+        if control is None:
+            return None
+        buckets = rate_buckets(control.config.rate_limits, self.client.peer_ip, self.identity, tool)
+        if not buckets:
+            return None
+        verdict = await control.rate_limit(buckets)
+        if verdict.allowed:
+            return None
+        return await self._refuse_limited(
+            verdict, decision is not None, decision.request_id if decision else None
+        )
+
+    async def _refuse_limited(
+        self, verdict: Decision | CapDecision, mcp: bool, request_id: RequestId | None
+    ) -> bool:
+        if isinstance(verdict, Decision):
+            status, headers = verdict.status, verdict.headers()
+            reason = "rate limit exceeded" if status == 429 else "rate limits unavailable"
+        else:
+            retry = str(self.client.ctx.config.server.retry_after_seconds).encode()
+            status, headers = 429, [(b"retry-after", retry)]
+            reason = f"connection limit reached ({verdict.scope})"
+        if mcp:
+            code = RATE_LIMITED if status == 429 else INTERNAL_ERROR
+            refusal = McpRefusal(status, code, reason, request_id, headers=headers)
+            return await self.client.refuse_rpc(refusal, self)
+        return await self.client.refuse(status, reason, self, extra=headers)
 
     def _tokens(self) -> SessionTokens:
         tokens = self.client.ctx.tokens

@@ -15,6 +15,10 @@ from contextlib import contextmanager
 import h11
 import trio
 
+from proxy.admission import connection_cap
+from proxy.audit import UsageRecord
+from proxy.auth import Identity, ToolDenied
+from proxy.conncaps import CapDecision, Lease, ip_scope, tenant_scope
 from proxy.mcp_routing import McpRefusal, method_label
 from proxy.metrics import LIMIT_BY_STATUS, metrics
 from proxy.net.context import WorkerContext
@@ -22,6 +26,7 @@ from proxy.net.errors import CLOSED, ClientGone
 from proxy.net.exchange import Exchange
 from proxy.net.proxy_protocol import read_proxy_header
 from proxy.protocol.http1 import error_response, protocol_error_status, reason_phrase
+from proxy.protocol.jsonrpc import RequestId
 
 RECV_SIZE = 65536
 _LINGER_SECONDS = 2.0
@@ -29,7 +34,7 @@ _LINGER_BYTES = 1 << 20
 
 
 class ClientConnection:
-    __slots__ = ("_kind", "conn", "ctx", "peer_ip", "peer_port", "stream")
+    __slots__ = ("_kind", "_leases", "_tenants", "conn", "ctx", "peer_ip", "peer_port", "stream")
 
     def __init__(
         self, ctx: WorkerContext, stream: trio.SocketStream, peer: tuple[str, int]
@@ -42,6 +47,9 @@ class ClientConnection:
             h11.SERVER, max_incomplete_event_size=ctx.config.limits.max_header_bytes
         )
         self._kind = "http"
+        self._leases: list[Lease] = []
+        """Global connection-cap leases this connection holds (IP, tenants)."""
+        self._tenants: set[str] = set()
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -67,6 +75,43 @@ class ClientConnection:
             ctx.stats.active_connections -= 1
             m.connections_active.labels(self._kind).dec()
             await trio.aclose_forcefully(self.stream)
+            if self._leases:
+                await self._release_leases()
+
+    async def _release_leases(self) -> None:
+        control = self.ctx.control
+        caps = control.caps if control is not None else None
+        if caps is not None:
+            for lease in self._leases:
+                await caps.release(lease)  # shielded and bounded inside
+        self._leases.clear()
+
+    async def _hold(self, scope: str, limit: int) -> CapDecision | None:
+        """Take a lease on a global connection cap; the refusing decision if full."""
+        control = self.ctx.control
+        caps = control.caps if control is not None else None
+        if caps is None or limit <= 0:
+            return None
+        result = await caps.acquire(scope, limit)
+        if isinstance(result, CapDecision):
+            kind = scope.split(":", 1)[0]
+            metrics().connection_cap_refusals.labels(kind, result.source).inc()
+            return result
+        self._leases.append(result)
+        return None
+
+    async def hold_tenant_lease(self, identity: Identity) -> CapDecision | None:
+        """Count this connection against its tenant's cap, once per tenant."""
+        tenant = identity.tenant
+        control = self.ctx.control
+        if tenant is None or tenant in self._tenants or control is None:
+            return None
+        refused = await self._hold(
+            tenant_scope(tenant), connection_cap(control.config.rate_limits, identity)
+        )
+        if refused is None:
+            self._tenants.add(tenant)
+        return refused
 
     @contextmanager
     def kind(self, kind: str) -> Iterator[None]:
@@ -89,6 +134,14 @@ class ClientConnection:
             request = await self._read_request(first, accepted)
             if request is None:
                 return
+            if first:
+                cap = self.ctx.config.rate_limits.max_connections_per_ip
+                refused = await self._hold(ip_scope(self.peer_ip), cap)
+                if refused is not None:
+                    retry = str(self.ctx.config.server.retry_after_seconds).encode()
+                    reason = "connection limit reached (ip)"
+                    await self.refuse(429, reason, None, extra=[(b"retry-after", retry)])
+                    return
             first = False
             if not await self._exchange(request) or self.ctx.draining:
                 return
@@ -194,6 +247,8 @@ class ClientConnection:
                 if latency is not None:
                     m.mcp_duration.labels(route, label).observe(latency)
             self._log_access(x, elapsed)
+            if x.route is not None and ctx.control is not None:
+                ctx.control.record_usage(usage_record(x, elapsed))
 
     async def send(self, data: bytes) -> None:
         """Write to the client under ``send_timeout``; ClientGone if it is gone or stuck."""
@@ -221,6 +276,31 @@ class ClientConnection:
         )
         return await self.refuse(refusal.status, refusal.message, x, prepared=(response, body))
 
+    async def answer_rpc_error(
+        self, denied: ToolDenied, request_id: RequestId | None, x: Exchange
+    ) -> bool:
+        """Answer an MCP request with 200 and a JSON-RPC error (an authorization refusal
+        the protocol expects in-band); the connection stays usable."""
+        body = denied.body(request_id)
+        x.status = 200
+        x.error = denied.message
+        x.refused = True
+        response = h11.Response(
+            status_code=200,
+            headers=[
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode("ascii")),
+            ],
+        )
+        conn = self.conn
+        data = (conn.send(response) or b"") + (conn.send(h11.Data(data=body)) or b"")
+        data += conn.send(h11.EndOfMessage()) or b""
+        x.response_started = True
+        await self.send(data)
+        x.bytes_out = len(body)
+        x.response_complete = x.upload_complete = True
+        return conn.their_state is h11.DONE
+
     async def refuse(
         self,
         status: int,
@@ -228,6 +308,7 @@ class ClientConnection:
         x: Exchange | None,
         *,
         prepared: tuple[h11.Response, bytes] | None = None,
+        extra: list[tuple[bytes, bytes]] | None = None,
     ) -> bool:
         """Answer with an error status and close (lingering so the client reads it)."""
         if x is not None:
@@ -240,8 +321,8 @@ class ClientConnection:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return False
         if prepared is None:
-            extra: list[tuple[bytes, bytes]] = []
-            if status == 503:
+            extra = list(extra or ())
+            if status == 503 and not any(name == b"retry-after" for name, _ in extra):
                 retry = str(self.ctx.config.server.retry_after_seconds).encode()
                 extra.append((b"retry-after", retry))
             prepared = error_response(status, reason, extra=extra)
@@ -291,6 +372,25 @@ class ClientConnection:
             "mcp_name": decision.name,
             "replica": x.replica or None,
         }
+
+
+def usage_record(x: Exchange, elapsed: float) -> UsageRecord:
+    """What the audit trail keeps of an exchange."""
+    identity = x.identity
+    decision = x.mcp
+    method = decision.method if decision is not None and decision.method else None
+    return UsageRecord(
+        ts=time.time(),
+        key_id=identity.key_id if identity is not None else None,
+        tenant_id=identity.tenant_id if identity is not None else None,
+        route=x.route.prefix if x.route is not None else "",
+        method=method or x.request.method.decode("ascii", "replace"),
+        tool=decision.name if decision is not None and method == "tools/call" else None,
+        status=x.status,
+        bytes_in=x.bytes_in,
+        bytes_out=x.bytes_out,
+        duration_ms=round(elapsed * 1000, 3),
+    )
 
 
 def log_refusal(ctx: WorkerContext, ip: str, port: int, status: int, reason: str) -> None:

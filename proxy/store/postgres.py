@@ -14,10 +14,6 @@ pooling mode:
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
-import string
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -30,10 +26,10 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from proxy.audit import UsageRecord, clean_text
+from proxy.auth import KEY_PREFIX, generate_api_key, hash_api_key
+from proxy.snapshot import KeyEntry, RouteEntry, Snapshot
 
-KEY_PREFIX = "sb_"
 PREFIX_LENGTH = 8
-_PREFIX_ALPHABET = string.ascii_lowercase + string.digits
 CONNECT_KWARGS: dict[str, Any] = {"prepare_threshold": None, "autocommit": False}
 """What every connection is opened with (also the pool's ``kwargs``)."""
 
@@ -58,78 +54,13 @@ class SchemaMissing(StoreError):
     pass
 
 
-# --- snapshot (what workers hold in memory and persist to disk) ------------------------
-
-
-class RouteEntry(msgspec.Struct, frozen=True, kw_only=True):
-    prefix: str
-    kind: str
-    backends: tuple[str, ...]
-    options: dict[str, Any] = msgspec.field(default_factory=dict)
-
-
-class KeyEntry(msgspec.Struct, frozen=True, kw_only=True):
-    key_id: int
-    prefix: str
-    hash: str
-    name: str
-    tenant: str
-    tenant_id: int
-    limits: dict[str, Any] = msgspec.field(default_factory=dict)
-    allowed_tools: tuple[str, ...] | None = None
-    """None: every tool (within the tenant's)."""
-    tenant_limits: dict[str, Any] = msgspec.field(default_factory=dict)
-    tenant_allowed_tools: tuple[str, ...] | None = None
-
-
-class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
-    version: int
-    """config_version when the snapshot was read (same transaction)."""
-    routes: tuple[RouteEntry, ...]
-    keys: dict[str, KeyEntry]
-    """Active (not revoked) keys by public prefix."""
-
-
-def snapshot_to_json(snapshot: Snapshot) -> bytes:
-    return msgspec.json.encode(snapshot)
-
-
-def snapshot_from_json(data: bytes) -> Snapshot:
-    return msgspec.json.decode(data, type=Snapshot)
-
-
 # --- keys -------------------------------------------------------------------------------
-
-
-def hash_key(key: str) -> str:
-    """SHA-256 hex of the whole key (see the api_keys comment in schema.py for why a fast
-    hash is right for 256-bit random keys)."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def generate_key() -> tuple[str, str]:
     """A new ``sb_<prefix>_<secret>`` key and its public prefix."""
-    prefix = "".join(secrets.choice(_PREFIX_ALPHABET) for _ in range(PREFIX_LENGTH))
-    return f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}", prefix
-
-
-def key_prefix(key: str) -> str | None:
-    """The public prefix of a presented key, or None if it is not shaped like ours."""
-    if not key.startswith(KEY_PREFIX) or len(key) < len(KEY_PREFIX) + PREFIX_LENGTH + 2:
-        return None
-    prefix = key[len(KEY_PREFIX) : len(KEY_PREFIX) + PREFIX_LENGTH]
-    if key[len(KEY_PREFIX) + PREFIX_LENGTH] != "_":
-        return None
-    return prefix
-
-
-def lookup_key(snapshot: Snapshot, key: str) -> KeyEntry | None:
-    """The active key entry a presented key matches (constant-time hash compare)."""
-    prefix = key_prefix(key)
-    entry = snapshot.keys.get(prefix) if prefix else None
-    if entry is None or not hmac.compare_digest(entry.hash, hash_key(key)):
-        return None
-    return entry
+    key, prefix, _ = generate_api_key()
+    return key, prefix
 
 
 # --- connections ------------------------------------------------------------------------
@@ -337,7 +268,7 @@ def _insert_key(
                 row = conn.execute(
                     "INSERT INTO api_keys (tenant_id, name, prefix, hash, limits, allowed_tools)"
                     " VALUES (%s, %s, %s, %s, %s, %s) RETURNING created_at",
-                    (tenant_id, name, prefix, hash_key(key), Jsonb(limits), tools),
+                    (tenant_id, name, prefix, hash_api_key(key), Jsonb(limits), tools),
                 ).fetchone()
         except errors.UniqueViolation:
             continue

@@ -17,6 +17,7 @@ deemed hung and is replaced.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -121,6 +122,13 @@ class RedisClient:
     async def script_load(self, script: str) -> str:
         """``SCRIPT LOAD`` a Lua script; remembered so ``evalsha`` can resend it."""
         sha = str((await self.execute("SCRIPT", "LOAD", script)).decode())
+        self._scripts[sha] = script
+        return sha
+
+    def register_script(self, script: str) -> str:
+        """A script's SHA1, remembered so ``evalsha`` can send it when Redis lacks it
+        (no round trip now: the first EVALSHA's NOSCRIPT is answered by one EVAL)."""
+        sha = hashlib.sha1(script.encode()).hexdigest()
         self._scripts[sha] = script
         return sha
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from proxy import control
+from proxy.auth import hash_api_key
 from proxy.store import postgres as store
 from tests.support.postgres import PgEnv, pg_fixture  # noqa: F401
 from tests.support.proxy_process import free_port
@@ -85,7 +86,7 @@ def test_keys_create_list_revoke(dsn: str) -> None:
     assert row.split()[-3:] == ["-", "60", "search,fetch"]
     # Aligned: every column starts at the same offset as its header.
     assert row.index("acme") == lines[0].index("TENANT")
-    for secret in (key, store.hash_key(key), other_key["key"]):
+    for secret in (key, hash_api_key(key), other_key["key"]):
         assert secret not in listed.out
 
     as_json = cli("keys", "list", "--json", "--dsn", dsn)
@@ -96,7 +97,7 @@ def test_keys_create_list_revoke(dsn: str) -> None:
     assert mine["limits"] == {"requests_per_minute": 60}
     assert mine["allowed_tools"] == ["search", "fetch"]
     assert all("hash" not in e and "key" not in e for e in entries)
-    assert key not in as_json.out and store.hash_key(key) not in as_json.out
+    assert key not in as_json.out and hash_api_key(key) not in as_json.out
 
     before = version(dsn)
     revoked = cli("keys", "revoke", prefix, "--dsn", dsn)

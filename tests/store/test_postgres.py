@@ -10,6 +10,8 @@ import psycopg
 import pytest
 import trio
 
+from proxy.auth import AuthFailure, Identity, hash_api_key, parse_api_key, verify_api_key
+from proxy.snapshot import key_table, snapshot_from_json, snapshot_to_json
 from proxy.store import postgres as store
 from proxy.store.schema import LATEST_VERSION, MIGRATIONS, applied_versions, migrate
 from tests.support.postgres import PgEnv, pg_fixture  # noqa: F401
@@ -119,20 +121,23 @@ def test_snapshot_has_routes_and_only_active_keys(migrated_dsn: str) -> None:
     ]
     assert set(snapshot.keys) == {kept.info.prefix, other.info.prefix}
     entry = snapshot.keys[kept.info.prefix]
-    assert entry.hash == store.hash_key(kept.key)
+    assert entry.hash == hash_api_key(kept.key)
     assert (entry.tenant, entry.name) == ("acme", "ci")
     assert entry.limits == {"requests_per_minute": 60}
     assert entry.allowed_tools == ("a",)
     assert snapshot.keys[other.info.prefix].allowed_tools is None
 
     # Persistable: JSON out and back gives the same snapshot.
-    assert store.snapshot_from_json(store.snapshot_to_json(snapshot)) == snapshot
+    assert snapshot_from_json(snapshot_to_json(snapshot)) == snapshot
 
-    # The request path: find a presented key in the snapshot.
-    assert store.lookup_key(snapshot, kept.key) == entry
-    assert store.lookup_key(snapshot, kept.key[:-1] + ("A" if kept.key[-1] != "A" else "B")) is None
-    assert store.lookup_key(snapshot, gone.key) is None
-    assert store.lookup_key(snapshot, "not-a-key") is None
+    # The request path: find a presented key in the snapshot's key table.
+    table = key_table(snapshot)
+    found = verify_api_key(kept.key, table)
+    assert isinstance(found, Identity) and found.key_id == entry.key_id
+    assert found.tenant == "acme" and found.allowed_tools == frozenset({"a"})
+    tampered = kept.key[:-1] + ("A" if kept.key[-1] != "A" else "B")
+    for refused in (tampered, gone.key, "not-a-key"):
+        assert isinstance(verify_api_key(refused, table), AuthFailure)
 
 
 def test_config_version_bumps_on_every_change(migrated_dsn: str) -> None:
@@ -176,9 +181,9 @@ def test_key_format_and_storage(migrated_dsn: str) -> None:
         ).fetchone()
         conn.commit()
     assert new.key.startswith(f"sb_{new.info.prefix}_")
-    assert store.key_prefix(new.key) == new.info.prefix
+    assert parse_api_key(new.key) == new.info.prefix
     assert len(new.key) > 40
-    assert row == (new.info.prefix, store.hash_key(new.key))
+    assert row == (new.info.prefix, hash_api_key(new.key))
     assert new.key not in str(row)
 
 

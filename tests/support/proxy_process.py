@@ -84,7 +84,10 @@ class ProxyProcess:
                 err = self.process.stderr.read() if self.process.stderr else b""
                 raise RuntimeError(f"proxy exited with {self.process.returncode}: {err!r}")
             if time.monotonic() > deadline:
-                raise TimeoutError("proxy did not become ready")
+                errors = [line for line in self.lines if line.get("level") == "error"]
+                raise TimeoutError(
+                    f"proxy did not become ready; errors: {errors[-4:]}; last: {self.lines[-4:]}"
+                )
 
     def access_lines(self) -> list[dict[str, Any]]:
         return [line for line in self.lines if line.get("event") == "access"]

@@ -1,7 +1,8 @@
 """A real ``redis-server`` for tests, stoppable and restartable on the same port.
 
-``running_redis(tmp_path)`` starts ``redis-server --port <free> --save "" --appendonly no
---dir <tmp>`` (no persistence, so a restart comes back empty, like a crashed cache), waits
+``running_redis(tmp_path)`` starts ``redis-server docs/ops/redis.conf`` (the documented
+production file: no persistence, so a restart comes back empty, like a crashed cache)
+with only ``--port <free> --bind 127.0.0.1 --dir <tmp> --logfile`` overridden, waits
 until it answers PING, and stops it afterwards. ``stop()`` / ``start()`` let an outage test
 take it away and bring it back on the same port.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from tests.support.proxy_process import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_CONF = Path(__file__).resolve().parents[2] / "docs" / "ops" / "redis.conf"
 
 
 class RedisServer:
@@ -36,10 +38,9 @@ class RedisServer:
         # ``--bind`` keeps it on loopback; ``--protected-mode no`` is not needed there.
         args = [
             REDIS_SERVER,
+            str(REDIS_CONF),
             "--port", str(self.port),
             "--bind", self.host,
-            "--save", "",
-            "--appendonly", "no",
             "--dir", str(self.directory),
             "--logfile", str(self.log_path),
         ]  # fmt: skip

@@ -1,0 +1,137 @@
+"""PostgreSQL from Trio: the sync psycopg pool, driven from worker threads.
+
+psycopg's async API is asyncio-only, so every database call runs a plain function
+(``proxy.store.postgres``) in ``trio.to_thread.run_sync`` under a ``CapacityLimiter`` no
+larger than the pool, so threads never queue inside psycopg. Only background tasks (the
+snapshot poller, the audit writer) call it: nothing on the request path waits on it.
+
+The pool is opened lazily and dropped after a failure, so an outage costs one fast
+connection attempt per call instead of a pool that keeps reconnecting in the background.
+``up`` and ``down_since`` say what the last call found, for metrics and ``/ready``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg
+import trio
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from proxy.config import DatabaseConfig
+from proxy.store import postgres as store
+
+T = TypeVar("T")
+
+
+class Database:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_size: int = 2,
+        connect_timeout: float = 3.0,
+        on_state_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.pool_size = max(1, pool_size)
+        self.connect_timeout = connect_timeout
+        self.on_state_change = on_state_change
+        self.limiter = trio.CapacityLimiter(self.pool_size)
+        self.up: bool | None = None
+        """None until the first call; then whether the last call reached PostgreSQL."""
+        self.down_since: float | None = None
+        """time.monotonic() of the first failure of the current outage."""
+        self._pool: ConnectionPool | None = None
+        self._lock = threading.Lock()
+
+    def _get_pool(self) -> ConnectionPool:
+        with self._lock:
+            if self._pool is None:
+                try:
+                    self._pool = store.open_pool(
+                        self.dsn,
+                        min_size=1,
+                        max_size=self.pool_size,
+                        timeout=self.connect_timeout,
+                        name="switchboard-worker",
+                    )
+                except PoolTimeout:
+                    raise store.StoreUnavailable(
+                        f"cannot connect to PostgreSQL at {store.describe_dsn(self.dsn)}"
+                    ) from None
+            return self._pool
+
+    def _drop_pool(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close(timeout=0)
+
+    def _call(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        pool = self._get_pool()
+        try:
+            with pool.connection(timeout=self.connect_timeout) as conn:
+                return fn(conn)
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            self._drop_pool()
+            raise store.StoreUnavailable(
+                f"PostgreSQL at {store.describe_dsn(self.dsn)}: {exc}".splitlines()[0]
+            ) from None
+
+    async def run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """``fn(conn)`` on a pooled connection in a worker thread; StoreUnavailable when
+        PostgreSQL (or PgBouncer) cannot be reached. A cancelled caller abandons the
+        thread (it finishes on its own, bounded by the connect and statement timeouts)."""
+        try:
+            result = await trio.to_thread.run_sync(
+                self._call, fn, limiter=self.limiter, abandon_on_cancel=True
+            )
+        except store.StoreUnavailable:
+            self._set_up(False)
+            raise
+        self._set_up(True)
+        return result
+
+    def _set_up(self, up: bool) -> None:
+        if up == self.up:
+            return
+        self.up = up
+        self.down_since = None if up else time.monotonic()
+        if self.on_state_change is not None:
+            self.on_state_change(up)
+
+    def close(self) -> None:
+        self._drop_pool()
+
+
+async def watch_for_readiness(
+    get_config: Callable[[], DatabaseConfig], set_degraded: Callable[[str | None], None]
+) -> None:
+    """The supervisor's own check of the control-plane database, for ``/ready``: degraded
+    once PostgreSQL has been unreachable for ``ready_grace`` seconds (workers keep serving
+    their snapshot either way; the point is to let a load balancer prefer healthy hosts)."""
+    db: Database | None = None
+    while True:
+        config = get_config()
+        if not config.url or not config.ready_grace:
+            set_degraded(None)
+        else:
+            if db is None or db.dsn != config.url:
+                if db is not None:
+                    db.close()
+                db = Database(config.url, pool_size=1, connect_timeout=config.connect_timeout)
+            # Schema problems are the workers' to report; reachability is what counts here.
+            with contextlib.suppress(store.StoreError):
+                await db.run(store.current_version)
+            down_since = db.down_since
+            if down_since is not None and time.monotonic() - down_since >= config.ready_grace:
+                seconds = round(time.monotonic() - down_since)
+                set_degraded(f"PostgreSQL unreachable for {seconds} s")
+            else:
+                set_degraded(None)
+        await trio.sleep(config.poll_interval)
