@@ -28,7 +28,6 @@ from typing import Any
 import trio
 
 from proxy.admission import Buckets
-from proxy.audit import UsageRecord
 from proxy.auth import HMAC_ALGORITHMS, JwksCache, JwtVerifier, KeyTable
 from proxy.config import Config, RouteConfig, parse_redis_url
 from proxy.metrics import metrics
@@ -89,6 +88,8 @@ class ControlPlane:
             self._gcra_sha = self.redis.register_script(GCRA_LUA)
             metrics().redis_up.labels(self._worker_label).set(0)
         rl = config.rate_limits
+        self.rate_limited = bool(db.url or rl.per_ip or rl.per_key or rl.per_tenant or rl.per_tool)
+        """Whether any request can be under a rate limit (keys may carry their own)."""
         self.caps: ConnectionCaps | None = None
         if rl.max_connections_per_ip or rl.max_connections_per_tenant or db.url:
             # Tenants may set their own cap in the database, so caps exist with a database.
@@ -330,12 +331,6 @@ class ControlPlane:
                     jwks.update(document, time.time())
                     self.log.info("jwks_refreshed", keys=len(jwks.keys))
             await trio.sleep(JWKS_CHECK_INTERVAL)
-
-    # -- audit ----------------------------------------------------------------------------------
-
-    def record_usage(self, record: UsageRecord) -> None:
-        if self.audit is not None:
-            self.audit.record(record)
 
 
 def _result(decision: Decision) -> str:

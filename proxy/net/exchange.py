@@ -273,7 +273,7 @@ class Exchange:
     async def _rate_limit(self, decision: McpDecision | None, tool: str | None) -> bool | None:
         """None to go on, else the 429 (or fail-closed 503) refusal's result."""
         control = self.client.ctx.control
-        if control is None:
+        if control is None or not control.rate_limited:
             return None
         buckets = rate_buckets(control.config.rate_limits, self.client.peer_ip, self.identity, tool)
         if not buckets:

@@ -247,8 +247,9 @@ class ClientConnection:
                 if latency is not None:
                     m.mcp_duration.labels(route, label).observe(latency)
             self._log_access(x, elapsed)
-            if x.route is not None and ctx.control is not None:
-                ctx.control.record_usage(usage_record(x, elapsed))
+            control = ctx.control
+            if x.route is not None and control is not None and control.audit is not None:
+                control.audit.record(usage_record(x, elapsed))
 
     async def send(self, data: bytes) -> None:
         """Write to the client under ``send_timeout``; ClientGone if it is gone or stuck."""
