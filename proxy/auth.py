@@ -255,7 +255,8 @@ class JwksCache:
         from jwt import PyJWK, PyJWTError
 
         keys: dict[str, tuple[Mapping[str, Any], Any]] = {}
-        for jwk in jwks.get("keys", ()):
+        listed = jwks.get("keys")
+        for jwk in listed if isinstance(listed, list) else ():
             if not isinstance(jwk, Mapping) or not isinstance(jwk.get("kid"), str):
                 continue
             if jwk.get("use", "sig") != "sig" or jwk.get("kty") == "oct":

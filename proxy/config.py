@@ -216,8 +216,8 @@ class RedisConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """Seconds a rate-limit decision may wait for Redis before the local fallback decides."""
     fail_mode: Literal["open", "closed"] = "open"
     """While Redis is unreachable: "open" lets each worker enforce every limit on its own
-    (availability first); "closed" gives each worker 1/workers of each limit, and answers
-    503 where that share is under one request."""
+    (availability first); "closed" answers 503 to requests under any rate limit, and
+    gives each worker cap // workers of each connection cap."""
 
 
 class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -334,6 +334,35 @@ def _positive(source: str, key: str, value: float, *, allow_zero: bool = False) 
         raise ConfigError(source, key, f"must be {bound}, got {value}")
 
 
+def validate_routes(routes: tuple[RouteConfig, ...], source: str) -> None:
+    """The checks of [[routes]] tables (also applied to routes from the database)."""
+    seen: set[str] = set()
+    for i, route in enumerate(routes):
+        key = f"routes[{i}]"
+        if not route.prefix.startswith("/"):
+            raise ConfigError(source, f"{key}.prefix", f"must start with '/', got {route.prefix!r}")
+        if route.prefix in seen:
+            raise ConfigError(source, f"{key}.prefix", f"duplicate prefix {route.prefix!r}")
+        seen.add(route.prefix)
+        if not route.backends:
+            raise ConfigError(source, f"{key}.backends", "needs at least one backend URL")
+        for j, url in enumerate(route.backends):
+            try:
+                parse_backend_url(url)
+            except ValueError as exc:
+                raise ConfigError(source, f"{key}.backends[{j}]", str(exc)) from None
+        if len(set(route.backends)) != len(route.backends):
+            raise ConfigError(source, f"{key}.backends", "lists a backend twice")
+        _positive(source, f"{key}.keepalive_interval", route.keepalive_interval, allow_zero=True)
+        _positive(source, f"{key}.eject_after", route.eject_after, allow_zero=True)
+        _positive(source, f"{key}.eject_seconds", route.eject_seconds)
+        health = route.health
+        if health.path and not health.path.startswith("/"):
+            raise ConfigError(source, f"{key}.health.path", "must start with '/'")
+        for name in ("interval", "timeout", "rise", "fall"):
+            _positive(source, f"{key}.health.{name}", getattr(health, name))
+
+
 def validate(config: Config, source: str) -> Config:
     """Semantic checks msgspec's types cannot express."""
     for i, listen in enumerate(config.server.listen):
@@ -368,31 +397,7 @@ def validate(config: Config, source: str) -> Config:
         _positive(source, f"upstream.{name}", getattr(up, name))
     for name in ("stream_idle_timeout", "max_idle_per_backend", "max_connections_per_backend"):
         _positive(source, f"upstream.{name}", getattr(up, name), allow_zero=True)
-    seen: set[str] = set()
-    for i, route in enumerate(config.routes):
-        key = f"routes[{i}]"
-        if not route.prefix.startswith("/"):
-            raise ConfigError(source, f"{key}.prefix", f"must start with '/', got {route.prefix!r}")
-        if route.prefix in seen:
-            raise ConfigError(source, f"{key}.prefix", f"duplicate prefix {route.prefix!r}")
-        seen.add(route.prefix)
-        if not route.backends:
-            raise ConfigError(source, f"{key}.backends", "needs at least one backend URL")
-        for j, url in enumerate(route.backends):
-            try:
-                parse_backend_url(url)
-            except ValueError as exc:
-                raise ConfigError(source, f"{key}.backends[{j}]", str(exc)) from None
-        if len(set(route.backends)) != len(route.backends):
-            raise ConfigError(source, f"{key}.backends", "lists a backend twice")
-        _positive(source, f"{key}.keepalive_interval", route.keepalive_interval, allow_zero=True)
-        _positive(source, f"{key}.eject_after", route.eject_after, allow_zero=True)
-        _positive(source, f"{key}.eject_seconds", route.eject_seconds)
-        health = route.health
-        if health.path and not health.path.startswith("/"):
-            raise ConfigError(source, f"{key}.health.path", "must start with '/'")
-        for name in ("interval", "timeout", "rise", "fall"):
-            _positive(source, f"{key}.health.{name}", getattr(health, name))
+    validate_routes(config.routes, source)
     mcp = config.mcp
     for kid, secret in mcp.session_keys.items():
         if len(secret) < 32:

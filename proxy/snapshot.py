@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from proxy.auth import Identity, KeyTable
-from proxy.config import Config, ConfigError, RouteConfig, validate
+from proxy.config import ConfigError, RouteConfig, validate_routes
 from proxy.ratelimit import Rate
 
 PER_MINUTE = 60.0
@@ -140,7 +140,7 @@ def route_config(entry: RouteEntry) -> RouteConfig:
         route = msgspec.convert(data, RouteConfig, str_keys=True)
     except msgspec.ValidationError as exc:
         raise ConfigError("database", f"route {entry.prefix}", str(exc)) from None
-    validate(Config(routes=(route,)), f"database route {entry.prefix}")
+    validate_routes((route,), f"database route {entry.prefix}")
     return route
 
 

@@ -31,6 +31,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -56,6 +57,25 @@ _BACKOFF_MAX = 30.0
 _STABLE_AFTER = 10.0
 _READY_TIMEOUT = 30.0
 _KILL_GRACE = 5.0
+
+
+def check_state_dir(config: Config) -> None:
+    """With a database, workers persist the snapshot and spill audit records under
+    database.state_dir: refuse to start (or reload) when it cannot be written, rather
+    than run without either."""
+    if not config.database.url:
+        return
+    path = Path(config.database.state_dir)
+    try:
+        (path / "audit").mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(
+            f"database.state_dir {str(path)!r} is not writable ({exc.strerror or exc}); "
+            "create it for the service user, e.g. systemd StateDirectory=switchboard"
+        ) from None
 
 
 class StartupError(Exception):
@@ -269,6 +289,7 @@ class Supervisor:
     async def _start_generation(self, config: Config) -> Generation:
         """Start a generation and wait until every worker is ready; StartupError if not."""
         assert self._nursery is not None
+        await trio.to_thread.run_sync(check_state_dir, config)
         per_slot = self._sockets_for(config)
         self.generations += 1
         gen = Generation(

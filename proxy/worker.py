@@ -22,7 +22,7 @@ from proxy.net.control_plane import ControlPlane
 from proxy.net.health import check_forever
 from proxy.net.http_conn import ClientConnection
 from proxy.net.listener import accept_loop, bind_reuseport
-from proxy.net.upstream import UpstreamPool
+from proxy.net.upstream import Addresses, UpstreamPool
 from proxy.observability import configure_logging, get_logger
 from proxy.protocol.session_token import Keyring, SessionTokens
 from proxy.routing import Backend, BackendHealth, RouteTable
@@ -49,12 +49,18 @@ async def _watch_supervisor(fd: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _add_pools(routes: RouteTable, pools: dict[Backend, UpstreamPool], config: Config) -> None:
+def _add_pools(
+    routes: RouteTable,
+    pools: dict[Backend, UpstreamPool],
+    config: Config,
+    addresses: Addresses | None = None,
+) -> None:
     for route in routes.routes:
         for backend in route.backends:
             if backend in pools:
                 continue  # a backend shared by routes keeps its first route's settings
-            pool = UpstreamPool.create(backend, config.upstream)
+            found = (addresses or {}).get((backend.host, backend.port))
+            pool = UpstreamPool.create(backend, config.upstream, found)
             pool.health = BackendHealth(
                 eject_after=route.eject_after,
                 eject_seconds=route.eject_seconds,
@@ -64,13 +70,15 @@ def _add_pools(routes: RouteTable, pools: dict[Backend, UpstreamPool], config: C
             pools[backend] = pool
 
 
-def install_routes(ctx: WorkerContext, routes: tuple[RouteConfig, ...]) -> None:
+def install_routes(
+    ctx: WorkerContext, routes: tuple[RouteConfig, ...], addresses: Addresses
+) -> None:
     """Serve a new route list (from a control-plane snapshot): pools for new backends,
     then one assignment, so a request sees the old table or the new one, never a mix.
     Pools of backends no longer routed to stay until the worker exits: requests already
     on them finish, and a backend that comes back keeps its health history."""
     table = RouteTable.from_config(routes)
-    _add_pools(table, ctx.pools, ctx.config)
+    _add_pools(table, ctx.pools, ctx.config, addresses)
     ctx.routes = table
 
 
@@ -149,8 +157,8 @@ async def serve(
         async with trio.open_nursery() as background:
             checks = HealthChecks(ctx, background)
 
-            def on_routes(routes: tuple[RouteConfig, ...]) -> None:
-                install_routes(ctx, routes)
+            def on_routes(routes: tuple[RouteConfig, ...], addresses: Addresses) -> None:
+                install_routes(ctx, routes, addresses)
                 checks.sync()
 
             control = ControlPlane(config, worker_id, effective_workers(config), ctx.log, on_routes)

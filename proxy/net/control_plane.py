@@ -16,6 +16,7 @@ Background tasks keep it current; the request path only reads what they leave in
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -29,17 +30,25 @@ import trio
 
 from proxy.admission import Buckets
 from proxy.auth import HMAC_ALGORITHMS, JwksCache, JwtVerifier, KeyTable
-from proxy.config import Config, RouteConfig, parse_redis_url
+from proxy.config import Config, RouteConfig, parse_backend_url, parse_redis_url
 from proxy.metrics import metrics
 from proxy.net.audit_sink import AuditSink
 from proxy.net.conncaps import ConnectionCaps
 from proxy.net.database import Database
+from proxy.net.upstream import Addresses, resolve
 from proxy.ratelimit import GCRA_LUA, Decision, LocalLimiter, combine, parse_reply, script_args
-from proxy.snapshot import Snapshot, key_table, merged_routes, snapshot_from_json, snapshot_to_json
+from proxy.snapshot import (
+    Snapshot,
+    key_table,
+    merged_routes,
+    snapshot_from_json,
+    snapshot_to_json,
+)
 from proxy.store import postgres as store
 from proxy.store.redis import RedisClient, RedisError, RedisUnavailable
 
 SNAPSHOT_FILE = "snapshot.json"
+SNAPSHOT_LOCK = ".snapshot.lock"
 JWKS_CHECK_INTERVAL = 10.0
 
 
@@ -50,7 +59,7 @@ class ControlPlane:
         worker_id: int,
         workers: int,
         log: Any,
-        on_routes: Callable[[tuple[RouteConfig, ...]], None],
+        on_routes: Callable[[tuple[RouteConfig, ...], Addresses], None],
     ) -> None:
         self.config = config
         self.worker_id = worker_id
@@ -71,6 +80,7 @@ class ControlPlane:
                 db.url,
                 pool_size=db.pool_size,
                 connect_timeout=db.connect_timeout,
+                call_timeout=db.connect_timeout + db.statement_timeout,
                 on_state_change=self._postgres_state,
             )
         self.redis: RedisClient | None = None
@@ -95,7 +105,8 @@ class ControlPlane:
             # Tenants may set their own cap in the database, so caps exist with a database.
             self.caps = ConnectionCaps(
                 self.redis,
-                fail_mode=config.redis.fail_mode,
+                # Without Redis there is nothing to fail: every worker counts its own.
+                fail_mode=config.redis.fail_mode if self.redis is not None else "open",
                 workers=self.workers,
                 lease_ttl=rl.connection_lease_ttl,
                 log=log,
@@ -132,7 +143,9 @@ class ControlPlane:
                 await self._load_persisted()
             nursery.start_soon(self._poll_forever)
         if self.redis is not None:
-            nursery.start_soon(self.redis.run)
+            # Started after its first connection attempt, so a new worker's first
+            # requests already have Redis (or know it is down).
+            await nursery.start(self.redis.run)
         if self.caps is not None:
             await nursery.start(self.caps.run)
         if self.audit is not None:
@@ -163,29 +176,43 @@ class ControlPlane:
                 return
             timeout_ms = round(self.config.database.statement_timeout * 1000)
             snapshot = await db.run(partial(store.load_snapshot, statement_timeout_ms=timeout_ms))
+            if await self._install(snapshot, source="database"):
+                await self._persist(snapshot)
         except store.StoreUnavailable:
             return  # _postgres_state logged it
         except store.StoreError as exc:
             self.log.error("snapshot_failed", error=str(exc))
-            return
-        self._install(snapshot, source="database")
-        await self._persist(snapshot)
+        except Exception:
+            # A bad row or a bug must cost one poll, never the worker: the last good
+            # snapshot keeps serving.
+            self.log.exception("snapshot_failed")
 
     async def _poll_forever(self) -> None:
         while True:
             await trio.sleep(self.config.database.poll_interval)
             await self.refresh()
 
-    def _install(self, snapshot: Snapshot, source: str) -> None:
+    async def _install(self, snapshot: Snapshot, source: str) -> bool:
+        """Derive the key table and routes (in a thread: a large snapshot must not stall
+        the loop), resolve new backends, then swap them in; False if it was not
+        installed (older than the one served)."""
         previous = self.snapshot
-        self.snapshot = snapshot
-        self.keys = key_table(snapshot)
-        metrics().snapshot_version.labels(self._worker_label).set(snapshot.version)
-        routes, problems = merged_routes(self.config.routes, snapshot)
+        if previous is not None and snapshot.version < previous.version:
+            return False
+        addresses: Addresses = {}
+        keys, (routes, problems) = await trio.to_thread.run_sync(
+            lambda: (key_table(snapshot), merged_routes(self.config.routes, snapshot))
+        )
+        if previous is None or previous.routes != snapshot.routes:
+            routes, unresolved, addresses = await trio.to_thread.run_sync(resolve_routes, routes)
+            problems += unresolved
         for problem in problems:
             self.log.warning("snapshot_route_skipped", problem=problem)
+        self.snapshot = snapshot
+        self.keys = keys
+        metrics().snapshot_version.labels(self._worker_label).set(snapshot.version)
         if previous is None or previous.routes != snapshot.routes:
-            self.on_routes(routes)
+            self.on_routes(routes, addresses)
         self.log.info(
             "snapshot_installed",
             version=snapshot.version,
@@ -193,22 +220,32 @@ class ControlPlane:
             keys=len(snapshot.keys),
             routes=len(snapshot.routes),
         )
+        return True
 
     async def _persist(self, snapshot: Snapshot) -> None:
-        if self.state_dir is None:
+        state_dir = self.state_dir
+        if state_dir is None:
             return
-        path = self.state_dir / SNAPSHOT_FILE
-        data = snapshot_to_json(snapshot)
+        path = state_dir / SNAPSHOT_FILE
 
         def write() -> None:
-            # Each worker writes its own temporary file; rename is atomic, so a reader
-            # (a worker starting during an outage) sees one whole snapshot or another.
-            tmp = path.with_name(f".{SNAPSHOT_FILE}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            # Workers write the same file: under a lock, and only forward, so a slow
+            # worker never replaces a newer snapshot (a revoked key) with an older one.
+            # Each writes a temporary file and renames it: a reader sees a whole file.
+            with open(state_dir / SNAPSHOT_LOCK, "a+b") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    current = snapshot_from_json(path.read_bytes()).version
+                except (OSError, ValueError):
+                    current = -1
+                if current >= snapshot.version:
+                    return
+                tmp = path.with_name(f".{SNAPSHOT_FILE}.{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    f.write(snapshot_to_json(snapshot))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
 
         try:
             await trio.to_thread.run_sync(write)
@@ -231,7 +268,7 @@ class ControlPlane:
         except (OSError, ValueError) as exc:
             self.log.error("snapshot_file_unusable", path=str(path), error=str(exc))
             return
-        self._install(snapshot, source="file")
+        await self._install(snapshot, source="file")
 
     def _postgres_state(self, up: bool) -> None:
         metrics().postgres_up.labels(self._worker_label).set(1 if up else 0)
@@ -312,25 +349,53 @@ class ControlPlane:
         )
 
     async def _refresh_jwks_forever(self, jwks: JwksCache) -> None:
-        auth = self.config.auth
         while True:
             if jwks.needs_refresh(time.time()):
-                try:
-                    if auth.jwt_jwks_url:
-                        document = await trio.to_thread.run_sync(
-                            _fetch_jwks_url, auth.jwt_jwks_url, abandon_on_cancel=True
-                        )
-                    else:
-                        document = await trio.to_thread.run_sync(
-                            _read_jwks_file, auth.jwt_jwks_file
-                        )
-                except (OSError, ValueError) as exc:
-                    self.log.warning("jwks_refresh_failed", error=str(exc))
-                    jwks.fetched_at = time.time() - jwks.max_age + jwks.min_refresh
-                else:
-                    jwks.update(document, time.time())
-                    self.log.info("jwks_refreshed", keys=len(jwks.keys))
+                await self._refresh_jwks(jwks)
             await trio.sleep(JWKS_CHECK_INTERVAL)
+
+    async def _refresh_jwks(self, jwks: JwksCache) -> None:
+        auth = self.config.auth
+        try:
+            if auth.jwt_jwks_url:
+                document = await trio.to_thread.run_sync(
+                    _fetch_jwks_url, auth.jwt_jwks_url, abandon_on_cancel=True
+                )
+            else:
+                document = await trio.to_thread.run_sync(_read_jwks_file, auth.jwt_jwks_file)
+            fresh = JwksCache(document, time.time())
+        except Exception as exc:  # any fetch or parse failure: keep the keys we have
+            self.log.warning("jwks_refresh_failed", error=str(exc) or type(exc).__name__)
+            jwks.fetched_at = time.time() - jwks.max_age + jwks.min_refresh
+            return
+        if not fresh.keys and jwks.keys:
+            # An error page or an empty set must not log everyone out.
+            self.log.warning("jwks_refresh_failed", error="no usable keys; keeping the old")
+            jwks.fetched_at = time.time() - jwks.max_age + jwks.min_refresh
+            return
+        jwks.update(document, time.time())
+        self.log.info("jwks_refreshed", keys=len(jwks.keys))
+
+
+def resolve_routes(
+    routes: tuple[RouteConfig, ...],
+) -> tuple[tuple[RouteConfig, ...], list[str], Addresses]:
+    """Resolve every backend (blocking: run it in a thread); a route with a backend that
+    does not resolve is left out, with the reason, rather than installed half-working."""
+    addresses: Addresses = {}
+    kept: list[RouteConfig] = []
+    problems: list[str] = []
+    for route in routes:
+        try:
+            for url in route.backends:
+                host, port, _ = parse_backend_url(url)
+                if (host, port) not in addresses:
+                    addresses[(host, port)] = resolve(host, port)
+        except (OSError, ValueError) as exc:
+            problems.append(f"route {route.prefix!r} left out: {exc}")
+            continue
+        kept.append(route)
+    return tuple(kept), problems, addresses
 
 
 def _result(decision: Decision) -> str:

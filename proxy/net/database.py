@@ -35,9 +35,11 @@ class Database:
         *,
         pool_size: int = 2,
         connect_timeout: float = 3.0,
+        call_timeout: float = 10.0,
         on_state_change: Callable[[bool], None] | None = None,
     ) -> None:
         self.dsn = dsn
+        self.call_timeout = call_timeout
         self.pool_size = max(1, pool_size)
         self.connect_timeout = connect_timeout
         self.on_state_change = on_state_change
@@ -59,6 +61,13 @@ class Database:
                         max_size=self.pool_size,
                         timeout=self.connect_timeout,
                         name="switchboard-worker",
+                        # A server that stops answering (frozen, or a dead link) must
+                        # fail the connection, not hang a thread forever.
+                        keepalives=1,
+                        keepalives_idle=5,
+                        keepalives_interval=2,
+                        keepalives_count=3,
+                        tcp_user_timeout=round(self.call_timeout * 1000),
                     )
                 except PoolTimeout:
                     raise store.StoreUnavailable(
@@ -82,20 +91,33 @@ class Database:
             raise store.StoreUnavailable(
                 f"PostgreSQL at {store.describe_dsn(self.dsn)}: {exc}".splitlines()[0]
             ) from None
+        except psycopg.Error as exc:
+            # Reached PostgreSQL, which refused (a missing GRANT, a schema older than
+            # this version): an operator's problem to report, not an outage.
+            raise store.StoreError(f"PostgreSQL refused: {exc}".splitlines()[0]) from None
 
     async def run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
         """``fn(conn)`` on a pooled connection in a worker thread; StoreUnavailable when
-        PostgreSQL (or PgBouncer) cannot be reached. A cancelled caller abandons the
-        thread (it finishes on its own, bounded by the connect and statement timeouts)."""
-        try:
-            result = await trio.to_thread.run_sync(
-                self._call, fn, limiter=self.limiter, abandon_on_cancel=True
-            )
-        except store.StoreUnavailable:
-            self._set_up(False)
-            raise
-        self._set_up(True)
-        return result
+        PostgreSQL (or PgBouncer) cannot be reached or does not answer within
+        ``call_timeout``; StoreError when it refuses. A cancelled caller abandons the
+        thread (it finishes on its own, bounded by the TCP timeouts)."""
+        with trio.move_on_after(self.call_timeout):
+            try:
+                result = await trio.to_thread.run_sync(
+                    self._call, fn, limiter=self.limiter, abandon_on_cancel=True
+                )
+            except store.StoreUnavailable:
+                self._set_up(False)
+                raise
+            self._set_up(True)
+            return result
+        # A server that hangs rather than refuses: the thread is abandoned (it ends when
+        # the TCP timeouts fire) and PostgreSQL counts as down.
+        self._set_up(False)
+        raise store.StoreUnavailable(
+            f"PostgreSQL at {store.describe_dsn(self.dsn)} did not answer "
+            f"within {self.call_timeout:g} s"
+        )
 
     def _set_up(self, up: bool) -> None:
         if up == self.up:
@@ -124,7 +146,12 @@ async def watch_for_readiness(
             if db is None or db.dsn != config.url:
                 if db is not None:
                     db.close()
-                db = Database(config.url, pool_size=1, connect_timeout=config.connect_timeout)
+                db = Database(
+                    config.url,
+                    pool_size=1,
+                    connect_timeout=config.connect_timeout,
+                    call_timeout=config.connect_timeout + config.statement_timeout,
+                )
             # Schema problems are the workers' to report; reachability is what counts here.
             with contextlib.suppress(store.StoreError):
                 await db.run(store.current_version)

@@ -192,7 +192,8 @@ class Exchange:
             backend_authority=backend.authority,
         )
         if self.identity is not None and not route.forward_credentials:
-            headers = strip_credentials(headers, False, ctx.config.auth.header.encode())
+            assert ctx.control is not None  # an identity comes from the control plane
+            headers = strip_credentials(headers, False, ctx.control.auth_header)
         target = info.target
         if decision is not None:
             if decision.backend_session is not None:
@@ -252,6 +253,11 @@ class Exchange:
             result = check_access(result, route.tenants) or result
         if not isinstance(result, Identity):
             metrics().auth_failures.labels(str(result.status)).inc()
+            # Failed attempts count against the client's IP limit too, so guessing keys
+            # (or making the proxy verify signatures) is rate-limited like anything else.
+            limited = await self._rate_limit(None, None, mcp=mcp)
+            if limited is not None:
+                return limited
             if mcp:
                 refusal = McpRefusal(
                     result.status,
@@ -270,7 +276,9 @@ class Exchange:
             return await self._refuse_limited(cap, mcp, None)
         return None
 
-    async def _rate_limit(self, decision: McpDecision | None, tool: str | None) -> bool | None:
+    async def _rate_limit(
+        self, decision: McpDecision | None, tool: str | None, *, mcp: bool = False
+    ) -> bool | None:
         """None to go on, else the 429 (or fail-closed 503) refusal's result."""
         control = self.client.ctx.control
         if control is None or not control.rate_limited:
@@ -282,7 +290,7 @@ class Exchange:
         if verdict.allowed:
             return None
         return await self._refuse_limited(
-            verdict, decision is not None, decision.request_id if decision else None
+            verdict, mcp or decision is not None, decision.request_id if decision else None
         )
 
     async def _refuse_limited(

@@ -51,6 +51,19 @@ class UpstreamConnection:
         await trio.aclose_forcefully(self.stream)
 
 
+Addresses = dict[tuple[str, int], list[tuple[int, Any]]]
+"""(host, port) -> [(address family, sockaddr)], resolved ahead of pool creation."""
+
+
+def resolve(host: str, port: int) -> list[tuple[int, Any]]:
+    """getaddrinfo for a backend (blocking); OSError when it does not resolve."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses: list[tuple[int, Any]] = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+    if not addresses:
+        raise OSError(f"cannot resolve {host}:{port}")
+    return addresses
+
+
 @dataclass(slots=True, eq=False)
 class UpstreamPool:
     backend: Backend
@@ -86,17 +99,21 @@ class UpstreamPool:
         metrics().upstream_failures.labels(self.backend.url, reason).inc()
 
     @classmethod
-    def create(cls, backend: Backend, config: UpstreamConfig) -> UpstreamPool:
-        infos = socket.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
-        addresses = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
-        if not addresses:
-            raise OSError(f"cannot resolve backend {backend.url}")
+    def create(
+        cls,
+        backend: Backend,
+        config: UpstreamConfig,
+        addresses: list[tuple[int, Any]] | None = None,
+    ) -> UpstreamPool:
+        """A pool for ``backend``; its addresses resolved here (blocking) unless given."""
+        if addresses is None:
+            addresses = resolve(backend.host, backend.port)
         slots = (
             trio.Semaphore(config.max_connections_per_backend)
             if config.max_connections_per_backend
             else None
         )
-        return cls(backend, config, addresses, _slots=slots)  # type: ignore[arg-type]
+        return cls(backend, config, addresses, _slots=slots)
 
     async def acquire(self) -> UpstreamConnection:
         """A reused idle connection if a live one is pooled, else a new one."""

@@ -111,6 +111,7 @@ def open_pool(
     max_size: int = 4,
     timeout: float = 10.0,
     name: str = "switchboard",
+    **conninfo: Any,
 ) -> ConnectionPool:
     """An opened ``psycopg_pool.ConnectionPool`` with the same connection settings as
     ``connect``. Workers call it from ``trio.to_thread.run_sync`` with a
@@ -121,7 +122,7 @@ def open_pool(
         max_size=max_size,
         timeout=timeout,
         name=name,
-        kwargs=dict(CONNECT_KWARGS),
+        kwargs={**CONNECT_KWARGS, **conninfo},
         open=False,
     )
     pool.open(wait=True, timeout=timeout)

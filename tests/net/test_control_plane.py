@@ -12,6 +12,8 @@ import base64
 import io
 import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,12 +26,13 @@ import pytest
 import trio
 
 from proxy import control
+from proxy.store import postgres as store
 from tests.mcp.conftest import key_sections
 from tests.support.backends import HttpClient, poll_until, proxy_running
 from tests.support.mcp_servers import MCP_ACCEPT, MODERN_VERSION, McpBackend, modern_request
 from tests.support.pg_outage import paused, running_cluster
 from tests.support.postgres import PgEnv, pg_fixture  # noqa: F401
-from tests.support.proxy_process import ProxyProcess
+from tests.support.proxy_process import ProxyProcess, free_port, render_toml
 from tests.support.redis_server import RedisServer, running_redis
 
 JWT_SECRET = "switchboard-test-jwt-secret-0123456789abcdef"
@@ -474,3 +477,52 @@ async def test_paused_postgres_does_not_slow_requests(tmp_path: Path, backend: M
         base, during = statistics.median(normal), statistics.median(stalled)
         assert during < max(3 * base, base + 0.05), (base, during)
         assert max(stalled) < 1.0, max(stalled)
+
+
+# --- what the database may hold, and what the host must provide -----------------------------
+
+
+async def test_database_route_options_and_bad_rows(
+    tmp_path: Path, dsn: str, backend: McpBackend
+) -> None:
+    """A route's options come from its row (here: auth required though the file says
+    not); a route whose backend does not resolve is left out and logged, and the
+    workers keep serving the rest."""
+    with store.connect(dsn) as conn:
+        store.add_route(conn, "/mcp", [backend.url], kind="mcp", options={"auth": "required"})
+        store.add_route(conn, "/bad", ["http://no-such-host.invalid:80"])
+        conn.commit()
+    key = (await acli("keys", "create", "--tenant", "acme", "--name", "a", "--dsn", dsn))["key"]
+    sections = cp_sections(dsn, tmp_path / "state", auth={"required": False})
+    async with proxy_running(tmp_path, [], sections=sections) as proxy:
+        await wait_for_status(proxy.port, 200, key)
+        assert (await call(proxy.port)).status == 401
+        assert (await call(proxy.port, credential=key, path="/bad")).status == 404
+        skipped = [line for line in proxy.lines if line.get("event") == "snapshot_route_skipped"]
+        assert skipped and all("/bad" in line["problem"] for line in skipped)
+        assert not [line for line in proxy.lines if line.get("event") == "worker_exited"]
+
+
+def test_unwritable_state_dir_is_refused_at_start(tmp_path: Path) -> None:
+    config = tmp_path / "sb.toml"
+    config.write_text(
+        render_toml(
+            {
+                "server": {"listen": [f"127.0.0.1:{free_port()}"], "workers": 1},
+                "admin": {"listen": ""},
+                "database": {
+                    "url": "postgresql://u:p@127.0.0.1:9/db",
+                    "state_dir": "/proc/switchboard-state",
+                },
+            },
+            [],
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "database.state_dir '/proc/switchboard-state' is not writable" in result.stderr

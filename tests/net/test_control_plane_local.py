@@ -1,5 +1,7 @@
-"""The worker's JWT set-up from configuration: a JWKS file read at start, a JWKS URL
-fetched in the background (a real local HTTP server), key rotation picked up."""
+"""The worker's control plane in-process, without PostgreSQL: the JWT set-up (a JWKS file
+read at start, a JWKS URL fetched in the background from a real local HTTP server, key
+rotation), the persisted snapshot that only moves forward, and a database that accepts
+connections but never answers."""
 
 from __future__ import annotations
 
@@ -21,7 +23,10 @@ from proxy.auth import AuthFailure, Identity
 from proxy.config import from_mapping
 from proxy.net import control_plane
 from proxy.net.control_plane import ControlPlane
+from proxy.net.database import Database
 from proxy.observability import get_logger
+from proxy.snapshot import Snapshot, snapshot_from_json
+from proxy.store import postgres as store
 from tests.support.backends import poll_until
 
 
@@ -40,15 +45,16 @@ def _token(key: rsa.RSAPrivateKey, kid: str) -> str:
     return jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid})
 
 
-def _control(auth: dict[str, Any]) -> ControlPlane:
+def _control(auth: dict[str, Any], **sections: dict[str, Any]) -> ControlPlane:
     config = from_mapping(
         {
             "auth": {"required": True, "jwt_algorithms": ["RS256"], "jwt_audience": "sb", **auth},
             "routes": [{"prefix": "/", "backends": ["http://127.0.0.1:9"]}],
+            **sections,
         },
         "test",
     )
-    return ControlPlane(config, 0, 1, get_logger("test"), lambda routes: None)
+    return ControlPlane(config, 0, 1, get_logger("test"), lambda routes, addresses: None)
 
 
 def test_jwks_file(tmp_path: Path) -> None:
@@ -118,3 +124,48 @@ async def test_jwks_url_fetched_and_rotated(
         assert isinstance(control.jwt.verify(_token(KEY_2, "two"), time.time()), Identity)
         nursery.cancel_scope.cancel()
     assert jwks_server.fetches >= 2
+
+
+def _snapshot(version: int) -> Snapshot:
+    return Snapshot(version=version, routes=(), keys={})
+
+
+async def test_persisted_snapshot_only_moves_forward(tmp_path: Path) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [JWK_1]}))
+    database = {"url": "postgresql://u:p@127.0.0.1:9/db", "state_dir": str(tmp_path)}
+    control = _control({"jwt_jwks_file": str(path)}, database=database)
+    await control._persist(_snapshot(5))
+    # A slower worker that read version 3 must not replace 5 (a key revoked in 4 would
+    # come back for a worker restarted during an outage).
+    await control._persist(_snapshot(3))
+    assert snapshot_from_json((tmp_path / "snapshot.json").read_bytes()).version == 5
+    await control._persist(_snapshot(6))
+    assert snapshot_from_json((tmp_path / "snapshot.json").read_bytes()).version == 6
+
+
+async def test_a_database_that_never_answers_counts_as_down(nursery: trio.Nursery) -> None:
+    """A listener that accepts and then says nothing (a frozen PgBouncer): calls give up
+    after call_timeout instead of hanging, and the state says down."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    held: list[trio.SocketStream] = []
+
+    async def accept_and_ignore() -> None:
+        async with listener:
+            while True:
+                held.append(await listener.accept())
+
+    nursery.start_soon(accept_and_ignore)
+    port = listener.socket.getsockname()[1]
+    states: list[bool] = []
+    db = Database(
+        f"postgresql://u:p@127.0.0.1:{port}/db",
+        connect_timeout=5.0,
+        call_timeout=0.5,
+        on_state_change=states.append,
+    )
+    started = trio.current_time()
+    with pytest.raises(store.StoreUnavailable, match="did not answer"):
+        await db.run(store.current_version)
+    assert trio.current_time() - started < 2.0
+    assert states == [False] and db.down_since is not None
