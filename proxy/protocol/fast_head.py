@@ -1,0 +1,253 @@
+"""A fast request-head parser (llhttp via httptools) that agrees with the h11 path.
+
+The reference for what a request head means is h11 with the ``strict_h11`` patch,
+followed by ``inspect_request``: that path is pure Python and costs tens of microseconds
+per head. This module parses the common case, an ordinary HTTP/1.1 origin-form request,
+with llhttp in C and returns one of four verdicts:
+
+* ``FastHead``: the head is accepted. Its method, target, version and header list are
+  exactly what h11 would report, and ``info`` is exactly what ``inspect_request`` would
+  return.
+* ``NeedMore``: h11 would also still be waiting for the rest of the head.
+* ``Rejected``: the reference path would refuse the head with this same status.
+* ``Fallback``: anything unusual; the caller hands the bytes to h11, which decides.
+
+Only ``FastHead``, ``NeedMore`` and ``Rejected`` need to be exact, so the module falls
+back whenever the two parsers could disagree: llhttp is more lenient than h11 in places
+(doubled spaces in the request line, ``Transfer-Encoding: gzip, chunked``, HTTP/0.9) and
+stricter in others (control characters in values, ``HTTP/1.2``, lower-case methods).
+Rather than trusting llhttp's verdict alone, the module checks the h11 grammar's
+constraints itself with cheap whole-buffer operations and uses llhttp for the work that
+is slow in Python, splitting and validating the header lines. The differential tests in
+``tests/protocol/test_fast_head.py`` compare every verdict with the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httptools
+
+from proxy.protocol.http1 import (
+    Headers,
+    RequestInfo,
+    RequestRejected,
+    _check_path,
+    _connection_tokens,
+)
+
+# Methods taken on the fast path. CONNECT changes what follows the head and the others
+# are rare enough that h11 may as well parse them.
+_METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"HEAD", b"OPTIONS"})
+
+# Bytes a head may contain on the fast path: HTAB, CR, LF, printable ASCII and obs-text.
+# h11 admits other control bytes inside field values, llhttp refuses them: such heads
+# fall back so that h11's answer stands.
+_HEAD_BYTES = bytes([0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0x80, 0x100)])
+# RFC 9110 tchar: the only bytes of a field name (and of h11's method regex).
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# h11 keeps at most this many Content-Length digits (``CONTENT_LENGTH_MAX_DIGITS``).
+_MAX_LENGTH_DIGITS = 20
+
+# Header names that need a closer look than being lower-cased and stripped.
+_HOST = b"host"
+_CONTENT_LENGTH = b"content-length"
+_TRANSFER_ENCODING = b"transfer-encoding"
+_CONNECTION = b"connection"
+_SPECIAL = frozenset({_HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION})
+# An Upgrade proposal or an Expect: 100-continue changes h11's connection state, which
+# the caller needs h11 to track; such requests take the h11 path.
+_FALLBACK_NAMES = frozenset({b"upgrade", b"expect"})
+
+
+@dataclass(slots=True)
+class FastHead:
+    """An accepted request head, as the reference path would have reported it."""
+
+    method: bytes
+    target: bytes
+    http_version: bytes
+    headers: Headers
+    """Lower-cased names and OWS-stripped values, in order, as h11 gives them."""
+    consumed: int
+    """Length of the head in bytes: what follows it in the buffer is body or the next
+    request."""
+    info: RequestInfo
+    """What ``inspect_request`` returns for this head."""
+
+
+@dataclass(frozen=True, slots=True)
+class NeedMore:
+    """The head is not complete yet and is within the size limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    """The head is unusual: parse it with h11 instead."""
+
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The reference path refuses this head with ``status``."""
+
+    status: int
+    reason: str
+
+
+Verdict = FastHead | NeedMore | Fallback | Rejected
+
+NEED_MORE = NeedMore()
+
+
+class _Collector:
+    """The httptools callback object: collects raw header pairs."""
+
+    __slots__ = ("complete", "raw")
+
+    def __init__(self) -> None:
+        self.raw: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def parse_request_head(data: bytes, max_header_bytes: int) -> Verdict:
+    """Classify the request head at the start of ``data``.
+
+    ``data`` is everything received for this request so far (it may run on into the
+    body or a pipelined request); ``max_header_bytes`` is the limit h11 is given as
+    ``max_incomplete_event_size`` and the proxy applies to whole heads.
+    """
+    if not data:
+        return NEED_MORE
+    if data[0] < 0x21:
+        # h11 refuses a head that starts with a control byte or a space before it is
+        # complete, and an empty line where the request line should be.
+        return Fallback("leading whitespace or control byte")
+    end = data.find(b"\r\n\r\n")
+    if end == -1:
+        # h11 ends a head at LF [CR] LF, so a bare LF may already have ended it.
+        if data.count(b"\n") != data.count(b"\r\n"):
+            return Fallback("bare LF")
+        if len(data) > max_header_bytes:
+            return Rejected(431, "request header section too large")
+        return NEED_MORE
+    consumed = end + 4
+    head = data[:consumed]
+    if head.translate(None, _HEAD_BYTES):
+        return Fallback("control byte in head")
+    lines = head.count(b"\r\n")
+    if head.count(b"\n") != lines or head.count(b"\r") != lines:
+        # A bare LF could end the head earlier for h11; a bare CR is a line-ending
+        # ambiguity h11 and llhttp judge differently.
+        return Fallback("bare CR or LF")
+    if b"\r\n " in head or b"\r\n\t" in head:
+        # obs-fold, or whitespace before the first field name: strict_h11 rejects both
+        # (400) but llhttp reads the second as part of the request line.
+        return Fallback("line starting with whitespace")
+
+    line_end = head.find(b"\r\n")
+    parts = head[:line_end].split(b" ")
+    if len(parts) != 3:
+        return Fallback("request line is not three fields")
+    method, target, version = parts
+    if method not in _METHODS:
+        return Fallback("method")
+    if version != b"HTTP/1.1":
+        return Fallback("version")
+    if not target.startswith(b"/") or not target.isascii() or b"\t" in target:
+        # Absolute-form and asterisk-form need inspect_request's target handling; a tab
+        # or a byte above 0x7e is outside h11's target grammar (vchar only).
+        return Fallback("target")
+
+    collector = _Collector()
+    parser = httptools.HttpRequestParser(collector)
+    try:
+        parser.feed_data(head)
+    except httptools.HttpParserUpgrade:
+        return Fallback("upgrade")
+    except httptools.HttpParserError as exc:
+        return Fallback(f"llhttp: {exc}")
+    raw = collector.raw
+    if not collector.complete or len(raw) != lines - 2:
+        # Every header line must have produced exactly one pair, or llhttp read the
+        # head differently from the line structure checked above.
+        return Fallback("header count")
+
+    headers: Headers = []
+    hosts = 0
+    host = b""
+    content_length: int | None = None
+    chunked = False
+    connection_values: list[bytes] = []
+    for raw_name, raw_value in raw:
+        if not raw_name or raw_name.translate(None, _TCHAR):
+            return Fallback("field name")
+        name = raw_name.lower()
+        # llhttp drops leading OWS but keeps trailing OWS; h11 drops both.
+        value = raw_value.strip(b" \t")
+        headers.append((name, value))
+        if name in _SPECIAL:
+            if name == _HOST:
+                hosts += 1
+                host = value
+            elif name == _CONTENT_LENGTH:
+                # h11 folds repeated and comma-listed lengths into one header; leave
+                # that rewriting to it.
+                if (
+                    content_length is not None
+                    or not value.isdigit()
+                    or len(value) > _MAX_LENGTH_DIGITS
+                ):
+                    return Fallback("content-length")
+                content_length = int(value)
+            elif name == _TRANSFER_ENCODING:
+                # h11 lower-cases the value and answers 501 for anything but one
+                # "chunked"; only the canonical spelling is taken here.
+                if chunked or value != b"chunked":
+                    return Fallback("transfer-encoding")
+                chunked = True
+            else:
+                connection_values.append(value)
+        elif name in _FALLBACK_NAMES:
+            return Fallback(name.decode("ascii"))
+
+    # From here the head is one h11 accepts as far as syntax goes; the rest mirrors the
+    # checks that follow in the reference path, in the same order.
+    if hosts == 0:
+        return Rejected(400, "missing Host header")
+    if hosts > 1:
+        return Rejected(400, "more than one Host header")
+    if consumed > max_header_bytes:
+        return Rejected(431, "request header section too large")
+    if chunked and content_length is not None:
+        return Rejected(400, "both Content-Length and Transfer-Encoding")
+    query_at = target.find(b"?")
+    raw_path = target if query_at == -1 else target[:query_at]
+    try:
+        _check_path(raw_path)
+    except RequestRejected as exc:
+        return Rejected(exc.status, exc.reason)
+    info = RequestInfo(
+        path=raw_path.decode("ascii"),
+        target=target,
+        host=host,
+        chunked=chunked,
+        content_length=content_length,
+        upgrade=None,
+        connection_tokens=_connection_tokens(connection_values),
+    )
+    return FastHead(
+        method=method,
+        target=target,
+        http_version=b"1.1",
+        headers=headers,
+        consumed=consumed,
+        info=info,
+    )
