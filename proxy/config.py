@@ -54,6 +54,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     drain_retry_ms: int = 1000
     """The ``retry:`` hint (milliseconds) that ends SSE streams on a drain, telling clients
     when to reconnect (to another worker or host) and resume."""
+    express: bool = True
+    """Serve ordinary requests on plain routes through the llhttp express lane (h11
+    remains the path for everything else); false sends every request through h11."""
 
 
 class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

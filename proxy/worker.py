@@ -22,8 +22,13 @@ from proxy.net.control_plane import ControlPlane
 from proxy.net.health import check_forever
 from proxy.net.http_conn import ClientConnection
 from proxy.net.listener import accept_loop, bind_reuseport
-from proxy.net.upstream import Addresses, UpstreamPool
-from proxy.observability import configure_logging, get_logger
+from proxy.net.upstream import (
+    Addresses,
+    UpstreamPool,
+    report_pool_gauges,
+    report_pool_gauges_forever,
+)
+from proxy.observability import AccessLog, configure_logging, get_logger
 from proxy.protocol.session_token import Keyring, SessionTokens
 from proxy.routing import Backend, BackendHealth, RouteTable
 
@@ -87,7 +92,7 @@ def build_context(config: Config, worker_id: int) -> WorkerContext:
     pools: dict[Backend, UpstreamPool] = {}
     _add_pools(routes, pools, config)
     log = get_logger("switchboard.worker")
-    access = get_logger("switchboard.access") if config.log.access_log else None
+    access = AccessLog() if config.log.access_log else None
     tokens = None
     if config.mcp.session_keys:
         secrets = {kid: key.encode() for kid, key in config.mcp.session_keys.items()}
@@ -165,12 +170,14 @@ async def serve(
             ctx.control = control
             await control.start(background)
             checks.sync()
+            background.start_soon(report_pool_gauges_forever)
             await _serve_until_signal(ctx, config, socks, handle, signals, task_status, on_ready)
             checks.stop()
             await control.close()
             background.cancel_scope.cancel()
     for pool in ctx.pools.values():
         await pool.aclose()
+    report_pool_gauges()
     ctx.log.info("worker_stopped", requests=ctx.stats.requests)
 
 

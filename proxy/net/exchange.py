@@ -36,6 +36,7 @@ from proxy.metrics import metrics
 from proxy.net.errors import CLOSED, BackendFailed
 from proxy.net.response import first_upstream_event, respond
 from proxy.net.upstream import UpstreamConnection, UpstreamPool, UpstreamUnavailable
+from proxy.protocol.fast_head import FastHead
 from proxy.protocol.http1 import (
     RequestRejected,
     inspect_request,
@@ -64,6 +65,7 @@ class Exchange:
         "client",
         "client_gone",
         "error",
+        "express",
         "identity",
         "mcp",
         "refused",
@@ -82,7 +84,7 @@ class Exchange:
         "upstream_target",
     )
 
-    def __init__(self, client: ClientConnection, request: h11.Request) -> None:
+    def __init__(self, client: ClientConnection, request: h11.Request | FastHead) -> None:
         self.client = client
         self.request = request
         self.started = time.perf_counter()
@@ -110,6 +112,8 @@ class Exchange:
         self.upstream_target = b""
         self.streamed = False
         """An SSE stream or a tunnel: its duration is the stream's life, not latency."""
+        self.express = False
+        """Served by the express lane (proxy.net.express)."""
         self.identity: Identity | None = None
         """Who the caller proved to be (routes with auth only)."""
 
@@ -124,8 +128,10 @@ class Exchange:
         client = self.client
         ctx = client.ctx
         limits = ctx.config.limits
+        request = self.request
+        assert isinstance(request, h11.Request)  # the express lane never calls run()
         try:
-            info = inspect_request(self.request)
+            info = inspect_request(request)
         except RequestRejected as exc:
             return await client.refuse(exc.status, exc.reason, self)
         route = ctx.routes.match(info.path)
@@ -185,7 +191,7 @@ class Exchange:
         self.replica = replica_id(backend.url)
         self.backend = backend
         headers = upstream_request_headers(
-            self.request,
+            request,
             info,
             ctx.policy_for(route),
             client_ip=client.peer_ip,

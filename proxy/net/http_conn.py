@@ -21,20 +21,36 @@ from proxy.auth import Identity, ToolDenied
 from proxy.conncaps import CapDecision, Lease, ip_scope, tenant_scope
 from proxy.mcp_routing import McpRefusal, method_label
 from proxy.metrics import LIMIT_BY_STATUS, metrics
+from proxy.net import express
 from proxy.net.context import WorkerContext
 from proxy.net.errors import CLOSED, ClientGone
 from proxy.net.exchange import Exchange
+from proxy.net.express import eligible
 from proxy.net.proxy_protocol import read_proxy_header
+from proxy.protocol.fast_head import NEED_MORE, FastHead, parse_request_head
 from proxy.protocol.http1 import error_response, protocol_error_status, reason_phrase
 from proxy.protocol.jsonrpc import RequestId
+from proxy.routing import Route
 
 RECV_SIZE = 65536
+_SERVED, _CLOSE, _FALLBACK = object(), object(), object()
+_EXPRESS_FIELDS: dict[bool, dict[str, str]] = {True: {"lane": "express"}, False: {}}
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 1 << 20
 
 
 class ClientConnection:
-    __slots__ = ("_kind", "_leases", "_tenants", "conn", "ctx", "peer_ip", "peer_port", "stream")
+    __slots__ = (
+        "_buffer",
+        "_kind",
+        "_leases",
+        "_tenants",
+        "conn",
+        "ctx",
+        "peer_ip",
+        "peer_port",
+        "stream",
+    )
 
     def __init__(
         self, ctx: WorkerContext, stream: trio.SocketStream, peer: tuple[str, int]
@@ -43,9 +59,9 @@ class ClientConnection:
         self.stream = stream
         self.peer_ip = peer[0]
         self.peer_port = peer[1]
-        self.conn = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=ctx.config.limits.max_header_bytes
-        )
+        self.conn = self._new_conn()
+        self._buffer = bytearray()
+        """Received bytes not yet parsed (express lane only)."""
         self._kind = "http"
         self._leases: list[Lease] = []
         """Global connection-cap leases this connection holds (IP, tenants)."""
@@ -127,10 +143,29 @@ class ClientConnection:
             gauge.labels(previous).inc()
             self._kind = previous
 
+    def _new_conn(self) -> h11.Connection:
+        return h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.ctx.config.limits.max_header_bytes
+        )
+
     async def _serve(self) -> None:
         accepted = trio.current_time()
         first = True
+        express = self.ctx.config.server.express
+        if express:
+            # Bytes that came with a PROXY header went into h11; the lane reads them first.
+            self._buffer += self.conn.trailing_data[0]
+            self.conn = self._new_conn()
         while True:
+            if express:
+                step = await self._express_step(first, accepted)
+                if step is _CLOSE:
+                    return
+                if step is _SERVED:
+                    first = False
+                    if self.ctx.draining:
+                        return
+                    continue
             request = await self._read_request(first, accepted)
             if request is None:
                 return
@@ -148,7 +183,93 @@ class ClientConnection:
             conn = self.conn
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
-            conn.start_next_cycle()
+            if express:
+                # What arrived past this request (pipelining) goes back to the lane.
+                self._buffer += conn.trailing_data[0]
+                self.conn = self._new_conn()
+            else:
+                conn.start_next_cycle()
+
+    # -- the express lane (proxy.net.express) ----------------------------------------------
+
+    async def _express_step(self, first: bool, accepted: float) -> object:
+        """Read the next request head with llhttp and serve it in the express lane if it
+        is eligible: _SERVED, _CLOSE, or _FALLBACK with every byte handed to ``self.conn``
+        (the h11 path then reads, checks and answers that request)."""
+        buf = self._buffer
+        limits = self.ctx.config.limits
+        deadline: float | None = None
+        while True:
+            verdict = parse_request_head(bytes(buf), limits.max_header_bytes) if buf else NEED_MORE
+            if isinstance(verdict, FastHead):
+                route = self.ctx.routes.match(verdict.info.path)
+                ip_cap = first and self.ctx.config.rate_limits.max_connections_per_ip
+                if ip_cap or not eligible(self, verdict, route):
+                    break
+                assert route is not None
+                end = verdict.consumed + (verdict.info.content_length or 0)
+                if len(buf) < end and not await self._receive_body(buf, end):
+                    break  # slow or cut short: the h11 path reads and judges it
+                body = bytes(buf[verdict.consumed : end])
+                del buf[:end]
+                return _SERVED if await self._express(verdict, route, body) else _CLOSE
+            if verdict is not NEED_MORE:
+                break  # unusual or refused: h11 decides, with the same status
+            if deadline is None and not buf:
+                # Nothing of the next request yet: a fresh connection gets the header
+                # timeout, a kept-alive one the idle timeout (which a drain cuts short).
+                wait = (
+                    accepted + limits.header_timeout
+                    if first
+                    else trio.current_time() + limits.keepalive_timeout
+                )
+                data = await self._receive_idle(wait, kept_alive=not first)
+                if data is None:
+                    return _CLOSE
+                started = accepted if first else trio.current_time()
+                deadline = started + limits.header_timeout
+            else:
+                if deadline is None:  # part of a pipelined request already here
+                    deadline = trio.current_time() + limits.header_timeout
+                got: bytes | None = None
+                with trio.move_on_at(deadline):
+                    got = await self.stream.receive_some(RECV_SIZE)
+                if got is None:
+                    self.conn.receive_data(bytes(buf))
+                    buf.clear()
+                    await self.refuse(408, "timed out reading request head", None)
+                    return _CLOSE
+                data = got
+            if not data:
+                break  # EOF: h11 tells a clean close from a truncated head
+            buf += data
+        self.conn.receive_data(bytes(buf))
+        if not buf or verdict is NEED_MORE:
+            self.conn.receive_data(b"")  # the client closed
+        buf.clear()
+        return _FALLBACK
+
+    async def _receive_body(self, buf: bytearray, end: int) -> bool:
+        """Receive until ``buf`` holds ``end`` bytes; False on EOF or after a silence of
+        ``body_timeout`` (what arrived stays in ``buf``)."""
+        timeout = self.ctx.config.limits.body_timeout
+        while len(buf) < end:
+            data = b""
+            with trio.move_on_after(timeout):
+                data = await self.stream.receive_some(RECV_SIZE)
+            if not data:
+                return False
+            buf += data
+        return True
+
+    async def _express(self, head: FastHead, route: Route, body: bytes) -> bool:
+        ctx = self.ctx
+        ctx.stats.requests += 1
+        x = Exchange(self, head)
+        try:
+            return await express.serve(self, head, route, body, x)
+        finally:
+            self._account(x, head.method)
 
     # -- reading the request head -------------------------------------------------------
 
@@ -234,22 +355,27 @@ class ClientConnection:
         try:
             return await x.run()
         finally:
-            route = x.route.prefix if x.route is not None else "none"
-            elapsed = time.perf_counter() - x.started
-            m = metrics()
-            latency = None if x.streamed else elapsed
-            m.count_request(route, x.status, latency, x.bytes_in, x.bytes_out)
-            if x.refused and x.status in LIMIT_BY_STATUS:
-                m.refusals.labels(LIMIT_BY_STATUS[x.status]).inc()
-            if x.mcp is not None:
-                label = method_label(x.mcp, request.method)
-                m.mcp_requests.labels(route, label, str(x.status)).inc()
-                if latency is not None:
-                    m.mcp_duration.labels(route, label).observe(latency)
-            self._log_access(x, elapsed)
-            control = ctx.control
-            if x.route is not None and control is not None and control.audit is not None:
-                control.audit.record(usage_record(x, elapsed))
+            self._account(x, request.method)
+
+    def _account(self, x: Exchange, method: bytes) -> None:
+        """Metrics, the access line and the usage record of a finished exchange."""
+        ctx = self.ctx
+        route = x.route.prefix if x.route is not None else "none"
+        elapsed = time.perf_counter() - x.started
+        m = metrics()
+        latency = None if x.streamed else elapsed
+        m.count_request(route, x.status, latency, x.bytes_in, x.bytes_out)
+        if x.refused and x.status in LIMIT_BY_STATUS:
+            m.refusals.labels(LIMIT_BY_STATUS[x.status]).inc()
+        if x.mcp is not None:
+            label = method_label(x.mcp, method)
+            m.mcp_requests.labels(route, label, str(x.status)).inc()
+            if latency is not None:
+                m.mcp_duration.labels(route, label).observe(latency)
+        self._log_access(x, elapsed)
+        control = ctx.control
+        if x.route is not None and control is not None and control.audit is not None:
+            control.audit.record(usage_record(x, elapsed))
 
     async def send(self, data: bytes) -> None:
         """Write to the client under ``send_timeout``; ClientGone if it is gone or stuck."""
@@ -360,6 +486,7 @@ class ClientConnection:
             duration_ms=round(elapsed * 1000, 3),
             error=x.error,
             **self._mcp_fields(x),
+            **_EXPRESS_FIELDS[x.express],
         )
 
     @staticmethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Literal
+from typing import Literal, Protocol
 
 import h11
 
@@ -167,8 +167,19 @@ def _drop(name: bytes, tokens: frozenset[bytes]) -> bool:
     return name in HOP_BY_HOP or (name in tokens and name not in _NOT_NOMINATABLE)
 
 
+class RequestHead(Protocol):
+    """What header rewriting needs of a request head (h11's Request, or the express
+    lane's FastHead)."""
+
+    @property
+    def headers(self) -> Sequence[tuple[bytes, bytes]]: ...
+
+    @property
+    def http_version(self) -> bytes: ...
+
+
 def upstream_request_headers(
-    request: h11.Request,
+    request: RequestHead,
     info: RequestInfo,
     policy: ForwardingPolicy,
     *,
