@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -209,18 +206,3 @@ def test_scripts_declare_their_keys() -> None:
     for source in SCRIPTS.values():
         assert "sb:" not in source
         assert "KEYS[1]" in source
-
-
-def test_the_pure_module_imports_no_io() -> None:
-    code = "import json, sys\nimport proxy.conncaps\nprint(json.dumps(sorted(sys.modules)))\n"
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    loaded = set(json.loads(result.stdout))
-    for name in ("trio", "socket", "hiredis", "proxy.store", "proxy.net"):
-        assert name not in loaded, f"proxy.conncaps imports {name}"

@@ -38,6 +38,8 @@ from proxy.net.response import first_upstream_event, respond
 from proxy.net.upstream import UpstreamConnection, UpstreamPool, UpstreamUnavailable
 from proxy.protocol.fast_head import FastHead
 from proxy.protocol.http1 import (
+    RequestHead,
+    RequestInfo,
     RequestRejected,
     inspect_request,
     protocol_error_status,
@@ -117,6 +119,22 @@ class Exchange:
         self.identity: Identity | None = None
         """Who the caller proved to be (routes with auth only)."""
 
+    def use_backend(
+        self, backend: Backend, route: Route, request: RequestHead, info: RequestInfo
+    ) -> list[tuple[bytes, bytes]]:
+        """Record the chosen backend; the request's headers as it must receive them."""
+        self.upstream = backend.url
+        self.replica = replica_id(backend.url)
+        self.backend = backend
+        client = self.client
+        return upstream_request_headers(
+            request,
+            info,
+            client.ctx.policy_for(route),
+            client_ip=client.peer_ip,
+            backend_authority=backend.authority,
+        )
+
     def fail(self, status: int, reason: str) -> None:
         if self.error is None:
             self.error = reason
@@ -187,16 +205,7 @@ class Exchange:
         if backend is None:
             return await self._no_backend(decision)
         pool = ctx.pools[backend]
-        self.upstream = backend.url
-        self.replica = replica_id(backend.url)
-        self.backend = backend
-        headers = upstream_request_headers(
-            request,
-            info,
-            ctx.policy_for(route),
-            client_ip=client.peer_ip,
-            backend_authority=backend.authority,
-        )
+        headers = self.use_backend(backend, route, request, info)
         if self.identity is not None and not route.forward_credentials:
             assert ctx.control is not None  # an identity comes from the control plane
             headers = strip_credentials(headers, False, ctx.control.auth_header)

@@ -35,9 +35,8 @@ from proxy.protocol.http1 import (
     is_event_stream,
     raw_error_response,
     reason_phrase,
-    upstream_request_headers,
 )
-from proxy.routing import Route, replica_id
+from proxy.routing import Route
 
 if TYPE_CHECKING:
     from proxy.net.http_conn import ClientConnection
@@ -92,16 +91,7 @@ async def serve(
     if backend is None:
         return await _refuse(client, x, 503, "no healthy backend for this route")
     pool = ctx.pools[backend]
-    x.upstream = backend.url
-    x.replica = replica_id(backend.url)
-    x.backend = backend
-    headers = upstream_request_headers(
-        head,
-        info,
-        ctx.policy_for(route),
-        client_ip=client.peer_ip,
-        backend_authority=backend.authority,
-    )
+    headers = x.use_backend(backend, route, head, info)
     x.upstream_target = route.upstream_target(backend, info.target)
     lines = [b"%s %s HTTP/1.1\r\n" % (head.method, x.upstream_target)]
     lines.extend(b"%s: %s\r\n" % pair for pair in headers)

@@ -55,6 +55,12 @@ async def acli(*argv: str) -> Any:
     return await trio.to_thread.run_sync(lambda: cli(*argv))
 
 
+async def new_key(dsn: str, tenant: str, name: str, *flags: str) -> str:
+    """A key made with `switchboard keys create`."""
+    created = await acli("keys", "create", "--tenant", tenant, "--name", name, *flags, "--dsn", dsn)
+    return str(created["key"])
+
+
 def migrated(dsn: str) -> str:
     assert cli("db", "migrate", "--dsn", dsn)["version"] >= 3
     return dsn
@@ -217,11 +223,7 @@ async def test_authentication_and_tool_permissions(
     tmp_path: Path, dsn: str, backend: McpBackend
 ) -> None:
     await acli("routes", "add", "/mcp", backend.url, "--kind", "mcp", "--dsn", dsn)
-    limited = (
-        await acli(
-            "keys", "create", "--tenant", "acme", "--name", "l", "--tools", "whoami", "--dsn", dsn
-        )
-    )["key"]
+    limited = await new_key(dsn, "acme", "l", "--tools", "whoami")
     revoked = await acli("keys", "create", "--tenant", "acme", "--name", "r", "--dsn", dsn)
     await acli("keys", "revoke", revoked["prefix"], "--dsn", dsn)
     sections = cp_sections(
@@ -273,11 +275,7 @@ async def test_rate_limit_is_global(
 ) -> None:
     await acli("routes", "add", "/mcp", backend.url, "--kind", "mcp", "--dsn", dsn)
     limit = 5  # per minute: no token comes back during the test (one per 12 s)
-    key = (
-        await acli(
-            "keys", "create", "--tenant", "acme", "--name", "n", "--rpm", str(limit), "--dsn", dsn
-        )
-    )["key"]
+    key = await new_key(dsn, "acme", "n", "--rpm", str(limit))
     sections = cp_sections(dsn, tmp_path / "state", redis=redis)
     async with (
         proxy_running(tmp_path, [], sections=sections) as first,
@@ -359,11 +357,7 @@ async def test_redis_outage_and_recovery(
     tmp_path: Path, dsn: str, backend: McpBackend, redis: RedisServer, fail_mode: str
 ) -> None:
     await acli("routes", "add", "/mcp", backend.url, "--kind", "mcp", "--dsn", dsn)
-    roomy = (
-        await acli(
-            "keys", "create", "--tenant", "t", "--name", "big", "--rpm", "1000", "--dsn", dsn
-        )
-    )["key"]
+    roomy = await new_key(dsn, "t", "big", "--rpm", "1000")
     sections = cp_sections(dsn, tmp_path / "state", redis=redis)
     sections["redis"]["fail_mode"] = fail_mode
     async with proxy_running(tmp_path, [], sections=sections) as proxy:
@@ -387,9 +381,7 @@ async def test_redis_outage_and_recovery(
         await _wait_redis_up([proxy])
         # Global again: a key of 3 per minute gets exactly 3 across both workers (local
         # buckets would give each worker its own 3).
-        small = (
-            await acli("keys", "create", "--tenant", "t", "--name", "s", "--rpm", "3", "--dsn", dsn)
-        )["key"]
+        small = await new_key(dsn, "t", "s", "--rpm", "3")
         await _wait_keys_installed(proxy, 2)
         statuses = [(await call(proxy.port, credential=small)).status for _ in range(12)]
         assert statuses.count(200) == 3, statuses
@@ -403,7 +395,7 @@ async def test_postgres_outage_snapshot_and_audit(tmp_path: Path, backend: McpBa
     async with running_cluster() as cluster:
         dsn = migrated(cluster.env.dsn(bouncer=True))
         await acli("routes", "add", "/mcp", backend.url, "--kind", "mcp", "--dsn", dsn)
-        key = (await acli("keys", "create", "--tenant", "acme", "--name", "a", "--dsn", dsn))["key"]
+        key = await new_key(dsn, "acme", "a")
         sections = cp_sections(dsn, tmp_path / "state", database={"ready_grace": 1.0})
         proxies: list[ProxyProcess] = []
         async with proxy_running(tmp_path, [], sections=sections) as proxy:
@@ -464,7 +456,7 @@ async def test_paused_postgres_does_not_slow_requests(tmp_path: Path, backend: M
     async with running_cluster() as cluster:
         dsn = migrated(cluster.env.dsn(bouncer=True))
         await acli("routes", "add", "/mcp", backend.url, "--kind", "mcp", "--dsn", dsn)
-        key = (await acli("keys", "create", "--tenant", "acme", "--name", "a", "--dsn", dsn))["key"]
+        key = await new_key(dsn, "acme", "a")
         sections = cp_sections(dsn, tmp_path / "state")
         async with proxy_running(tmp_path, [], sections=sections) as proxy:
             await wait_for_status(proxy.port, 200, key)
@@ -492,7 +484,7 @@ async def test_database_route_options_and_bad_rows(
         store.add_route(conn, "/mcp", [backend.url], kind="mcp", options={"auth": "required"})
         store.add_route(conn, "/bad", ["http://no-such-host.invalid:80"])
         conn.commit()
-    key = (await acli("keys", "create", "--tenant", "acme", "--name", "a", "--dsn", dsn))["key"]
+    key = await new_key(dsn, "acme", "a")
     sections = cp_sections(dsn, tmp_path / "state", auth={"required": False})
     async with proxy_running(tmp_path, [], sections=sections) as proxy:
         await wait_for_status(proxy.port, 200, key)

@@ -139,6 +139,7 @@ async def test_response_shapes_on_one_connection(proxy: ProxyProcess) -> None:
         assert again.reused_connection and again.body == b"hello"
     finally:
         await client.aclose()
+
     def lines_of_interest() -> list[dict[str, object]]:
         return [line for line in proxy.access_lines() if line.get("path") in ("/ok", "/echo")]
 
