@@ -202,12 +202,14 @@ async def test_cli_changes_reach_running_workers(
         created = await acli("keys", "create", "--tenant", "acme", "--name", "a", "--dsn", dsn)
         key = created["key"]
         took = await wait_for_status(proxy.port, 200, key)
+        print(f"route + key reached every worker in {took:.2f} s")
         assert took < 5, f"route and key took {took:.2f} s to reach the workers"
         answer = await call(proxy.port, credential=key)
         assert answer.body is not None and "result" in answer.body
 
         await acli("keys", "revoke", created["prefix"], "--dsn", dsn)
         took = await wait_for_status(proxy.port, 401, key)
+        print(f"revocation reached every worker in {took:.2f} s")
         assert took < 5, f"revocation took {took:.2f} s"
 
         await acli("routes", "remove", "/mcp", "--dsn", dsn)
@@ -431,6 +433,7 @@ async def test_postgres_outage_snapshot_and_audit(tmp_path: Path, backend: McpBa
             assert sent >= 36
             await poll_until(lambda: _usage_or_zero(dsn) >= sent, limit=20)
             await poll_until(lambda: _ready_status(replaying) == 200, limit=10)
+        print(f"{sent} requests served across the outage; {usage_count(dsn)} usage records")
         assert usage_count(dsn) == sent
 
 
@@ -467,6 +470,10 @@ async def test_paused_postgres_does_not_slow_requests(tmp_path: Path, backend: M
         # Had a request waited on PostgreSQL it would take as long as the pause (seconds);
         # the bound is loose because the machine is shared, and it compares medians.
         base, during = statistics.median(normal), statistics.median(stalled)
+        print(
+            f"median latency {base * 1000:.2f} ms normal, {during * 1000:.2f} ms with "
+            f"PostgreSQL stopped by SIGSTOP (max {max(stalled) * 1000:.1f} ms)"
+        )
         assert during < max(3 * base, base + 0.05), (base, during)
         assert max(stalled) < 1.0, max(stalled)
 
