@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from proxy.net.errors import CLOSED, BackendFailed, ClientGone
+from proxy.net.errors import CLOSED, BackendFailed, ClientGone, write_now
 from proxy.net.exchange import Exchange
 from proxy.net.upstream import UpstreamConnection, UpstreamPool, UpstreamUnavailable
 from proxy.protocol.fast_head import FastHead
@@ -129,7 +129,9 @@ async def _send_request(pool: UpstreamPool, request: bytes) -> UpstreamConnectio
     for attempt in (1, 2):
         up = await pool.acquire()
         try:
-            await up.stream.send_all(request)
+            written = write_now(up.stream, request)
+            if written < len(request):
+                await up.stream.send_all(memoryview(request)[written:])
         except CLOSED:
             await pool.discard(up)
             pool.count_failure("error")

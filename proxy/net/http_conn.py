@@ -23,7 +23,7 @@ from proxy.mcp_routing import McpRefusal, method_label
 from proxy.metrics import LIMIT_BY_STATUS, metrics
 from proxy.net import express
 from proxy.net.context import WorkerContext
-from proxy.net.errors import CLOSED, ClientGone
+from proxy.net.errors import CLOSED, ClientGone, write_now
 from proxy.net.exchange import Exchange
 from proxy.net.express import eligible
 from proxy.net.proxy_protocol import read_proxy_header
@@ -379,9 +379,15 @@ class ClientConnection:
 
     async def send(self, data: bytes) -> None:
         """Write to the client under ``send_timeout``; ClientGone if it is gone or stuck."""
+        try:
+            written = write_now(self.stream, data)
+        except CLOSED:
+            raise ClientGone from None
+        if written == len(data):
+            return
         with trio.move_on_after(self.ctx.config.limits.send_timeout):
             try:
-                await self.stream.send_all(data)
+                await self.stream.send_all(memoryview(data)[written:])
             except CLOSED:
                 raise ClientGone from None
             return
