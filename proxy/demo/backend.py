@@ -73,7 +73,7 @@ async def healthz(request: Request) -> Response:
 
 
 @contextlib.contextmanager
-def _root_logging_preserved() -> Iterator[None]:
+def root_logging_preserved() -> Iterator[None]:
     # MCPServer.__init__ calls logging.basicConfig(); undo that so that merely
     # building the app never configures the host process's root logger.
     root = logging.getLogger()
@@ -97,7 +97,7 @@ def build_app(
     so requests forwarded by a proxy with any Host header are accepted.  Pass a list
     (entries like ``"127.0.0.1:*"`` or ``"example.com:8080"``) to turn them on.
     """
-    with _root_logging_preserved():
+    with root_logging_preserved():
         server: MCPServer[Any] = MCPServer(
             "switchboard-demo",
             instructions="Demo backend bundled with Switchboard.",

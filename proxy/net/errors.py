@@ -7,6 +7,9 @@ import os
 
 import trio
 
+RECV_SIZE = 65536
+"""Bytes asked of a socket per receive, on every connection of the I/O nucleus."""
+
 CLOSED = (trio.BrokenResourceError, trio.ClosedResourceError)
 """What trio raises when the other side of a stream is gone."""
 

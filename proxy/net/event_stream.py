@@ -20,8 +20,8 @@ import h11
 import trio
 
 from proxy.mcp_routing import event_payloads, response_id, rewrite_endpoint_block
-from proxy.net.errors import CLOSED
-from proxy.net.upstream import RECV_SIZE, UpstreamConnection
+from proxy.net.errors import CLOSED, RECV_SIZE
+from proxy.net.upstream import UpstreamConnection
 from proxy.protocol.mcp import (
     SESSION_HEADER,
     EndpointRewriteError,

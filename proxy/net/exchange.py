@@ -33,7 +33,7 @@ from proxy.mcp_routing import (
     with_session,
 )
 from proxy.metrics import metrics
-from proxy.net.errors import CLOSED, BackendFailed
+from proxy.net.errors import CLOSED, RECV_SIZE, BackendFailed
 from proxy.net.response import first_upstream_event, respond
 from proxy.net.upstream import UpstreamConnection, UpstreamPool, UpstreamUnavailable
 from proxy.protocol.fast_head import FastHead
@@ -53,7 +53,6 @@ from proxy.routing import Backend, Route, replica_id
 if TYPE_CHECKING:
     from proxy.net.http_conn import ClientConnection
 
-RECV_SIZE = 65536
 _RETRY_LATER = ((b"retry-after", b"1"),)
 
 

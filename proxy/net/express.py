@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from proxy.net.errors import CLOSED, BackendFailed, ClientGone, write_now
+from proxy.net.errors import CLOSED, RECV_SIZE, BackendFailed, ClientGone, write_now
 from proxy.net.exchange import Exchange
 from proxy.net.upstream import UpstreamConnection, UpstreamPool, UpstreamUnavailable
 from proxy.protocol.fast_head import FastHead
@@ -40,8 +40,6 @@ from proxy.routing import Route
 
 if TYPE_CHECKING:
     from proxy.net.http_conn import ClientConnection
-
-RECV_SIZE = 65536
 
 
 MAX_WAITED_BODY = 65536

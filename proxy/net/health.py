@@ -14,7 +14,8 @@ import trio
 
 from proxy.config import HealthCheckConfig
 from proxy.metrics import metrics
-from proxy.net.upstream import RECV_SIZE, UpstreamPool
+from proxy.net.errors import RECV_SIZE
+from proxy.net.upstream import UpstreamPool
 
 
 async def probe(pool: UpstreamPool, config: HealthCheckConfig) -> bool:

@@ -23,7 +23,7 @@ from proxy.mcp_routing import McpRefusal, method_label
 from proxy.metrics import LIMIT_BY_STATUS, metrics
 from proxy.net import express
 from proxy.net.context import WorkerContext
-from proxy.net.errors import CLOSED, ClientGone, write_now
+from proxy.net.errors import CLOSED, RECV_SIZE, ClientGone, write_now
 from proxy.net.exchange import Exchange
 from proxy.net.express import eligible
 from proxy.net.proxy_protocol import read_proxy_header
@@ -32,7 +32,6 @@ from proxy.protocol.http1 import error_response, protocol_error_status, reason_p
 from proxy.protocol.jsonrpc import RequestId
 from proxy.routing import Route
 
-RECV_SIZE = 65536
 _SERVED, _CLOSE, _FALLBACK = object(), object(), object()
 _EXPRESS_FIELDS: dict[bool, dict[str, str]] = {True: {"lane": "express"}, False: {}}
 _LINGER_SECONDS = 2.0

@@ -18,7 +18,8 @@ import trio
 
 from proxy.config import parse_hostport
 from proxy.net.context import WorkerContext
-from proxy.net.http_conn import RECV_SIZE, linger_close, log_refusal
+from proxy.net.errors import RECV_SIZE
+from proxy.net.http_conn import linger_close, log_refusal
 from proxy.protocol.http1 import raw_error_response
 
 # accept() failures that mean "out of resources right now", worth a pause, not a crash.

@@ -12,6 +12,7 @@ import trio
 
 from proxy.metrics import metrics
 from proxy.net.context import WorkerContext
+from proxy.net.errors import RECV_SIZE
 from proxy.protocol.proxy_header import (
     V2_SIGNATURE,
     ProxyHeaderError,
@@ -20,7 +21,6 @@ from proxy.protocol.proxy_header import (
     unmap_ipv4,
 )
 
-RECV_SIZE = 65536
 _SIGNATURE_LENGTH = len(V2_SIGNATURE)
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import trio
 
+from proxy.net.errors import RECV_SIZE
 from proxy.protocol.ws_frames import GOING_AWAY, FrameTracker, ProtocolError, close_frame
 
-RECV_SIZE = 65536
 _ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 

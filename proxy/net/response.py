@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
-from proxy.net.errors import CLOSED, BackendFailed, ClientGone
+from proxy.net.errors import CLOSED, RECV_SIZE, BackendFailed, ClientGone
 from proxy.net.event_stream import EventStreamRelay, mcp_response_headers
 from proxy.net.relay import Tunnel
 from proxy.net.upstream import UpstreamConnection
@@ -26,7 +26,6 @@ from proxy.protocol.http1 import downstream_response_headers, is_event_stream, r
 if TYPE_CHECKING:
     from proxy.net.exchange import Exchange
 
-RECV_SIZE = 65536
 _FINISH_GRACE = 5.0
 
 

@@ -22,8 +22,6 @@ from proxy.config import UpstreamConfig
 from proxy.metrics import metrics
 from proxy.routing import Backend, BackendHealth
 
-RECV_SIZE = 65536
-
 
 class UpstreamUnavailable(Exception):
     """No connection to the backend could be had; ``status`` says how to answer."""

@@ -31,10 +31,8 @@ which reads the JSON-RPC response out of a JSON or ``text/event-stream`` answer.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Annotated, Any, cast
@@ -49,6 +47,8 @@ from mcp.server.mcpserver import Context, Elicit, MCPServer, Resolve
 from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxy.demo.backend import root_logging_preserved
 
 __all__ = [
     "HANDSHAKE_VERSION",
@@ -102,18 +102,6 @@ class SeenRequest:
         return values[0] if values else None
 
 
-@contextlib.contextmanager
-def _root_logging_preserved() -> Iterator[None]:
-    # MCPServer.__init__ calls logging.basicConfig(); keep the test process's logging as is.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-
-
 def ask_name() -> Elicit[NameForm]:
     """The resolver behind ``greet_user`` (module level: the SDK evaluates annotations
     in the tool function's module)."""
@@ -162,7 +150,7 @@ class McpBackend:
 
     def build_server(self) -> MCPServer[Any]:
         replica = self.replica
-        with _root_logging_preserved():
+        with root_logging_preserved():
             server: MCPServer[Any] = MCPServer(f"test-{replica}", log_level="WARNING")
 
         @server.tool()
