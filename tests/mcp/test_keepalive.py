@@ -23,20 +23,18 @@ from __future__ import annotations
 
 import itertools
 import re
-import subprocess
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import h11
 import pytest
 import trio
 
 from tests.support.backends import poll_until, proxy_running
-from tests.support.haproxy import HAPROXY, HAProxyProcess
-from tests.support.proxy_process import free_port
+from tests.support.haproxy import HAProxyProcess, run_haproxy_config
+from tests.support.threads import entered_in_thread
 
 CUT_AFTER = 5.0
 """HAProxy's ``timeout client`` and ``timeout server``."""
@@ -131,41 +129,18 @@ def cutter_config(listen_port: int, server_port: int, stats_socket: Path) -> str
     )
 
 
-@contextmanager
-def run_cutter(tmp_path: Path, server_port: int) -> Iterator[HAProxyProcess]:
-    port = free_port()
-    directory = tmp_path / f"cutter-{port}"
-    directory.mkdir()
-    stats_socket = directory / "stats.sock"
-    config_path = directory / "haproxy.cfg"
-    config_path.write_text(cutter_config(port, server_port, stats_socket))
-    log_path = directory / "haproxy.log"
-    log_file: IO[bytes] = log_path.open("wb")
-    try:
-        process = subprocess.Popen(
-            [HAPROXY, "-f", str(config_path), "-db"],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        haproxy = HAProxyProcess(process, port, stats_socket, log_path, config_path)
-        try:
-            haproxy.wait_listening()
-            yield haproxy
-        finally:
-            haproxy.stop()
-    finally:
-        log_file.close()
+def run_cutter(tmp_path: Path, server_port: int) -> AbstractContextManager[HAProxyProcess]:
+    return run_haproxy_config(
+        tmp_path,
+        lambda port, stats_socket: cutter_config(port, server_port, stats_socket),
+        name="cutter",
+    )
 
 
 @asynccontextmanager
 async def cutter_running(tmp_path: Path, server_port: int) -> AsyncIterator[HAProxyProcess]:
-    manager = run_cutter(tmp_path, server_port)
-    haproxy = await trio.to_thread.run_sync(manager.__enter__)
-    try:
+    async with entered_in_thread(run_cutter(tmp_path, server_port)) as haproxy:
         yield haproxy
-    finally:
-        await trio.to_thread.run_sync(manager.__exit__, None, None, None)
 
 
 # -- the client ---------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from tests.support.backends import (
     wait_for_line,
 )
 from tests.support.proxy_process import ProxyProcess, run_proxy
+from tests.support.threads import entered_in_thread
 
 WATCHDOG_USEC = 500_000
 WATCHDOG_TIMEOUT = WATCHDOG_USEC / 1_000_000
@@ -140,11 +141,8 @@ async def proxy_with_env(
     """``run_proxy`` with extra environment, started and stopped in a thread so the
     backends in this trio loop keep serving meanwhile."""
     manager = run_proxy(tmp_path, list(routes), env=env, sections=sections)
-    proxy = await trio.to_thread.run_sync(manager.__enter__)
-    try:
+    async with entered_in_thread(manager) as proxy:
         yield proxy
-    finally:
-        await trio.to_thread.run_sync(manager.__exit__, None, None, None)
 
 
 def _env(systemd: FakeSystemd) -> dict[str, str]:

@@ -47,6 +47,7 @@ import trio
 import trio_websocket
 
 from tests.support.proxy_process import ProxyProcess, run_proxy
+from tests.support.threads import entered_in_thread
 
 RECV_SIZE = 65536
 CHUNK_SIZE = 65536
@@ -528,11 +529,8 @@ async def proxy_running(
     """``run_proxy`` with its blocking start and stop in a thread, so backends running in
     this trio loop keep serving meanwhile (a draining worker may still talk to them)."""
     manager = run_proxy(tmp_path, list(routes), workers=workers, sections=sections)
-    proxy = await trio.to_thread.run_sync(manager.__enter__)
-    try:
+    async with entered_in_thread(manager) as proxy:
         yield proxy
-    finally:
-        await trio.to_thread.run_sync(manager.__exit__, None, None, None)
 
 
 async def poll_until(

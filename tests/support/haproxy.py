@@ -21,15 +21,14 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
-import trio
-
 from tests.support.proxy_process import free_port
+from tests.support.threads import entered_in_thread
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 BACKEND = "switchboard_be"
@@ -142,32 +141,17 @@ class HAProxyProcess:
 
 
 @contextmanager
-def run_haproxy(
-    tmp_path: Path,
-    server_port: int,
-    *,
-    send_proxy: SendProxy = "send-proxy-v2",
-    check_path: str = "/healthz",
-    check_interval: float = 0.2,
-    source: str = "127.0.0.1",
+def run_haproxy_config(
+    tmp_path: Path, render: Callable[[int, Path], str], name: str = "haproxy"
 ) -> Iterator[HAProxyProcess]:
-    """Start HAProxy in front of ``127.0.0.1:server_port``; stop it afterwards."""
+    """Start HAProxy with the config ``render(listen_port, stats_socket)`` returns, on a
+    free port in its own directory; stop it afterwards."""
     port = free_port()
-    directory = tmp_path / f"haproxy-{port}"
+    directory = tmp_path / f"{name}-{port}"
     directory.mkdir()
     stats_socket = directory / "stats.sock"
     config_path = directory / "haproxy.cfg"
-    config_path.write_text(
-        haproxy_config(
-            listen_port=port,
-            server_port=server_port,
-            stats_socket=stats_socket,
-            send_proxy=send_proxy,
-            check_path=check_path,
-            check_interval=check_interval,
-            source=source,
-        )
-    )
+    config_path.write_text(render(port, stats_socket))
     log_path = directory / "haproxy.log"
     log_file: IO[bytes] = log_path.open("wb")
     try:
@@ -185,6 +169,31 @@ def run_haproxy(
             haproxy.stop()
     finally:
         log_file.close()
+
+
+def run_haproxy(
+    tmp_path: Path,
+    server_port: int,
+    *,
+    send_proxy: SendProxy = "send-proxy-v2",
+    check_path: str = "/healthz",
+    check_interval: float = 0.2,
+    source: str = "127.0.0.1",
+) -> AbstractContextManager[HAProxyProcess]:
+    """Start HAProxy in front of ``127.0.0.1:server_port``; stop it afterwards."""
+
+    def render(port: int, stats_socket: Path) -> str:
+        return haproxy_config(
+            listen_port=port,
+            server_port=server_port,
+            stats_socket=stats_socket,
+            send_proxy=send_proxy,
+            check_path=check_path,
+            check_interval=check_interval,
+            source=source,
+        )
+
+    return run_haproxy_config(tmp_path, render)
 
 
 @asynccontextmanager
@@ -206,8 +215,5 @@ async def haproxy_running(
         check_interval=check_interval,
         source=source,
     )
-    haproxy = await trio.to_thread.run_sync(manager.__enter__)
-    try:
+    async with entered_in_thread(manager) as haproxy:
         yield haproxy
-    finally:
-        await trio.to_thread.run_sync(manager.__exit__, None, None, None)

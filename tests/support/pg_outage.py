@@ -28,6 +28,7 @@ from tests.support.postgres import (
     _wait_port,
     running_postgres,
 )
+from tests.support.threads import entered_in_thread
 
 
 class Cluster:
@@ -98,14 +99,12 @@ class Cluster:
 
 @asynccontextmanager
 async def running_cluster() -> AsyncIterator[Cluster]:
-    manager = running_postgres()
-    env = await trio.to_thread.run_sync(manager.__enter__)
-    cluster = Cluster(env)
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-        await trio.to_thread.run_sync(manager.__exit__, None, None, None)
+    async with entered_in_thread(running_postgres()) as env:
+        cluster = Cluster(env)
+        try:
+            yield cluster
+        finally:
+            cluster.close()
 
 
 @asynccontextmanager
