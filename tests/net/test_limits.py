@@ -96,6 +96,23 @@ async def assert_backend_saw_nothing(backend: RecordingBackend) -> None:
     assert backend.bytes_received == 0
 
 
+async def assert_timed_out_with_408(
+    proxy: ProxyProcess, backend: RecordingBackend, sent: bytes
+) -> None:
+    """Send ``sent`` and go silent: a 408 between EARLY and LATE seconds later, the
+    connection closed, the refusal logged, and nothing reached the backend."""
+    client = await open_client(proxy.port)
+    started = trio.current_time()
+    await client.send(sent)
+    response = await client.read_response(within=LATE + 1)
+    elapsed = trio.current_time() - started
+    assert response.status == 408
+    assert EARLY <= elapsed <= LATE, elapsed
+    await assert_closed(client)
+    await assert_logged(proxy, client, 408)
+    await assert_backend_saw_nothing(backend)
+
+
 async def assert_closed(client: RawClient) -> None:
     """The proxy closed the connection after its response: nothing more, then EOF.
     Half-closing ours ends the proxy's linger, so the access line is written."""
@@ -241,16 +258,9 @@ async def test_slowloris_head_gets_408_after_header_timeout(
     backend = await start_backend(nursery)
     sections = {"limits": {"header_timeout": TIMEOUT}}
     with proxy_to(tmp_path, backend.url, sections=sections) as proxy:
-        client = await open_client(proxy.port)
-        started = trio.current_time()
-        await client.send(b"GET /mcp HTTP/1.1\r\nHost: example.test\r\nX-Slow: ")
-        response = await client.read_response(within=LATE + 1)
-        elapsed = trio.current_time() - started
-        assert response.status == 408
-        assert EARLY <= elapsed <= LATE, elapsed
-        await assert_closed(client)
-        await assert_logged(proxy, client, 408)
-        await assert_backend_saw_nothing(backend)
+        await assert_timed_out_with_408(
+            proxy, backend, b"GET /mcp HTTP/1.1\r\nHost: example.test\r\nX-Slow: "
+        )
 
 
 async def test_silent_connection_closed_after_header_timeout_without_response(
@@ -301,16 +311,7 @@ async def test_body_timeout_before_any_body_byte_gets_408(
     backend = await start_backend(nursery)
     sections = {"limits": {"body_timeout": TIMEOUT}}
     with proxy_to(tmp_path, backend.url, sections=sections) as proxy:
-        client = await open_client(proxy.port)
-        started = trio.current_time()
-        await client.send(post_head(100))
-        response = await client.read_response(within=LATE + 1)
-        elapsed = trio.current_time() - started
-        assert response.status == 408
-        assert EARLY <= elapsed <= LATE, elapsed
-        await assert_closed(client)
-        await assert_logged(proxy, client, 408)
-        await assert_backend_saw_nothing(backend)
+        await assert_timed_out_with_408(proxy, backend, post_head(100))
 
 
 async def test_body_timeout_mid_body_gets_408_after_forwarding(
