@@ -118,7 +118,9 @@ def revision() -> JSON:
         return out.stdout.rstrip()
 
     changed = [line[3:] for line in git("status", "--porcelain", "--", "proxy").splitlines()]
-    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "proxy_changes": changed}
+    # A copy of the tree without .git (another machine) names its commit in BENCH_COMMIT.
+    commit = git("rev-parse", "--short", "HEAD").strip() or os.environ.get("BENCH_COMMIT", "")
+    return {"commit": commit, "proxy_changes": changed}
 
 
 class JsonChild:

@@ -169,8 +169,13 @@ def settings_for(args: argparse.Namespace, nofile: int) -> tuple[str, Settings]:
     return args.workloads or workloads, s
 
 
-def check_tools() -> None:
-    missing = [tool for tool in ("wrk", "haproxy") if shutil.which(tool) is None]
+TOOLS_NEEDED = {"post": ("wrk", "haproxy"), "sdk": ("wrk", "haproxy"), "hold": ("haproxy",)}
+"""External programs per workload; the soak runs Switchboard alone."""
+
+
+def check_tools(names: list[str]) -> None:
+    needed = sorted({tool for name in names for tool in TOOLS_NEEDED.get(name, ())})
+    missing = [tool for tool in needed if shutil.which(tool) is None]
     if missing:
         sys.exit(f"missing: {', '.join(missing)} (Debian packages; `make apt` installs them)")
 
@@ -190,10 +195,10 @@ def preflight(s: Settings, names: list[str], nofile: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_tools()
     nofile = raise_nofile()
     selected, s = settings_for(args, nofile)
     names = list(iter_names(selected))
+    check_tools(names)
     preflight(s, names, nofile)
     command = "python -m bench.run " + shlex.join(sys.argv[1:] if argv is None else argv)
     started = time.monotonic()
