@@ -2,7 +2,8 @@
 
 ``write`` puts ``<profile>.json``, ``<profile>.md`` and ``<profile>-*.png`` into the
 output folder; with ``publish`` the markdown also replaces the block between the
-``<!-- bench:results -->`` markers of docs/benchmarks.md and the plots go to docs/img/.
+``<!-- bench:results -->`` markers of docs/benchmarks.md (``<!-- bench:100k -->`` for
+the 100k profile) and the plots go to docs/img/.
 matplotlib is imported lazily: without it the plots are skipped with a warning.
 """
 
@@ -17,8 +18,8 @@ from typing import Any
 
 from bench.common import JSON, REPO, progress, ratio
 
-BEGIN = "<!-- bench:results:begin -->"
-END = "<!-- bench:results:end -->"
+BLOCKS = {"100k": "100k"}
+"""The docs block a profile publishes to; every other profile writes ``results``."""
 DOCS = REPO / "docs" / "benchmarks.md"
 DOCS_IMG = REPO / "docs" / "img"
 ORDER = ("direct", "switchboard", "haproxy")
@@ -251,7 +252,13 @@ def markdown(results: JSON, img_prefix: str = "") -> str:
         *_revision_line(results.get("revision")),
         f"Machine: {m['nproc']} CPUs ({m['cpu_model'] or 'unknown model'}), "
         f"{m['mem_total_gib']} GiB RAM, kernel {m['kernel']}, Python {m['python']}, "
-        f"open-files limit {m['nofile_limit']}, {m['haproxy'].split(' - ')[0]}, {m['wrk']}."
+        f"open-files limit {m['nofile_limit']}"
+        + "".join(
+            f", {version}"
+            for version in (m["haproxy"].split(" - ")[0], m["wrk"])
+            if version != "missing"
+        )
+        + "."
         + (
             " A shared, noisy machine: compare targets within one run, not across runs."
             if m.get("shared")
@@ -527,17 +534,26 @@ def write(results: JSON, folder: Path, *, publish: bool = False) -> list[Path]:
     paths[1].write_text(markdown(results, img_prefix=f"{profile}-") + "\n")
     paths += plots(results, folder, f"{profile}-")
     if publish:
-        DOCS_IMG.mkdir(parents=True, exist_ok=True)
-        paths += plots(results, DOCS_IMG, "bench-")
-        block = markdown(results, img_prefix="img/bench-")
-        text = DOCS.read_text() if DOCS.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-        if BEGIN not in text or END not in text:
-            text = text.rstrip() + f"\n\n## Latest results\n\n{BEGIN}\n{END}\n"
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        DOCS.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
-        paths.append(DOCS)
+        paths += _publish(results)
     return paths
+
+
+def _publish(results: JSON) -> list[Path]:
+    """Plots into docs/img/ and the markdown into this profile's block of the docs (the
+    100k run has its own, so a full run on a small box does not replace it)."""
+    key = BLOCKS.get(results["profile"], "results")
+    begin, end = f"<!-- bench:{key}:begin -->", f"<!-- bench:{key}:end -->"
+    prefix = "bench-" if key == "results" else f"bench-{key}-"
+    DOCS_IMG.mkdir(parents=True, exist_ok=True)
+    paths = plots(results, DOCS_IMG, prefix)
+    block = markdown(results, img_prefix=f"img/{prefix}")
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    if begin not in text or end not in text:
+        text = text.rstrip() + f"\n\n## Latest results ({key})\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    DOCS.write_text(f"{head}{begin}\n{block}\n{end}{tail}")
+    return [*paths, DOCS]
 
 
 def main() -> None:
