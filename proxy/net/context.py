@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from proxy.config import Config
+from proxy.net.park import StreamPark
 from proxy.net.upstream import UpstreamPool
 from proxy.observability import WorkerStats
 from proxy.protocol.http1 import ForwardingPolicy
@@ -38,6 +39,8 @@ class WorkerContext:
     """Cancel scopes of SSE streams waiting for the backend; cancelled on drain so the
     stream can be ended at its next event boundary."""
     drain_event: trio.Event = field(default_factory=trio.Event)
+    park: StreamPark = field(default_factory=StreamPark)
+    """Where SSE streams wait for either of their sockets (proxy.net.park)."""
     tokens: SessionTokens | None = None
     """Signs and checks the MCP session tokens (None when no route is an MCP route)."""
     rng: random.Random = field(default_factory=random.Random)

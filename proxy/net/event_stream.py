@@ -10,10 +10,19 @@ two events (``proxy.protocol.sse.EventStreamTracker``):
   60 s to 5 min) leave it open;
 - on a legacy 2024-11-05 SSE stream, the first ``endpoint`` event rewritten so the
   client posts its messages back through the proxy with a session token.
+
+While it waits, the relay also reads the client: a silent stream writes nothing, so only
+reading tells that the client left, and without it the backend stream (and both
+sockets) would be held until the backend next sent something. In the 2026-07-28 era the
+client leaving is also the cancellation of the request, which closing the upstream
+carries out. Both sockets wait in the worker's park (``proxy.net.park``): one suspension
+per idle stream, the reads themselves non-blocking.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from typing import TYPE_CHECKING
 
 import h11
@@ -21,6 +30,7 @@ import trio
 
 from proxy.mcp_routing import event_payloads, response_id, rewrite_endpoint_block
 from proxy.net.errors import CLOSED, RECV_SIZE
+from proxy.net.park import BACKEND, CLIENT, ParkedStream
 from proxy.net.upstream import UpstreamConnection
 from proxy.protocol.mcp import (
     SESSION_HEADER,
@@ -35,6 +45,12 @@ if TYPE_CHECKING:
 
 _FOREVER = 1e9
 _MAX_EVENT_BYTES = 1 << 20
+_FINISH_GRACE = 5.0
+"""How long a stream whose client has what it came for may still take to end upstream."""
+
+
+class _StreamOver(Exception):
+    """The client left in a way that ends the relay at once."""
 
 
 def mcp_response_headers(
@@ -57,6 +73,7 @@ class EventStreamRelay:
     __slots__ = (
         "_awaited",
         "_endpoint_block",
+        "_finish_by",
         "_out",
         "_pending",
         "_tracker",
@@ -90,6 +107,8 @@ class EventStreamRelay:
         to its request) and may close without that being an error."""
         self.client_left = False
         """The client closed after ``ending``: bytes still due are read, not sent."""
+        self._finish_by = math.inf
+        """Once the client has left: when the relay stops waiting for the backend."""
 
     def _emit(self, data: bytes) -> None:
         self._tracker.feed(data)
@@ -103,6 +122,17 @@ class EventStreamRelay:
             self._out.clear()
 
     async def run(self, head: bytes) -> None:
+        x = self.x
+        park = x.client.ctx.park
+        member = park.enter(self._up.stream.socket.fileno(), x.client.stream.socket.fileno())
+        try:
+            await self._relay(head, member)
+        except _StreamOver:
+            pass
+        finally:
+            park.leave(member)
+
+    async def _relay(self, head: bytes, member: ParkedStream) -> None:
         x = self.x
         ctx = x.client.ctx
         uh = self._up.h11
@@ -147,13 +177,14 @@ class EventStreamRelay:
             now = trio.current_time()
             deadline = last_data + idle_limit
             keepalive_due = last_data + keepalive if keepalive and self.can_add else _FOREVER
-            wait = trio.CancelScope(deadline=min(deadline, max(keepalive_due, now)))
+            wait_until = min(deadline, max(keepalive_due, now), self._finish_by)
+            wait = trio.CancelScope(deadline=wait_until)
             if not ctx.draining:
                 ctx.stream_scopes.add(wait)  # a drain interrupts the wait
             try:
                 with wait:
                     try:
-                        uh.receive_data(await self._up.stream.receive_some(RECV_SIZE))
+                        uh.receive_data(await self._receive(member))
                     except (*CLOSED, OSError):
                         x.fail(502, "backend reset the connection mid-response")
                         return
@@ -162,6 +193,8 @@ class EventStreamRelay:
             finally:
                 ctx.stream_scopes.discard(wait)
             now = trio.current_time()
+            if now >= self._finish_by:
+                return  # the client left; the backend took too long to end
             if ctx.draining:
                 continue
             if now >= deadline:
@@ -170,6 +203,61 @@ class EventStreamRelay:
             if at_boundary:
                 self._emit(KEEPALIVE_COMMENT)
             last_data = now  # next keep-alive one interval later
+
+    async def _receive(self, member: ParkedStream) -> bytes:
+        """The backend's next bytes (b"" at its end); meanwhile, what the client sends is
+        kept for later (pipelining) and its leaving handled (``_client_left``)."""
+        park = self.x.client.ctx.park
+        while True:
+            if member.ready & CLIENT:
+                if not self.client_left and not self._read_client(member.client_fd):
+                    self._client_left()
+                member.settle(CLIENT)
+            if member.ready & BACKEND:
+                try:
+                    return os.read(member.backend_fd, RECV_SIZE)
+                except BlockingIOError:
+                    member.settle(BACKEND)
+            await park.wait(member)
+
+    def _read_client(self, fd: int) -> bool:
+        """Take in all the client sent; False once it has closed or reset."""
+        conn = self.x.client.conn
+        while True:
+            try:
+                data = os.read(fd, RECV_SIZE)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            conn.receive_data(data)  # a pipelined request: kept for later
+
+    def _client_left(self) -> None:
+        """The client closed the stream: end the relay (``_StreamOver``), or let the
+        request finish upstream with its bytes dropped."""
+        x = self.x
+        self.client_left = True
+        cancels = x.mcp is not None and x.mcp.cancel_on_disconnect
+        # Only a POSTed request has work upstream worth letting finish; a GET stream of a
+        # client that left is just closed.
+        let_finish = x.mcp is not None and not cancels and x.request.method == b"POST"
+        if self.ending or let_finish:
+            # Either the client has what it came for (not an error), or it left a stream of
+            # an era where leaving is no cancellation (2025-11-25, legacy): the request is
+            # left to finish upstream, its bytes read and dropped, so the backend sees no
+            # disconnect; it can deliver the outcome on a resumed stream.
+            grace = _FINISH_GRACE if self.ending else x.client.ctx.config.upstream.response_timeout
+            self._finish_by = min(self._finish_by, trio.current_time() + grace)
+            if not self.ending:
+                x.client_gone = True
+                x.fail(499, "client closed the stream (request left to finish upstream)")
+            return
+        x.client_gone = True
+        why = " (cancels the request upstream)" if cancels else ""
+        x.fail(499, f"client closed the stream{why}")
+        raise _StreamOver
 
     def _on_data(self, data: bytes) -> bool:
         """Relay (or, for a legacy stream's first event, rewrite) backend bytes; False

@@ -26,8 +26,6 @@ from proxy.protocol.http1 import downstream_response_headers, is_event_stream, r
 if TYPE_CHECKING:
     from proxy.net.exchange import Exchange
 
-_FINISH_GRACE = 5.0
-
 
 async def first_upstream_event(up: UpstreamConnection, response_timeout: float) -> h11.Event:
     """Wait for the next response head (or informational response), at most
@@ -101,15 +99,7 @@ async def _relay(
         return
     x.streamed = True
     with client.kind("sse"):
-        # A silent stream writes nothing, so only reading tells that the client left:
-        # without this the backend stream (and both sockets) would be held until the
-        # backend next sent something. In the 2026-07-28 era the client leaving is
-        # also the cancellation of the request, which closing the upstream carries out.
-        relay = EventStreamRelay(x, up, headers)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_client_leaving, x, relay, nursery.cancel_scope)
-            await relay.run(head or b"")
-            nursery.cancel_scope.cancel()
+        await EventStreamRelay(x, up, headers).run(head or b"")
 
 
 async def _relay_body(x: Exchange, up: UpstreamConnection, head: bytes) -> None:
@@ -150,39 +140,6 @@ async def _relay_body(x: Exchange, up: UpstreamConnection, head: bytes) -> None:
             x.fail(502, "backend closed the connection mid-response")
             await client.send(b"".join(out))
             return
-
-
-async def _watch_client_leaving(
-    x: Exchange, relay: EventStreamRelay, scope: trio.CancelScope
-) -> None:
-    client = x.client
-    try:
-        while True:
-            data = await client.stream.receive_some(RECV_SIZE)
-            if not data:
-                break
-            client.conn.receive_data(data)  # a pipelined request: kept for later
-    except (*CLOSED, OSError):
-        pass
-    cancels = x.mcp is not None and x.mcp.cancel_on_disconnect
-    # Only a POSTed request has work upstream worth letting finish; a GET stream of a
-    # client that left is just closed.
-    let_finish = x.mcp is not None and not cancels and x.request.method == b"POST"
-    if relay.ending or let_finish:
-        # Either the client has what it came for (not an error), or it left a stream of
-        # an era where leaving is no cancellation (2025-11-25, legacy): the request is
-        # left to finish upstream, its bytes read and dropped, so the backend sees no
-        # disconnect; it can deliver the outcome on a resumed stream.
-        relay.client_left = True
-        grace = _FINISH_GRACE if relay.ending else x.client.ctx.config.upstream.response_timeout
-        scope.deadline = min(scope.deadline, trio.current_time() + grace)
-        if not relay.ending:
-            x.client_gone = True
-            x.fail(499, "client closed the stream (request left to finish upstream)")
-        return
-    x.client_gone = True
-    x.fail(499, "client closed the stream" + (" (cancels the request upstream)" if cancels else ""))
-    scope.cancel()
 
 
 async def _switch_protocols(
