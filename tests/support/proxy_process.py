@@ -21,11 +21,20 @@ from typing import Any
 
 import psutil
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on now, and one this test process has not handed out
+    before: the kernel may offer the same free port twice in a row, and two services of
+    one test (a proxy and its admin listener, say) must not both get it."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _toml_value(value: Any) -> str:
