@@ -192,6 +192,8 @@ async def _serve_until_signal(
 ) -> None:
     """Accept until SIGTERM/SIGINT, then drain the connections (bounded)."""
     async with trio.open_nursery() as connections:
+        # Parked SSE streams get their tasks back in here, under the drain deadline.
+        ctx.park.nursery = connections
         accepting = trio.CancelScope()
 
         async def accept_all() -> None:
@@ -217,6 +219,7 @@ async def _serve_until_signal(
             sock.close()
         ctx.start_drain()
         connections.cancel_scope.deadline = trio.current_time() + config.server.drain_timeout
+    ctx.park.nursery = None
 
 
 def _listening_sockets(config: Config) -> list[socket.socket]:

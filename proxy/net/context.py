@@ -105,3 +105,4 @@ class WorkerContext:
         self.drain_event.set()
         for scope in [*self.idle_scopes, *self.stream_scopes]:
             scope.cancel()
+        self.park.wake_all()  # parked streams too decide, in a task, how to end

@@ -18,6 +18,12 @@ class ClientGone(Exception):
     """The client closed or reset its connection, or stopped reading."""
 
 
+class StreamParked(Exception):
+    """An idle stream was handed to the worker's park (``proxy.net.park``): the task that
+    served it ends here, every level between leaving its clean-up to the task the park
+    starts when the stream wakes (``ClientConnection.resume_stream``)."""
+
+
 class BackendFailed(Exception):
     """The backend failed; the client gets ``status`` if its response has not started."""
 

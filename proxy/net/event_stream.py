@@ -29,7 +29,7 @@ import h11
 import trio
 
 from proxy.mcp_routing import event_payloads, response_id, rewrite_endpoint_block
-from proxy.net.errors import CLOSED, RECV_SIZE
+from proxy.net.errors import CLOSED, RECV_SIZE, StreamParked
 from proxy.net.park import BACKEND, CLIENT, ParkedStream
 from proxy.net.upstream import UpstreamConnection
 from proxy.protocol.mcp import (
@@ -74,6 +74,8 @@ class EventStreamRelay:
         "_awaited",
         "_endpoint_block",
         "_finish_by",
+        "_last_data",
+        "_member",
         "_out",
         "_pending",
         "_tracker",
@@ -109,6 +111,12 @@ class EventStreamRelay:
         """The client closed after ``ending``: bytes still due are read, not sent."""
         self._finish_by = math.inf
         """Once the client has left: when the relay stops waiting for the backend."""
+        self._last_data = 0.0
+        self._member: ParkedStream | None = None
+
+    @property
+    def upstream(self) -> UpstreamConnection:
+        return self._up
 
     def _emit(self, data: bytes) -> None:
         self._tracker.feed(data)
@@ -122,25 +130,39 @@ class EventStreamRelay:
             self._out.clear()
 
     async def run(self, head: bytes) -> None:
+        """Relay the stream from its head. Raises StreamParked when the stream went idle
+        and was parked: the park starts ``resume`` in a new task when it wakes."""
         x = self.x
-        park = x.client.ctx.park
-        member = park.enter(self._up.stream.socket.fileno(), x.client.stream.socket.fileno())
+        self._member = x.client.ctx.park.enter(
+            self._up.stream.socket.fileno(), x.client.stream.socket.fileno()
+        )
+        self._out.append(head)
+        self._last_data = trio.current_time()
+        await self.resume()
+
+    async def resume(self) -> None:
+        """Carry on relaying (see ``run``)."""
+        member = self._member
+        assert member is not None
+        parked = False
         try:
-            await self._relay(head, member)
+            await self._relay(member)
+        except StreamParked:
+            parked = True
+            raise
         except _StreamOver:
             pass
         finally:
-            park.leave(member)
+            if not parked:
+                self.x.client.ctx.park.leave(member)
 
-    async def _relay(self, head: bytes, member: ParkedStream) -> None:
+    async def _relay(self, member: ParkedStream) -> None:
         x = self.x
         ctx = x.client.ctx
         uh = self._up.h11
         idle_limit = ctx.config.upstream.stream_idle_timeout or _FOREVER
         route = x.route
         keepalive = route.keepalive_interval if route is not None and x.mcp else 0.0
-        self._out.append(head)
-        last_data = trio.current_time()
         while True:
             try:
                 event = uh.next_event()
@@ -175,23 +197,19 @@ class EventStreamRelay:
                 return
             await self._flush()
             now = trio.current_time()
+            last_data = self._last_data
             deadline = last_data + idle_limit
             keepalive_due = last_data + keepalive if keepalive and self.can_add else _FOREVER
             wait_until = min(deadline, max(keepalive_due, now), self._finish_by)
-            wait = trio.CancelScope(deadline=wait_until)
-            if not ctx.draining:
-                ctx.stream_scopes.add(wait)  # a drain interrupts the wait
             try:
-                with wait:
-                    try:
-                        uh.receive_data(await self._receive(member))
-                    except (*CLOSED, OSError):
-                        x.fail(502, "backend reset the connection mid-response")
-                        return
-                    last_data = trio.current_time()
-                    continue
-            finally:
-                ctx.stream_scopes.discard(wait)
+                data = await self._receive(member, wait_until)
+            except (*CLOSED, OSError):
+                x.fail(502, "backend reset the connection mid-response")
+                return
+            if data is not None:
+                uh.receive_data(data)
+                self._last_data = trio.current_time()
+                continue
             now = trio.current_time()
             if now >= self._finish_by:
                 return  # the client left; the backend took too long to end
@@ -202,12 +220,15 @@ class EventStreamRelay:
                 return
             if at_boundary:
                 self._emit(KEEPALIVE_COMMENT)
-            last_data = now  # next keep-alive one interval later
+            self._last_data = now  # next keep-alive one interval later
 
-    async def _receive(self, member: ParkedStream) -> bytes:
-        """The backend's next bytes (b"" at its end); meanwhile, what the client sends is
-        kept for later (pipelining) and its leaving handled (``_client_left``)."""
-        park = self.x.client.ctx.park
+    async def _receive(self, member: ParkedStream, wait_until: float) -> bytes | None:
+        """The backend's next bytes (b"" at its end), or None once ``wait_until`` has
+        passed or a drain began. Meanwhile what the client sends is kept for later
+        (pipelining) and its leaving handled (``_client_left``). When nothing is ready
+        the stream is parked (StreamParked) where it can be, else waits in this task."""
+        ctx = self.x.client.ctx
+        park = ctx.park
         while True:
             if member.ready & CLIENT:
                 if not self.client_left and not self._read_client(member.client_fd):
@@ -218,7 +239,24 @@ class EventStreamRelay:
                     return os.read(member.backend_fd, RECV_SIZE)
                 except BlockingIOError:
                     member.settle(BACKEND)
-            await park.wait(member)
+            if trio.current_time() >= wait_until:
+                return None
+            if self.x.parkable and park.can_park() and not ctx.draining:
+                park.park(member, wait_until, self._wake)
+                raise StreamParked
+            wait = trio.CancelScope(deadline=wait_until)
+            if not ctx.draining:
+                ctx.stream_scopes.add(wait)  # a drain interrupts the wait
+            try:
+                with wait:
+                    await park.wait(member)
+            finally:
+                ctx.stream_scopes.discard(wait)
+            if wait.cancelled_caught:
+                return None
+
+    async def _wake(self) -> None:
+        await self.x.client.resume_stream(self.x, self)
 
     def _read_client(self, fd: int) -> bool:
         """Take in all the client sent; False once it has closed or reset."""
@@ -242,7 +280,7 @@ class EventStreamRelay:
         cancels = x.mcp is not None and x.mcp.cancel_on_disconnect
         # Only a POSTed request has work upstream worth letting finish; a GET stream of a
         # client that left is just closed.
-        let_finish = x.mcp is not None and not cancels and x.request.method == b"POST"
+        let_finish = x.mcp is not None and not cancels and x.method == b"POST"
         if self.ending or let_finish:
             # Either the client has what it came for (not an error), or it left a stream of
             # an era where leaving is no cancellation (2025-11-25, legacy): the request is

@@ -33,8 +33,8 @@ from proxy.mcp_routing import (
     with_session,
 )
 from proxy.metrics import metrics
-from proxy.net.errors import CLOSED, RECV_SIZE, BackendFailed
-from proxy.net.response import first_upstream_event, respond
+from proxy.net.errors import CLOSED, RECV_SIZE, BackendFailed, StreamParked
+from proxy.net.response import first_upstream_event, respond, resume_relay
 from proxy.net.upstream import UpstreamConnection, UpstreamPool, UpstreamUnavailable
 from proxy.protocol.fast_head import FastHead
 from proxy.protocol.http1 import (
@@ -51,6 +51,7 @@ from proxy.ratelimit import RATE_LIMITED, Decision
 from proxy.routing import Backend, Route, replica_id
 
 if TYPE_CHECKING:
+    from proxy.net.event_stream import EventStreamRelay
     from proxy.net.http_conn import ClientConnection
 
 _RETRY_LATER = ((b"retry-after", b"1"),)
@@ -69,6 +70,9 @@ class Exchange:
         "express",
         "identity",
         "mcp",
+        "method",
+        "parkable",
+        "pool",
         "refused",
         "replica",
         "request",
@@ -78,6 +82,7 @@ class Exchange:
         "started",
         "status",
         "streamed",
+        "target",
         "upgraded",
         "upload_complete",
         "upstream",
@@ -87,7 +92,11 @@ class Exchange:
 
     def __init__(self, client: ClientConnection, request: h11.Request | FastHead) -> None:
         self.client = client
-        self.request = request
+        self.request: h11.Request | FastHead | None = request
+        """The request head; let go of once a stream is relayed (it is the largest object
+        a held stream would keep), the request line staying in ``method`` and ``target``."""
+        self.method = request.method
+        self.target = request.target
         self.started = time.perf_counter()
         self.route: Route | None = None
         self.upstream = ""
@@ -117,6 +126,10 @@ class Exchange:
         """Served by the express lane (proxy.net.express)."""
         self.identity: Identity | None = None
         """Who the caller proved to be (routes with auth only)."""
+        self.pool: UpstreamPool | None = None
+        self.parkable = False
+        """An event stream of this exchange may be parked (``proxy.net.park``): its task
+        is this connection's only one (no upload still running beside the relay)."""
 
     def use_backend(
         self, backend: Backend, route: Route, request: RequestHead, info: RequestInfo
@@ -180,12 +193,12 @@ class Exchange:
         decision: McpDecision | None = None
         if mcp:
             try:
-                check_origin(self.request.headers, route.allowed_origins, info.host)
+                check_origin(request.headers, route.allowed_origins, info.host)
                 decision = decide(
-                    self.request.method,
+                    request.method,
                     info.target,
-                    self.request.headers,
-                    b"".join(body) if self.request.method == b"POST" else None,
+                    request.headers,
+                    b"".join(body) if request.method == b"POST" else None,
                     self._tokens(),
                 )
             except McpRefusal as exc:
@@ -203,7 +216,7 @@ class Exchange:
         backend = ctx.choose_backend(route, decision.replica if decision else None)
         if backend is None:
             return await self._no_backend(decision)
-        pool = ctx.pools[backend]
+        pool = self.pool = ctx.pools[backend]
         headers = self.use_backend(backend, route, request, info)
         if self.identity is not None and not route.forward_credentials:
             assert ctx.control is not None  # an identity comes from the control plane
@@ -215,7 +228,7 @@ class Exchange:
             target = decision.target or target
         self.upstream_target = route.upstream_target(backend, target)
         upstream_request = h11.Request(
-            method=self.request.method, target=self.upstream_target, headers=headers
+            method=request.method, target=self.upstream_target, headers=headers
         )
         try:
             up, first_event = await self._start_upstream(pool, upstream_request, body, body_done)
@@ -226,6 +239,7 @@ class Exchange:
         try:
             if body_done:
                 self.upload_complete = True
+                self.parkable = True
                 await respond(self, up, first_event)
             else:
                 async with trio.open_nursery() as nursery:
@@ -233,9 +247,32 @@ class Exchange:
                     await respond(self, up, first_event)
                     if not self.upload_complete:
                         nursery.cancel_scope.cancel()
+        except StreamParked:
+            raise  # the upstream connection stays with the parked stream
         except BaseException:
             await pool.discard(up)
             raise
+        return await self._after_response(pool, up)
+
+    async def resume_stream(self, relay: EventStreamRelay) -> bool:
+        """``run`` for a parked event stream that woke: the rest of the relay, then what
+        ``run`` does after a response. True if the connection may carry another request."""
+        pool = self.pool
+        assert pool is not None
+        up = relay.upstream
+        try:
+            await resume_relay(self, relay)
+        except StreamParked:
+            raise
+        except BaseException:
+            await pool.discard(up)
+            raise
+        return await self._after_response(pool, up)
+
+    async def _after_response(self, pool: UpstreamPool, up: UpstreamConnection) -> bool:
+        """Give the upstream connection back (or close it), count the outcome, answer an
+        error the client has not had yet; True if the client connection may go on."""
+        client = self.client
         if self.response_started:
             pool.record(self.status < 500)
         if self.upstream_complete and self.upload_complete and not self.upgraded:
@@ -256,6 +293,7 @@ class Exchange:
         ctx = client.ctx
         control = ctx.control
         assert control is not None
+        assert self.request is not None  # still the head: the exchange is being checked
         result = authenticate(
             self.request.headers,
             control.keys,

@@ -9,8 +9,9 @@ access-log line per request.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import h11
 import trio
@@ -23,7 +24,7 @@ from proxy.mcp_routing import McpRefusal, method_label
 from proxy.metrics import LIMIT_BY_STATUS, metrics
 from proxy.net import express
 from proxy.net.context import WorkerContext
-from proxy.net.errors import CLOSED, RECV_SIZE, ClientGone, write_now
+from proxy.net.errors import CLOSED, RECV_SIZE, ClientGone, StreamParked, write_now
 from proxy.net.exchange import Exchange
 from proxy.net.express import eligible
 from proxy.net.proxy_protocol import read_proxy_header
@@ -31,6 +32,9 @@ from proxy.protocol.fast_head import NEED_MORE, FastHead, parse_request_head
 from proxy.protocol.http1 import error_response, protocol_error_status, reason_phrase
 from proxy.protocol.jsonrpc import RequestId
 from proxy.routing import Route
+
+if TYPE_CHECKING:
+    from proxy.net.event_stream import EventStreamRelay
 
 _SERVED, _CLOSE, _FALLBACK = object(), object(), object()
 _EXPRESS_FIELDS: dict[bool, dict[str, str]] = {True: {"lane": "express"}, False: {}}
@@ -64,7 +68,9 @@ class ClientConnection:
         self._kind = "http"
         self._leases: list[Lease] = []
         """Global connection-cap leases this connection holds (IP, tenants)."""
-        self._tenants: set[str] = set()
+        self._tenants: set[str] | None = None
+        """Tenants counted against their caps (made on first use: most connections have
+        none, and a held stream should not carry an empty set)."""
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -72,26 +78,61 @@ class ClientConnection:
         m = metrics()
         m.connections.inc()
         m.connections_active.labels("http").inc()
+        await self._guarded(self._serve_from_start())
+
+    async def resume_stream(self, x: Exchange, relay: EventStreamRelay) -> None:
+        """A parked event stream woke, in a task of its own: relay on, then do what the
+        task that parked it would have done after the relay (finish the exchange, serve
+        the connection's next request, close it)."""
+        await self._guarded(self._stream_on(x, relay))
+
+    async def _serve_from_start(self) -> None:
+        ctx = self.ctx
+        if ctx.config.proxy_protocol.enabled:
+            peer = await read_proxy_header(
+                ctx, self.stream, self.conn, (self.peer_ip, self.peer_port)
+            )
+            if peer is None:
+                return
+            self.peer_ip, self.peer_port = peer
+        await self._serve(first=True)
+
+    async def _stream_on(self, x: Exchange, relay: EventStreamRelay) -> None:
+        parked = False
         try:
-            if ctx.config.proxy_protocol.enabled:
-                peer = await read_proxy_header(
-                    ctx, self.stream, self.conn, (self.peer_ip, self.peer_port)
-                )
-                if peer is None:
-                    return
-                self.peer_ip, self.peer_port = peer
-            await self._serve()
+            keep = await x.resume_stream(relay)
+        except StreamParked:
+            parked = True
+            raise
+        finally:
+            if not parked:
+                self._account(x, x.method)
+        if self._next_cycle(keep):
+            await self._serve(first=False)
+
+    async def _guarded(self, serving: Coroutine[Any, Any, None]) -> None:
+        """Run the connection's work; close it when that ends, unless a stream was parked
+        (the park's task carries the connection on)."""
+        parked = False
+        try:
+            await serving
+        except StreamParked:
+            parked = True
         except (*CLOSED, ClientGone):
             pass
         except Exception:
             # A bug must cost one connection, never the worker.
-            ctx.log.exception("connection_failed", client=self.peer_ip, port=self.peer_port)
+            self.ctx.log.exception("connection_failed", client=self.peer_ip, port=self.peer_port)
         finally:
-            ctx.stats.active_connections -= 1
-            m.connections_active.labels(self._kind).dec()
-            await trio.aclose_forcefully(self.stream)
-            if self._leases:
-                await self._release_leases()
+            if not parked:
+                await self._close()
+
+    async def _close(self) -> None:
+        self.ctx.stats.active_connections -= 1
+        metrics().connections_active.labels(self._kind).dec()
+        await trio.aclose_forcefully(self.stream)
+        if self._leases:
+            await self._release_leases()
 
     async def _release_leases(self) -> None:
         control = self.ctx.control
@@ -119,39 +160,50 @@ class ClientConnection:
         """Count this connection against its tenant's cap, once per tenant."""
         tenant = identity.tenant
         control = self.ctx.control
-        if tenant is None or tenant in self._tenants or control is None:
+        if tenant is None or control is None or (self._tenants and tenant in self._tenants):
             return None
         refused = await self._hold(
             tenant_scope(tenant), connection_cap(control.config.rate_limits, identity)
         )
         if refused is None:
+            if self._tenants is None:
+                self._tenants = set()
             self._tenants.add(tenant)
         return refused
 
-    @contextmanager
-    def kind(self, kind: str) -> Iterator[None]:
+    def enter_kind(self, kind: str) -> None:
         """Count this connection as ``kind`` (sse, websocket) in the active gauge."""
         gauge = metrics().connections_active
         gauge.labels(self._kind).dec()
         gauge.labels(kind).inc()
-        previous, self._kind = self._kind, kind
+        self._kind = kind
+
+    def leave_kind(self) -> None:
+        """Back to a plain HTTP connection in the active gauge."""
+        gauge = metrics().connections_active
+        gauge.labels(self._kind).dec()
+        gauge.labels("http").inc()
+        self._kind = "http"
+
+    @contextmanager
+    def kind(self, kind: str) -> Iterator[None]:
+        """``enter_kind`` for the length of a block."""
+        self.enter_kind(kind)
         try:
             yield
         finally:
-            gauge.labels(kind).dec()
-            gauge.labels(previous).inc()
-            self._kind = previous
+            self.leave_kind()
 
     def _new_conn(self) -> h11.Connection:
         return h11.Connection(
             h11.SERVER, max_incomplete_event_size=self.ctx.config.limits.max_header_bytes
         )
 
-    async def _serve(self) -> None:
+    async def _serve(self, *, first: bool) -> None:
+        """Serve requests until the connection should close (``first``: none served yet)."""
         accepted = trio.current_time()
-        first = True
         express = self.ctx.config.server.express
-        if express:
+        if express and first:
             # Bytes that came with a PROXY header went into h11; the lane reads them first.
             self._buffer += self.conn.trailing_data[0]
             self.conn = self._new_conn()
@@ -177,17 +229,24 @@ class ClientConnection:
                     await self.refuse(429, reason, None, extra=[(b"retry-after", retry)])
                     return
             first = False
-            if not await self._exchange(request) or self.ctx.draining:
+            if not self._next_cycle(await self._exchange(request)):
                 return
-            conn = self.conn
-            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return
-            if express:
-                # What arrived past this request (pipelining) goes back to the lane.
-                self._buffer += conn.trailing_data[0]
-                self.conn = self._new_conn()
-            else:
-                conn.start_next_cycle()
+
+    def _next_cycle(self, keep: bool) -> bool:
+        """After an exchange on the h11 path: ready for the next request, or False when
+        the connection should close."""
+        if not keep or self.ctx.draining:
+            return False
+        conn = self.conn
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return False
+        if self.ctx.config.server.express:
+            # What arrived past this request (pipelining) goes back to the lane.
+            self._buffer += conn.trailing_data[0]
+            self.conn = self._new_conn()
+        else:
+            conn.start_next_cycle()
+        return True
 
     # -- the express lane (proxy.net.express) ----------------------------------------------
 
@@ -351,10 +410,15 @@ class ClientConnection:
         ctx = self.ctx
         ctx.stats.requests += 1
         x = Exchange(self, request)
+        parked = False
         try:
             return await x.run()
+        except StreamParked:
+            parked = True  # accounted for when the stream ends (_stream_on)
+            raise
         finally:
-            self._account(x, request.method)
+            if not parked:
+                self._account(x, request.method)
 
     def _account(self, x: Exchange, method: bytes) -> None:
         """Metrics, the access line and the usage record of a finished exchange."""
@@ -475,13 +539,13 @@ class ClientConnection:
         log = self.ctx.access_log
         if log is None:
             return
-        target = x.request.target
+        target = x.target
         query_at = target.find(b"?")
         log.info(
             "access",
             client=self.peer_ip,
             port=self.peer_port,
-            method=x.request.method.decode("ascii", "replace"),
+            method=x.method.decode("ascii", "replace"),
             path=(target if query_at < 0 else target[:query_at]).decode("ascii", "replace"),
             status=x.status,
             route=x.route.prefix if x.route is not None else None,
@@ -517,7 +581,7 @@ def usage_record(x: Exchange, elapsed: float) -> UsageRecord:
         key_id=identity.key_id if identity is not None else None,
         tenant_id=identity.tenant_id if identity is not None else None,
         route=x.route.prefix if x.route is not None else "",
-        method=method or x.request.method.decode("ascii", "replace"),
+        method=method or x.method.decode("ascii", "replace"),
         tool=decision.name if decision is not None and method == "tools/call" else None,
         status=x.status,
         bytes_in=x.bytes_in,

@@ -12,12 +12,13 @@ resumes; a WebSocket tunnel is closed with 1001 (``proxy.net.relay``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import h11
 import trio
 
-from proxy.net.errors import CLOSED, RECV_SIZE, BackendFailed, ClientGone
+from proxy.net.errors import CLOSED, RECV_SIZE, BackendFailed, ClientGone, StreamParked
 from proxy.net.event_stream import EventStreamRelay, mcp_response_headers
 from proxy.net.relay import Tunnel
 from proxy.net.upstream import UpstreamConnection
@@ -51,14 +52,43 @@ async def first_upstream_event(up: UpstreamConnection, response_timeout: float) 
 async def respond(
     x: Exchange, up: UpstreamConnection, event: h11.Event | type[h11.NEED_DATA]
 ) -> None:
-    """Relay the response; failures are recorded on ``x``, never raised."""
+    """Relay the response; failures are recorded on ``x``, never raised. Raises
+    StreamParked when an event stream was parked (``resume_relay`` carries it on)."""
+    await _recorded(x, _relay(x, up, event))
+
+
+async def resume_relay(x: Exchange, relay: EventStreamRelay) -> None:
+    """``respond`` for a parked event stream that woke: the rest of its relay."""
+    await _recorded(x, _stream_on(x, relay, None))
+
+
+async def _recorded(x: Exchange, relaying: Coroutine[Any, Any, None]) -> None:
     try:
-        await _relay(x, up, event)
+        await relaying
     except BackendFailed as exc:
         x.fail(exc.status, exc.reason)
     except ClientGone:
         x.client_gone = True
         x.fail(499, "client closed the connection")
+
+
+async def _stream_on(x: Exchange, relay: EventStreamRelay, head: bytes | None) -> None:
+    """Relay an event stream (from its ``head``, or on after it woke); the connection
+    counts as an SSE one until the stream ends, parked spells included."""
+    parked = False
+    try:
+        if head is not None:
+            x.client.enter_kind("sse")
+            x.request = None  # what is left to do needs only the request line
+            await relay.run(head)
+        else:
+            await relay.resume()
+    except StreamParked:
+        parked = True
+        raise
+    finally:
+        if not parked:
+            x.client.leave_kind()
 
 
 async def _relay(
@@ -98,8 +128,7 @@ async def _relay(
         await _relay_body(x, up, head or b"")
         return
     x.streamed = True
-    with client.kind("sse"):
-        await EventStreamRelay(x, up, headers).run(head or b"")
+    await _stream_on(x, EventStreamRelay(x, up, headers), head or b"")
 
 
 async def _relay_body(x: Exchange, up: UpstreamConnection, head: bytes) -> None:

@@ -1,0 +1,257 @@
+"""Idle SSE streams are parked (``proxy.net.park``): they hold no task while silent, and
+everything a stream's task did still happens once it wakes.
+
+A worker runs in this process so the test can look at its tasks; the backend is a small
+trio server whose streams send exactly what the test tells them to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+from proxy.config import Config, from_mapping
+from proxy.net.context import WorkerContext
+from proxy.observability import configure_logging
+from proxy.worker import serve
+from tests.support.proxy_process import free_port
+from tests.support.raw_backend import eventually
+
+WAIT = 5.0
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+    b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+@dataclass(eq=False)
+class HeldStream:
+    """One backend-side stream: the test writes events to it and ends it."""
+
+    stream: trio.SocketStream
+    gone: trio.Event = field(default_factory=trio.Event)
+    """The proxy closed this upstream connection."""
+    ended: bool = False
+
+    async def event(self, data: bytes) -> None:
+        await self.stream.send_all(_chunk(data))
+
+    async def end(self) -> None:
+        self.ended = True
+        await self.stream.send_all(b"0\r\n\r\n")
+
+
+class StreamBackend:
+    """Answers ``GET /sse`` with an SSE head and then only what the test sends; answers
+    any other request with a small 200. Keeps the upstream connections open."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.streams: list[HeldStream] = []
+        self.arrived = trio.Condition()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        buffer = b""
+        while True:
+            while b"\r\n\r\n" not in buffer:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buffer += data
+            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            if not head.startswith(b"GET /sse"):
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain")
+                continue
+            await stream.send_all(SSE_HEAD)
+            held = HeldStream(stream)
+            async with self.arrived:
+                self.streams.append(held)
+                self.arrived.notify_all()
+            # Until the test ends the stream, the proxy sends nothing; after it, what
+            # comes is the next request on this (reused) connection.
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                data = b""
+            if not data:
+                held.gone.set()
+                return
+            assert held.ended, f"bytes on a stream's upstream connection: {data!r}"
+            buffer += data
+
+    async def wait_for_streams(self, count: int) -> None:
+        with trio.fail_after(WAIT):
+            async with self.arrived:
+                while len(self.streams) < count:
+                    await self.arrived.wait()
+
+
+class Client:
+    """A raw client of the proxy that reads the chunked SSE body as it comes."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.received = b""
+
+    @classmethod
+    async def open(cls, port: int, index: int) -> Client:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        client = cls(stream)
+        await stream.send_all(
+            b"GET /sse?c=%d HTTP/1.1\r\nhost: proxy\r\naccept: text/event-stream\r\n\r\n" % index
+        )
+        return client
+
+    async def read_until(self, marker: bytes) -> None:
+        with trio.fail_after(WAIT):
+            while marker not in self.received:
+                data = await self.stream.receive_some(65536)
+                assert data, f"the proxy closed the stream before {marker!r}: {self.received!r}"
+                self.received += data
+
+    async def read_to_eof(self) -> None:
+        with trio.fail_after(WAIT):
+            while data := await self.stream.receive_some(65536):
+                self.received += data
+
+
+def _config(backend_port: int, **upstream: float) -> Config:
+    return from_mapping(
+        {
+            "server": {"listen": [f"127.0.0.1:{free_port()}"], "workers": 1},
+            "admin": {"listen": ""},
+            "log": {"access_log": False},
+            "upstream": dict(upstream),
+            "routes": [{"prefix": "/", "backends": [f"http://127.0.0.1:{backend_port}"]}],
+        },
+        "test",
+    )
+
+
+@pytest.fixture
+async def backend(nursery: trio.Nursery) -> StreamBackend:
+    server = StreamBackend()
+    await nursery.start(server.serve)
+    return server
+
+
+@pytest.fixture(autouse=True)
+def quiet_logs() -> None:
+    configure_logging("warning")
+
+
+async def _worker(nursery: trio.Nursery, config: Config) -> tuple[WorkerContext, int]:
+    ctx: WorkerContext = await nursery.start(serve, config)
+    port = int(config.server.listen[0].rsplit(":", 1)[1])
+    return ctx, port
+
+
+def _connection_tasks(ctx: WorkerContext) -> int:
+    """Tasks in the worker's connection nursery, the accept loop's not counted."""
+    nursery = ctx.park.nursery
+    assert nursery is not None
+    return sum(1 for task in nursery.child_tasks if "accept" not in task.name)
+
+
+@pytest.fixture
+async def worker_nursery() -> AsyncIterator[trio.Nursery]:
+    async with trio.open_nursery() as nursery:
+        yield nursery
+        nursery.cancel_scope.cancel()
+
+
+async def test_idle_streams_hold_no_task_and_every_event_still_arrives(
+    backend: StreamBackend, worker_nursery: trio.Nursery
+) -> None:
+    ctx, port = await _worker(worker_nursery, _config(backend.port))
+    clients = [await Client.open(port, i) for i in range(40)]
+    await backend.wait_for_streams(40)
+    for held in backend.streams:
+        await held.event(b"data: one\n\n")
+    for client in clients:
+        await client.read_until(b"data: one\n\n")
+    await trio.sleep(0.1)
+    assert _connection_tasks(ctx) == 0, "an idle stream kept its task"
+    for round_ in (b"two", b"three"):
+        for held in backend.streams:
+            await held.event(b"data: %s\n\n" % round_)
+        for client in clients:
+            await client.read_until(b"data: %s\n\n" % round_)
+    await trio.sleep(0.1)
+    assert _connection_tasks(ctx) == 0
+    assert ctx.stats.active_connections == 40
+    for client in clients:
+        await client.stream.aclose()
+    with trio.fail_after(WAIT):
+        for held in backend.streams:
+            await held.gone.wait()  # a parked stream notices its client leaving
+    await eventually(lambda: ctx.stats.active_connections == 0)
+
+
+async def test_a_stream_that_ends_while_parked_lets_the_connection_serve_again(
+    backend: StreamBackend, worker_nursery: trio.Nursery
+) -> None:
+    ctx, port = await _worker(worker_nursery, _config(backend.port))
+    client = await Client.open(port, 0)
+    await backend.wait_for_streams(1)
+    await backend.streams[0].event(b"data: only\n\n")
+    await client.read_until(b"data: only\n\n")
+    await trio.sleep(0.1)
+    assert _connection_tasks(ctx) == 0
+    await backend.streams[0].end()
+    await client.read_until(b"0\r\n\r\n")
+    # The same connection carries the next request: the woken task served it.
+    await client.stream.send_all(b"GET /next HTTP/1.1\r\nhost: proxy\r\n\r\n")
+    await client.read_until(b"plain")
+    assert b"HTTP/1.1 200" in client.received.rpartition(b"0\r\n\r\n")[2]
+    await client.stream.aclose()
+
+
+async def test_a_parked_stream_wakes_for_its_idle_timeout(
+    backend: StreamBackend, worker_nursery: trio.Nursery
+) -> None:
+    ctx, port = await _worker(worker_nursery, _config(backend.port, stream_idle_timeout=0.5))
+    client = await Client.open(port, 0)
+    await backend.wait_for_streams(1)
+    await backend.streams[0].event(b"data: first\n\n")
+    await client.read_until(b"data: first\n\n")
+    started = trio.current_time()
+    await client.read_to_eof()  # the proxy ends the silent stream
+    assert 0.3 < trio.current_time() - started < 3.0
+    assert not client.received.endswith(b"0\r\n\r\n"), "an idle timeout is no clean end"
+    with trio.fail_after(WAIT):
+        await backend.streams[0].gone.wait()
+    assert ctx.stats.active_connections == 0
+
+
+async def test_a_drain_wakes_parked_streams_and_ends_them_with_a_retry_hint(
+    backend: StreamBackend, worker_nursery: trio.Nursery
+) -> None:
+    ctx, port = await _worker(worker_nursery, _config(backend.port))
+    clients = [await Client.open(port, i) for i in range(5)]
+    await backend.wait_for_streams(5)
+    for held in backend.streams:
+        await held.event(b"data: before\n\n")
+    for client in clients:
+        await client.read_until(b"data: before\n\n")
+    await trio.sleep(0.1)
+    assert _connection_tasks(ctx) == 0
+    ctx.start_drain()
+    for client in clients:
+        await client.read_to_eof()
+        assert b"retry: " in client.received
+        assert client.received.endswith(b"0\r\n\r\n")
