@@ -191,35 +191,37 @@ async def _serve_until_signal(
     on_ready: Callable[[WorkerContext], None] | None,
 ) -> None:
     """Accept until SIGTERM/SIGINT, then drain the connections (bounded)."""
-    async with trio.open_nursery() as connections:
-        # Parked SSE streams get their tasks back in here, under the drain deadline.
-        ctx.park.nursery = connections
-        accepting = trio.CancelScope()
+    try:
+        async with trio.open_nursery() as connections:
+            # Parked SSE streams get their tasks back in here, under the drain deadline.
+            ctx.park.nursery = connections
+            accepting = trio.CancelScope()
 
-        async def accept_all() -> None:
-            with accepting:
-                async with trio.open_nursery() as accept_nursery:
-                    for sock in socks:
-                        accept_nursery.start_soon(accept_loop, ctx, sock, handle, connections)
+            async def accept_all() -> None:
+                with accepting:
+                    async with trio.open_nursery() as accept_nursery:
+                        for sock in socks:
+                            accept_nursery.start_soon(accept_loop, ctx, sock, handle, connections)
 
-        connections.start_soon(accept_all)
-        ctx.log.info("worker_ready", listen=list(config.server.listen))
-        task_status.started(ctx)
-        if on_ready is not None:
-            on_ready(ctx)
-        async for signum in signals:
-            ctx.log.info(
-                "worker_draining",
-                signal=signal.Signals(signum).name,
-                active_connections=ctx.stats.active_connections,
-            )
-            break
-        accepting.cancel()
-        for sock in socks:
-            sock.close()
-        ctx.start_drain()
-        connections.cancel_scope.deadline = trio.current_time() + config.server.drain_timeout
-    ctx.park.nursery = None
+            connections.start_soon(accept_all)
+            ctx.log.info("worker_ready", listen=list(config.server.listen))
+            task_status.started(ctx)
+            if on_ready is not None:
+                on_ready(ctx)
+            async for signum in signals:
+                ctx.log.info(
+                    "worker_draining",
+                    signal=signal.Signals(signum).name,
+                    active_connections=ctx.stats.active_connections,
+                )
+                break
+            accepting.cancel()
+            for sock in socks:
+                sock.close()
+            ctx.start_drain()
+            connections.cancel_scope.deadline = trio.current_time() + config.server.drain_timeout
+    finally:
+        ctx.park.nursery = None  # woken streams find no nursery: they are dropped
 
 
 def _listening_sockets(config: Config) -> list[socket.socket]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Iterator
@@ -153,3 +154,78 @@ def test_each_trio_run_gets_its_own_watcher() -> None:
 
     trio.run(one_run)
     trio.run(one_run)
+
+
+async def test_a_parked_stream_is_woken_in_a_new_task_by_bytes_or_its_deadline(
+    pairs: tuple[socket.socket, ...],
+) -> None:
+    backend_here, backend, client_here, _ = pairs
+    park = StreamPark()
+    member = park.enter(backend_here.fileno(), client_here.fileno())
+    member.settle(BACKEND | CLIENT)
+    woken: list[float] = []
+    each_wake = trio.Event()
+
+    async def wake() -> None:
+        nonlocal each_wake
+        woken.append(trio.current_time())
+        each_wake.set()
+        each_wake = trio.Event()
+
+    async with trio.open_nursery() as nursery:
+        park.nursery = nursery
+        # Bytes: woken at once, whatever the deadline.
+        park.park(member, trio.current_time() + 60, wake)
+        assert member in park._parked
+        backend.send(b"data: 1\n\n")
+        with trio.fail_after(5):
+            await each_wake.wait()
+        assert not member.parked and member.ready == BACKEND
+        assert _drain(backend_here) == b"data: 1\n\n"
+        member.settle(BACKEND)
+        # A deadline: woken when it passes, not before.
+        parked_at = trio.current_time()
+        park.park(member, parked_at + 0.2, wake)
+        with trio.fail_after(5):
+            await each_wake.wait()
+        assert woken[-1] - parked_at >= 0.2
+        # Parked again with a later deadline while the first timer is still pending: the
+        # stream keeps one timer entry, which moves on to the later deadline.
+        parked_at = trio.current_time()
+        park.park(member, parked_at + 0.1, wake)
+        backend.send(b"x")
+        with trio.fail_after(5):
+            await each_wake.wait()
+        _drain(backend_here)
+        member.settle(BACKEND)
+        park.park(member, parked_at + 0.4, wake)
+        with trio.fail_after(5):
+            await each_wake.wait()
+        assert woken[-1] - parked_at >= 0.4
+        assert len(park._timers) <= 1
+        # A drain wakes every parked stream.
+        park.park(member, math.inf, wake)
+        park.wake_all()
+        with trio.fail_after(5):
+            await each_wake.wait()
+        assert len(woken) == 5
+        park.leave(member)
+        park.nursery = None
+
+
+async def test_a_stream_woken_with_no_nursery_left_is_dropped(
+    pairs: tuple[socket.socket, ...],
+) -> None:
+    backend_here, backend, client_here, _ = pairs
+    park = StreamPark()
+    member = park.enter(backend_here.fileno(), client_here.fileno())
+    member.settle(BACKEND | CLIENT)
+
+    async def wake() -> None:
+        raise AssertionError("no task can be started")
+
+    park.park(member, math.inf, wake)
+    backend.send(b"late")
+    await trio.sleep(0.1)
+    assert not member.parked
+    assert backend_here.fileno() not in park._members
