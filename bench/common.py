@@ -117,10 +117,13 @@ def revision() -> JSON:
             return ""
         return out.stdout.rstrip()
 
+    # A copy of the tree copied to another machine (its .git missing or stale) is named by
+    # BENCH_COMMIT, set by whoever copied it there.
+    named = os.environ.get("BENCH_COMMIT")
+    if named:
+        return {"commit": named, "proxy_changes": []}
     changed = [line[3:] for line in git("status", "--porcelain", "--", "proxy").splitlines()]
-    # A copy of the tree without .git (another machine) names its commit in BENCH_COMMIT.
-    commit = git("rev-parse", "--short", "HEAD").strip() or os.environ.get("BENCH_COMMIT", "")
-    return {"commit": commit, "proxy_changes": changed}
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "proxy_changes": changed}
 
 
 class JsonChild:

@@ -503,10 +503,12 @@ def plots(results: JSON, folder: Path, prefix: str) -> list[Path]:
         axes[1].set_ylabel("ms")
         axes[1].set_title("Broadcast delay per event")
         axes[1].legend(fontsize=8)
-        axes[2].plot(ts, [p["rss_bytes"] / 2**20 for p in tl])
+        rss_mib = [p["rss_bytes"] / 2**20 for p in tl]
+        axes[2].plot(ts, rss_mib)
         axes[2].set_xlabel("s")
         axes[2].set_ylabel("MiB")
-        axes[2].set_ylim(bottom=0)
+        # Room above a flat line, which would otherwise sit on the frame.
+        axes[2].set_ylim(bottom=0, top=max(rss_mib, default=1.0) * 1.15 or 1.0)
         axes[2].set_title("Switchboard RSS (all processes)")
         save(fig, "soak")
     return written
