@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from proxy.config import Config
-from proxy.net.park import StreamPark
+from proxy.net.errors import StreamParked
+from proxy.net.park import ParkedStream, StreamPark, Wake
 from proxy.net.upstream import UpstreamPool
 from proxy.observability import WorkerStats
 from proxy.protocol.http1 import ForwardingPolicy
@@ -99,6 +100,28 @@ class WorkerContext:
             if pools[backend].usable(now):
                 return backend
         return None
+
+    async def idle_wait(
+        self, member: ParkedStream, deadline: float, wake: Wake, *, parkable: bool
+    ) -> bool:
+        """Wait until ``member`` is ready for what it is interested in (True), or until
+        ``deadline`` or a drain (False). Where the stream may be parked, it is: this
+        raises StreamParked and ``wake`` carries the stream on in a new task."""
+        if member.ready & member.interest:
+            await trio.lowlevel.checkpoint()
+            return True
+        if parkable and self.park.can_park() and not self.draining:
+            self.park.park(member, deadline, wake)
+            raise StreamParked
+        wait = trio.CancelScope(deadline=deadline)
+        if not self.draining:
+            self.stream_scopes.add(wait)  # a drain interrupts the wait
+        try:
+            with wait:
+                await self.park.wait(member)
+        finally:
+            self.stream_scopes.discard(wait)
+        return not wait.cancelled_caught
 
     def start_drain(self) -> None:
         self.draining = True

@@ -228,7 +228,6 @@ class EventStreamRelay:
         (pipelining) and its leaving handled (``_client_left``). When nothing is ready
         the stream is parked (StreamParked) where it can be, else waits in this task."""
         ctx = self.x.client.ctx
-        park = ctx.park
         while True:
             if member.ready & CLIENT:
                 if not self.client_left and not self._read_client(member.client_fd):
@@ -241,18 +240,7 @@ class EventStreamRelay:
                     member.settle(BACKEND)
             if trio.current_time() >= wait_until:
                 return None
-            if self.x.parkable and park.can_park() and not ctx.draining:
-                park.park(member, wait_until, self._wake)
-                raise StreamParked
-            wait = trio.CancelScope(deadline=wait_until)
-            if not ctx.draining:
-                ctx.stream_scopes.add(wait)  # a drain interrupts the wait
-            try:
-                with wait:
-                    await park.wait(member)
-            finally:
-                ctx.stream_scopes.discard(wait)
-            if wait.cancelled_caught:
+            if not await ctx.idle_wait(member, wait_until, self._wake, parkable=self.x.parkable):
                 return None
 
     async def _wake(self) -> None:

@@ -51,8 +51,8 @@ from proxy.ratelimit import RATE_LIMITED, Decision
 from proxy.routing import Backend, Route, replica_id
 
 if TYPE_CHECKING:
-    from proxy.net.event_stream import EventStreamRelay
     from proxy.net.http_conn import ClientConnection
+    from proxy.net.response import Relay
 
 _RETRY_LATER = ((b"retry-after", b"1"),)
 
@@ -254,7 +254,7 @@ class Exchange:
             raise
         return await self._after_response(pool, up)
 
-    async def resume_stream(self, relay: EventStreamRelay) -> bool:
+    async def resume_stream(self, relay: Relay) -> bool:
         """``run`` for a parked event stream that woke: the rest of the relay, then what
         ``run`` does after a response. True if the connection may carry another request."""
         pool = self.pool

@@ -34,7 +34,7 @@ from proxy.protocol.jsonrpc import RequestId
 from proxy.routing import Route
 
 if TYPE_CHECKING:
-    from proxy.net.event_stream import EventStreamRelay
+    from proxy.net.response import Relay
 
 _SERVED, _CLOSE, _FALLBACK = object(), object(), object()
 _EXPRESS_FIELDS: dict[bool, dict[str, str]] = {True: {"lane": "express"}, False: {}}
@@ -80,7 +80,7 @@ class ClientConnection:
         m.connections_active.labels("http").inc()
         await self._guarded(self._serve_from_start())
 
-    async def resume_stream(self, x: Exchange, relay: EventStreamRelay) -> None:
+    async def resume_stream(self, x: Exchange, relay: Relay) -> None:
         """A parked event stream woke, in a task of its own: relay on, then do what the
         task that parked it would have done after the relay (finish the exchange, serve
         the connection's next request, close it)."""
@@ -97,7 +97,7 @@ class ClientConnection:
             self.peer_ip, self.peer_port = peer
         await self._serve(first=True)
 
-    async def _stream_on(self, x: Exchange, relay: EventStreamRelay) -> None:
+    async def _stream_on(self, x: Exchange, relay: Relay) -> None:
         parked = False
         try:
             keep = await x.resume_stream(relay)

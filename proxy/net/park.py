@@ -33,7 +33,13 @@ import trio
 
 BACKEND = 1
 CLIENT = 2
+BACKEND_OUT = 4
+CLIENT_OUT = 8
+"""Bits of ``ParkedStream.ready``: a side may have bytes (or its end) to read, or room
+to write (``OUT``, for streams entered with ``writes``)."""
 _EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _BATCH = 1024
 
 Wake = Callable[[], Awaitable[None]]
@@ -43,12 +49,23 @@ class ParkedStream:
     """The two sockets of one stream in the park; ``ready`` has a bit per side that may
     have bytes (or its end) to read."""
 
-    __slots__ = ("_deadline", "_task", "_timer", "_wake", "backend_fd", "client_fd", "ready")
+    __slots__ = (
+        "_deadline",
+        "_task",
+        "_timer",
+        "_wake",
+        "backend_fd",
+        "client_fd",
+        "interest",
+        "ready",
+    )
 
     def __init__(self, backend_fd: int, client_fd: int) -> None:
         self.backend_fd = backend_fd
         self.client_fd = client_fd
         self.ready = BACKEND | CLIENT  # bytes may have come before it entered
+        self.interest = BACKEND | CLIENT
+        """The ``ready`` bits that wake the stream."""
         self._task: trio.lowlevel.Task | None = None
         self._wake: Wake | None = None
         """Set while parked: what carries the stream on."""
@@ -92,17 +109,19 @@ class StreamPark:
         self._watcher_scope: trio.CancelScope | None = None
         self.nursery: trio.Nursery | None = None
 
-    def enter(self, backend_fd: int, client_fd: int) -> ParkedStream:
-        """Watch both sockets of a stream (until ``leave``)."""
+    def enter(self, backend_fd: int, client_fd: int, *, writes: bool = False) -> ParkedStream:
+        """Watch both sockets of a stream (until ``leave``); for room to write too with
+        ``writes``."""
         epoll = self._started()
         member = ParkedStream(backend_fd, client_fd)
+        events = _EVENTS | (select.EPOLLOUT if writes else 0)
         for fd, side in ((backend_fd, BACKEND), (client_fd, CLIENT)):
             self._members[fd] = (member, side)
             try:
-                epoll.register(fd, _EVENTS)
+                epoll.register(fd, events)
             except FileExistsError:
                 # Left registered by a stream whose socket closed before it left.
-                epoll.modify(fd, _EVENTS)
+                epoll.modify(fd, events)
         return member
 
     def leave(self, member: ParkedStream) -> None:
@@ -125,7 +144,7 @@ class StreamPark:
         member._wake = wake
         member._deadline = deadline
         self._parked.add(member)
-        if member.ready:
+        if member.ready & member.interest:
             self._wake(member)
         elif deadline < member._timer:
             # One live timer entry per stream: a later deadline is not pushed, the earlier
@@ -148,7 +167,7 @@ class StreamPark:
 
     async def wait(self, member: ParkedStream) -> None:
         """Until a side of ``member`` is ready (at once if one is); cancellable."""
-        if member.ready:
+        if member.ready & member.interest:
             await trio.lowlevel.checkpoint()
             return
         member._task = trio.lowlevel.current_task()
@@ -215,12 +234,17 @@ class StreamPark:
                         self._wake(member)
                     else:
                         self._push_timer(member, member._deadline)
-                for fd, _ in epoll.poll(0, _BATCH):
+                for fd, events in epoll.poll(0, _BATCH):
                     found = self._members.get(fd)
                     if found is None:
                         continue
                     member, side = found
-                    member.ready |= side
+                    bits = (side if events & _READ_EVENTS else 0) | (
+                        side << 2 if events & _WRITE_EVENTS else 0
+                    )
+                    member.ready |= bits
+                    if not bits & member.interest:
+                        continue
                     task = member._task
                     if task is not None:
                         member._task = None

@@ -57,8 +57,12 @@ async def respond(
     await _recorded(x, _relay(x, up, event))
 
 
-async def resume_relay(x: Exchange, relay: EventStreamRelay) -> None:
-    """``respond`` for a parked event stream that woke: the rest of its relay."""
+Relay = EventStreamRelay | Tunnel
+"""What a parked stream carries on with: an SSE relay or a WebSocket tunnel."""
+
+
+async def resume_relay(x: Exchange, relay: Relay) -> None:
+    """``respond`` for a parked stream that woke: the rest of its relay."""
     await _recorded(x, _stream_on(x, relay, None))
 
 
@@ -72,15 +76,19 @@ async def _recorded(x: Exchange, relaying: Coroutine[Any, Any, None]) -> None:
         x.fail(499, "client closed the connection")
 
 
-async def _stream_on(x: Exchange, relay: EventStreamRelay, head: bytes | None) -> None:
-    """Relay an event stream (from its ``head``, or on after it woke); the connection
-    counts as an SSE one until the stream ends, parked spells included."""
+async def _stream_on(
+    x: Exchange, relay: Relay, start: tuple[str, Coroutine[Any, Any, None]] | None
+) -> None:
+    """Relay a stream from its ``start`` (the connection's kind while it lasts, and the
+    relay's first step), or on after it woke. The connection counts as that kind until
+    the stream ends, parked spells included."""
     parked = False
     try:
-        if head is not None:
-            x.client.enter_kind("sse")
+        if start is not None:
+            kind, first_step = start
+            x.client.enter_kind(kind)
             x.request = None  # what is left to do needs only the request line
-            await relay.run(head)
+            await first_step
         else:
             await relay.resume()
     except StreamParked:
@@ -128,7 +136,8 @@ async def _relay(
         await _relay_body(x, up, head or b"")
         return
     x.streamed = True
-    await _stream_on(x, EventStreamRelay(x, up, headers), head or b"")
+    relay = EventStreamRelay(x, up, headers)
+    await _stream_on(x, relay, ("sse", relay.run(head or b"")))
 
 
 async def _relay_body(x: Exchange, up: UpstreamConnection, head: bytes) -> None:
@@ -199,22 +208,17 @@ async def _switch_protocols(
     x.upgraded = x.streamed = True
     client_pending = conn.trailing_data[0]
     backend_pending = up.h11.trailing_data[0]
-    tunnel = Tunnel(client.stream, up.stream)
+    up_cfg = ctx.config.upstream
+    tunnel = Tunnel(
+        x,
+        up,
+        idle_timeout=up_cfg.stream_idle_timeout,
+        half_close_timeout=up_cfg.tunnel_half_close_timeout,
+    )
     if backend_pending:
         tunnel.observe_backend_bytes(backend_pending)
     await client.send(head + backend_pending)
     if client_pending:
         await up.stream.send_all(client_pending)
-    up_cfg = ctx.config.upstream
-    with client.kind("websocket"):
-        # The access line is written when the tunnel ends, with its duration.
-        outcome = await tunnel.run(
-            idle_timeout=up_cfg.stream_idle_timeout,
-            half_close_timeout=up_cfg.tunnel_half_close_timeout,
-            drain=ctx.drain_event,
-        )
-    if tunnel.closed_by_drain:
-        x.error = "tunnel closed by drain (1001)"
-    elif outcome != "closed":
-        x.error = f"tunnel ended: {outcome}"
-    x.response_complete = True
+    # The access line is written when the tunnel ends, with its duration.
+    await _stream_on(x, tunnel, ("websocket", tunnel.start()))

@@ -25,6 +25,16 @@ def pairs() -> Iterator[tuple[socket.socket, socket.socket, socket.socket, socke
         sock.close()
 
 
+def _quiet_member(
+    backend_here: socket.socket, client_here: socket.socket
+) -> tuple[StreamPark, ParkedStream]:
+    """A park with one stream in it whose sides have both been read empty."""
+    park = StreamPark()
+    member = park.enter(backend_here.fileno(), client_here.fileno())
+    member.settle(BACKEND | CLIENT)
+    return park, member
+
+
 def _drain(sock: socket.socket) -> bytes:
     out = b""
     while True:
@@ -68,9 +78,7 @@ async def test_a_side_stays_ready_until_a_read_of_it_comes_back_empty(
     pairs: tuple[socket.socket, ...],
 ) -> None:
     backend_here, backend, client_here, client = pairs
-    park = StreamPark()
-    member = park.enter(backend_here.fileno(), client_here.fileno())
-    member.settle(BACKEND | CLIENT)
+    park, member = _quiet_member(backend_here, client_here)
     client.send(b"GET /next HTTP/1.1\r\n")
     with trio.fail_after(5):
         await park.wait(member)
@@ -83,12 +91,12 @@ async def test_a_side_stays_ready_until_a_read_of_it_comes_back_empty(
     client.close()  # the client leaving is an arrival too
     with trio.fail_after(5):
         await park.wait(member)
-    assert member.ready == CLIENT
+    assert member.ready & (BACKEND | CLIENT) == CLIENT  # (a hang-up also reports room)
     assert _drain(client_here) == b""
     park.leave(member)
     backend.send(b"after leaving")
     await trio.sleep(0.05)
-    assert member.ready == CLIENT, "a member that left is no longer watched"
+    assert member.ready & (BACKEND | CLIENT) == CLIENT, "a member that left is not watched"
 
 
 async def test_streams_are_woken_alone_and_a_cancelled_wait_leaves_no_trace(
@@ -160,9 +168,7 @@ async def test_a_parked_stream_is_woken_in_a_new_task_by_bytes_or_its_deadline(
     pairs: tuple[socket.socket, ...],
 ) -> None:
     backend_here, backend, client_here, _ = pairs
-    park = StreamPark()
-    member = park.enter(backend_here.fileno(), client_here.fileno())
-    member.settle(BACKEND | CLIENT)
+    park, member = _quiet_member(backend_here, client_here)
     woken: list[float] = []
     each_wake = trio.Event()
 
@@ -217,9 +223,7 @@ async def test_a_stream_woken_with_no_nursery_left_is_dropped(
     pairs: tuple[socket.socket, ...],
 ) -> None:
     backend_here, backend, client_here, _ = pairs
-    park = StreamPark()
-    member = park.enter(backend_here.fileno(), client_here.fileno())
-    member.settle(BACKEND | CLIENT)
+    park, member = _quiet_member(backend_here, client_here)
 
     async def wake() -> None:
         raise AssertionError("no task can be started")

@@ -1,5 +1,5 @@
-"""Idle SSE streams are parked (``proxy.net.park``): they hold no task while silent, and
-everything a stream's task did still happens once it wakes.
+"""Idle SSE streams and WebSocket tunnels are parked (``proxy.net.park``): they hold no
+task while silent, and everything a stream's task did still happens once it wakes.
 
 A worker runs in this process so the test can look at its tasks; the backend is a small
 trio server whose streams send exactly what the test tells them to.
@@ -56,6 +56,8 @@ class StreamBackend:
     def __init__(self) -> None:
         self.port = 0
         self.streams: list[HeldStream] = []
+        self.tunnels: list[trio.SocketStream] = []
+        """Backend ends of ``GET /ws`` tunnels (101, then raw bytes the test drives)."""
         self.arrived = trio.Condition()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -73,6 +75,15 @@ class StreamBackend:
                     return
                 buffer += data
             head, _, buffer = buffer.partition(b"\r\n\r\n")
+            if head.startswith(b"GET /ws"):
+                await stream.send_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
+                    b"connection: upgrade\r\n\r\n" + buffer
+                )
+                async with self.arrived:
+                    self.tunnels.append(stream)
+                    self.arrived.notify_all()
+                await trio.sleep_forever()  # the test drives the stream
             if not head.startswith(b"GET /sse"):
                 await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain")
                 continue
@@ -97,6 +108,12 @@ class StreamBackend:
         with trio.fail_after(WAIT):
             async with self.arrived:
                 while len(self.streams) < count:
+                    await self.arrived.wait()
+
+    async def wait_for_tunnels(self, count: int) -> None:
+        with trio.fail_after(WAIT):
+            async with self.arrived:
+                while len(self.tunnels) < count:
                     await self.arrived.wait()
 
 
@@ -127,6 +144,32 @@ class Client:
         with trio.fail_after(WAIT):
             while data := await self.stream.receive_some(65536):
                 self.received += data
+
+
+async def _open_tunnel(port: int) -> trio.SocketStream:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(
+        b"GET /ws HTTP/1.1\r\nhost: proxy\r\nconnection: upgrade\r\nupgrade: websocket\r\n"
+        b"sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    head = b""
+    with trio.fail_after(WAIT):
+        while b"\r\n\r\n" not in head:
+            data = await stream.receive_some(1)
+            assert data, f"closed before the 101: {head!r}"
+            head += data
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return stream
+
+
+async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
+    out = b""
+    with trio.fail_after(WAIT * 2):
+        while len(out) < size:
+            data = await stream.receive_some(size - len(out))
+            assert data, f"EOF after {len(out)} of {size} bytes"
+            out += data
+    return out
 
 
 def _config(backend_port: int, **upstream: float) -> Config:
@@ -167,6 +210,22 @@ def _connection_tasks(ctx: WorkerContext) -> int:
     return sum(1 for task in nursery.child_tasks if "accept" not in task.name)
 
 
+async def _parked_streams(
+    ctx: WorkerContext, port: int, backend: StreamBackend, count: int, event: bytes
+) -> list[Client]:
+    """``count`` SSE streams through the worker, each relayed ``event`` and then idle:
+    parked, holding no task."""
+    clients = [await Client.open(port, i) for i in range(count)]
+    await backend.wait_for_streams(count)
+    for held in backend.streams:
+        await held.event(event)
+    for client in clients:
+        await client.read_until(event)
+    await trio.sleep(0.1)
+    assert _connection_tasks(ctx) == 0, "an idle stream kept its task"
+    return clients
+
+
 @pytest.fixture
 async def worker_nursery() -> AsyncIterator[trio.Nursery]:
     async with trio.open_nursery() as nursery:
@@ -178,14 +237,7 @@ async def test_idle_streams_hold_no_task_and_every_event_still_arrives(
     backend: StreamBackend, worker_nursery: trio.Nursery
 ) -> None:
     ctx, port = await _worker(worker_nursery, _config(backend.port))
-    clients = [await Client.open(port, i) for i in range(40)]
-    await backend.wait_for_streams(40)
-    for held in backend.streams:
-        await held.event(b"data: one\n\n")
-    for client in clients:
-        await client.read_until(b"data: one\n\n")
-    await trio.sleep(0.1)
-    assert _connection_tasks(ctx) == 0, "an idle stream kept its task"
+    clients = await _parked_streams(ctx, port, backend, 40, b"data: one\n\n")
     for round_ in (b"two", b"three"):
         for held in backend.streams:
             await held.event(b"data: %s\n\n" % round_)
@@ -242,16 +294,95 @@ async def test_a_drain_wakes_parked_streams_and_ends_them_with_a_retry_hint(
     backend: StreamBackend, worker_nursery: trio.Nursery
 ) -> None:
     ctx, port = await _worker(worker_nursery, _config(backend.port))
-    clients = [await Client.open(port, i) for i in range(5)]
-    await backend.wait_for_streams(5)
-    for held in backend.streams:
-        await held.event(b"data: before\n\n")
-    for client in clients:
-        await client.read_until(b"data: before\n\n")
-    await trio.sleep(0.1)
-    assert _connection_tasks(ctx) == 0
+    clients = await _parked_streams(ctx, port, backend, 5, b"data: before\n\n")
     ctx.start_drain()
     for client in clients:
         await client.read_to_eof()
         assert b"retry: " in client.received
         assert client.received.endswith(b"0\r\n\r\n")
+
+
+async def test_idle_tunnels_hold_no_task_and_bytes_flow_both_ways(
+    backend: StreamBackend, worker_nursery: trio.Nursery
+) -> None:
+    config = _config(backend.port, tunnel_half_close_timeout=0.5)
+    ctx, port = await _worker(worker_nursery, config)
+    clients = [await _open_tunnel(port) for _ in range(20)]
+    await backend.wait_for_tunnels(20)
+    await trio.sleep(0.1)
+    assert _connection_tasks(ctx) == 0, "an idle tunnel kept its task"
+    for round_ in range(3):
+        for i, (client, tunnel) in enumerate(zip(clients, backend.tunnels, strict=True)):
+            up = b"up %d %d;" % (round_, i)
+            down = b"down %d %d;" % (round_, i)
+            await client.send_all(up)
+            assert await _receive_exactly(tunnel, len(up)) == up
+            await tunnel.send_all(down)
+            assert await _receive_exactly(client, len(down)) == down
+        await trio.sleep(0.1)
+        assert _connection_tasks(ctx) == 0
+    # The clients leave; the backend never closes its side, so each parked tunnel ends
+    # when its half-close timeout passes.
+    for client in clients:
+        await client.aclose()
+    await eventually(lambda: ctx.stats.active_connections == 0)
+
+
+async def test_a_tunnel_direction_that_is_full_does_not_stop_the_other(
+    backend: StreamBackend, worker_nursery: trio.Nursery
+) -> None:
+    """The client sends far more than the socket buffers hold while the backend does not
+    read; the backend's messages must still reach the client meanwhile, and every byte
+    must arrive once the backend reads."""
+    _, port = await _worker(worker_nursery, _config(backend.port))
+    client = await _open_tunnel(port)
+    await backend.wait_for_tunnels(1)
+    tunnel = backend.tunnels[0]
+    upload = bytes(range(256)) * (32 * 1024)  # 8 MiB
+
+    async def send_upload() -> None:
+        await client.send_all(upload)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_upload)
+        await trio.sleep(0.5)  # the upload fills the buffers on the way to the backend
+        for i in range(5):
+            message = b"still here %d\n" % i
+            await tunnel.send_all(message)
+            assert await _receive_exactly(client, len(message)) == message
+        received = await _receive_exactly(tunnel, len(upload))
+    assert received == upload
+    await client.aclose()
+
+
+async def test_a_parked_tunnel_wakes_for_its_idle_timeout(
+    backend: StreamBackend, worker_nursery: trio.Nursery
+) -> None:
+    ctx, port = await _worker(worker_nursery, _config(backend.port, stream_idle_timeout=0.5))
+    client = await _open_tunnel(port)
+    await backend.wait_for_tunnels(1)
+    started = trio.current_time()
+    with trio.fail_after(WAIT):
+        assert await client.receive_some(100) == b""  # the proxy closed the tunnel
+    assert 0.3 < trio.current_time() - started < 3.0
+    await eventually(lambda: ctx.stats.active_connections == 0)
+
+
+async def test_a_half_closed_tunnel_passes_the_eof_on(
+    backend: StreamBackend, worker_nursery: trio.Nursery
+) -> None:
+    _, port = await _worker(worker_nursery, _config(backend.port, tunnel_half_close_timeout=5))
+    client = await _open_tunnel(port)
+    await backend.wait_for_tunnels(1)
+    tunnel = backend.tunnels[0]
+    await client.send_all(b"last words")
+    await client.send_eof()
+    assert await _receive_exactly(tunnel, 10) == b"last words"
+    with trio.fail_after(WAIT):
+        assert await tunnel.receive_some(100) == b"", "the client's FIN was not passed on"
+    # The other direction still works until the backend closes too.
+    await tunnel.send_all(b"reply")
+    assert await _receive_exactly(client, 5) == b"reply"
+    await tunnel.send_eof()
+    with trio.fail_after(WAIT):
+        assert await client.receive_some(100) == b""
