@@ -90,6 +90,7 @@ class StreamPark:
 
     __slots__ = (
         "_epoll",
+        "_left_timers",
         "_members",
         "_parked",
         "_ticket",
@@ -105,6 +106,8 @@ class StreamPark:
         self._parked: set[ParkedStream] = set()
         self._timers: list[tuple[float, int, ParkedStream]] = []
         self._ticket = 0
+        self._left_timers = 0
+        """Heap entries of streams that left since the heap was last compacted."""
         self._token: trio.lowlevel.TrioToken | None = None
         self._watcher_scope: trio.CancelScope | None = None
         self.nursery: trio.Nursery | None = None
@@ -127,6 +130,16 @@ class StreamPark:
     def leave(self, member: ParkedStream) -> None:
         self._parked.discard(member)
         member._wake = None
+        if member._timer < math.inf:
+            # Its heap entry is dead now. With a long idle timeout and many short streams
+            # such entries would pile up until their deadlines: drop them in batches.
+            member._timer = math.inf
+            self._left_timers += 1
+            timers = self._timers
+            if self._left_timers > 1024 and self._left_timers * 2 > len(timers):
+                timers[:] = [entry for entry in timers if entry[2]._timer == entry[0]]
+                heapq.heapify(timers)
+                self._left_timers = 0
         for fd in (member.backend_fd, member.client_fd):
             if self._members.get(fd, (None, 0))[0] is member:
                 del self._members[fd]
@@ -208,6 +221,7 @@ class StreamPark:
             self._members.clear()
             self._parked.clear()
             self._timers.clear()
+            self._left_timers = 0
             self._epoll = select.epoll()
             self._token = token
             trio.lowlevel.spawn_system_task(self._watch, self._epoll, name="stream-park")

@@ -233,3 +233,39 @@ async def test_a_stream_woken_with_no_nursery_left_is_dropped(
     await trio.sleep(0.1)
     assert not member.parked
     assert backend_here.fileno() not in park._members
+
+
+async def test_timers_of_streams_that_left_do_not_pile_up() -> None:
+    """Many short streams parked with far deadlines: the heap keeps only live entries."""
+    park = StreamPark()
+    here, there = socket.socketpair()
+    other_here, other_there = socket.socketpair()
+
+    async def never() -> None:
+        raise AssertionError("not woken in this test")
+
+    try:
+        async with trio.open_nursery() as nursery:
+            park.nursery = nursery
+            far = trio.current_time() + 3600
+            for _ in range(5000):
+                member = park.enter(here.fileno(), other_here.fileno())
+                member.settle(BACKEND | CLIENT)
+                park.park(member, far, never)
+                park.leave(member)
+            assert len(park._timers) <= 2100
+            survivor = park.enter(here.fileno(), other_here.fileno())
+            survivor.settle(BACKEND | CLIENT)
+            woken = trio.Event()
+
+            async def wake() -> None:
+                woken.set()
+
+            park.park(survivor, trio.current_time() + 0.1, wake)
+            with trio.fail_after(5):
+                await woken.wait()
+            park.leave(survivor)
+            park.nursery = None
+    finally:
+        for sock in (here, there, other_here, other_there):
+            sock.close()
