@@ -1,4 +1,6 @@
-"""The client connection driver: one Trio task per client connection.
+"""The client connection driver: one Trio task per client connection, except while an
+SSE stream or a WebSocket tunnel of it is idle and parked (``proxy.net.park``): then it
+has none, and ``resume_stream`` carries it on in a new task when the stream wakes.
 
 It reads an optional PROXY header (``proxy.net.proxy_protocol``), then request heads
 with h11 under the header and keep-alive timeouts, hands each request to an
