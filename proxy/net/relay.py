@@ -180,6 +180,12 @@ class Tunnel:
         assert up is not None and down is not None
         ctx = self.x.client.ctx
         while True:
+            if ctx.draining and not self._drain_noted:
+                self._drain_noted = True
+                self._drain_close = True
+            if self._drain_close:
+                # Before the moves: a close frame queued here is written at once.
+                self._close_client_at_boundary(down)
             moved_up, read_up = up.move(member)
             moved_down, read_down = down.move(member)
             if read_up is not None or read_down is not None:
@@ -191,11 +197,6 @@ class Tunnel:
                 # server-initiated close, so the other direction gets a bounded time to
                 # finish (like HAProxy's client-fin / server-fin).
                 self._closing_by = trio.current_time() + self._half_close_timeout
-            if ctx.draining and not self._drain_noted:
-                self._drain_noted = True
-                self._drain_close = True
-            if self._drain_close:
-                self._close_client_at_boundary(down)
             if up.eof_sent and down.eof_sent:
                 return
             now = trio.current_time()

@@ -386,3 +386,32 @@ async def test_a_half_closed_tunnel_passes_the_eof_on(
     await tunnel.send_eof()
     with trio.fail_after(WAIT):
         assert await client.receive_some(100) == b""
+
+
+async def test_a_drain_closes_parked_tunnels_with_1001_at_a_frame_boundary(
+    backend: StreamBackend, worker_nursery: trio.Nursery
+) -> None:
+    ctx, port = await _worker(worker_nursery, _config(backend.port))
+    whole, half = await _open_tunnel(port), await _open_tunnel(port)
+    await backend.wait_for_tunnels(2)
+    frame = b"\x81\x05hello"  # an unmasked text frame, as a server sends
+    await backend.tunnels[0].send_all(frame)
+    assert await _receive_exactly(whole, len(frame)) == frame
+    await backend.tunnels[1].send_all(frame[:4])  # the drain finds this one mid-frame
+    assert await _receive_exactly(half, 4) == frame[:4]
+    await trio.sleep(0.1)
+    assert _connection_tasks(ctx) == 0
+    ctx.start_drain()
+    # A close frame: FIN + opcode 8, an unmasked payload length, then the status code.
+    close = await _receive_exactly(whole, 4)
+    assert close[0] == 0x88
+    assert int.from_bytes(close[2:4], "big") == 1001
+    with trio.move_on_after(0.3):
+        early = await half.receive_some(100)
+        raise AssertionError(f"a close went out inside a frame: {early!r}")
+    await backend.tunnels[1].send_all(frame[4:])
+    rest = len(frame) - 4
+    received = await _receive_exactly(half, rest + 4)
+    assert received[:rest] == frame[4:]
+    assert received[rest] == 0x88
+    assert int.from_bytes(received[rest + 2 : rest + 4], "big") == 1001
