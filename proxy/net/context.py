@@ -39,7 +39,6 @@ class WorkerContext:
     stream_scopes: set[trio.CancelScope] = field(default_factory=set)
     """Cancel scopes of SSE streams waiting for the backend; cancelled on drain so the
     stream can be ended at its next event boundary."""
-    drain_event: trio.Event = field(default_factory=trio.Event)
     park: StreamPark = field(default_factory=StreamPark)
     """Where SSE streams wait for either of their sockets (proxy.net.park)."""
     tokens: SessionTokens | None = None
@@ -125,7 +124,6 @@ class WorkerContext:
 
     def start_drain(self) -> None:
         self.draining = True
-        self.drain_event.set()
         for scope in [*self.idle_scopes, *self.stream_scopes]:
             scope.cancel()
         self.park.wake_all()  # parked streams too decide, in a task, how to end

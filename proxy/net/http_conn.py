@@ -11,8 +11,7 @@ access-log line per request.
 from __future__ import annotations
 
 import time
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import h11
@@ -108,7 +107,7 @@ class ClientConnection:
             raise
         finally:
             if not parked:
-                self._account(x, x.method)
+                self._account(x)
         if self._next_cycle(keep):
             await self._serve(first=False)
 
@@ -186,15 +185,6 @@ class ClientConnection:
         gauge.labels(self._kind).dec()
         gauge.labels("http").inc()
         self._kind = "http"
-
-    @contextmanager
-    def kind(self, kind: str) -> Iterator[None]:
-        """``enter_kind`` for the length of a block."""
-        self.enter_kind(kind)
-        try:
-            yield
-        finally:
-            self.leave_kind()
 
     def _new_conn(self) -> h11.Connection:
         return h11.Connection(
@@ -329,7 +319,7 @@ class ClientConnection:
         try:
             return await express.serve(self, head, route, body, x)
         finally:
-            self._account(x, head.method)
+            self._account(x)
 
     # -- reading the request head -------------------------------------------------------
 
@@ -420,9 +410,9 @@ class ClientConnection:
             raise
         finally:
             if not parked:
-                self._account(x, request.method)
+                self._account(x)
 
-    def _account(self, x: Exchange, method: bytes) -> None:
+    def _account(self, x: Exchange) -> None:
         """Metrics, the access line and the usage record of a finished exchange."""
         ctx = self.ctx
         route = x.route.prefix if x.route is not None else "none"
@@ -433,7 +423,7 @@ class ClientConnection:
         if x.refused and x.status in LIMIT_BY_STATUS:
             m.refusals.labels(LIMIT_BY_STATUS[x.status]).inc()
         if x.mcp is not None:
-            label = method_label(x.mcp, method)
+            label = method_label(x.mcp, x.method)
             m.mcp_requests.labels(route, label, str(x.status)).inc()
             if latency is not None:
                 m.mcp_duration.labels(route, label).observe(latency)
