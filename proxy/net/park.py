@@ -46,8 +46,9 @@ Wake = Callable[[], Awaitable[None]]
 
 
 class ParkedStream:
-    """The two sockets of one stream in the park; ``ready`` has a bit per side that may
-    have bytes (or its end) to read."""
+    """The two sockets of one stream in the park. ``ready`` has a bit per side that may
+    have bytes (or its end) to read, and for streams entered with ``writes`` one per side
+    that may have room to write; ``interest`` says which of them wake the stream."""
 
     __slots__ = (
         "_deadline",
@@ -205,12 +206,9 @@ class StreamPark:
             nursery.start_soon(wake)
         except RuntimeError:
             # The worker is past serving (its connection nursery closed): nobody is
-            # left to carry the stream on, so its sockets go with the park.
-            self._abandon(member)
-
-    def _abandon(self, member: ParkedStream) -> None:
-        """Drop a stream nobody can carry on; its sockets close with its objects."""
-        self.leave(member)
+            # left to carry the stream on. It is dropped; its sockets close with its
+            # objects.
+            self.leave(member)
 
     # -- the watcher ----------------------------------------------------------------------
 
@@ -267,7 +265,7 @@ class StreamPark:
                         self._wake(member)
         finally:
             for member in list(self._parked):
-                self._abandon(member)
+                self.leave(member)  # dropped: see _wake
             epoll.close()
             if self._epoll is epoll:
                 self._epoll = None

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from proxy.net.errors import RECV_SIZE, StreamParked
+from proxy.net.errors import CLOSED, RECV_SIZE, StreamParked, write_now
 from proxy.net.park import BACKEND, BACKEND_OUT, CLIENT, CLIENT_OUT, ParkedStream
 from proxy.net.upstream import UpstreamConnection
 from proxy.protocol.ws_frames import GOING_AWAY, FrameTracker, ProtocolError, close_frame
@@ -55,7 +55,7 @@ class _Direction:
 
     def move(self, member: ParkedStream) -> tuple[bool, bytes | None]:
         """Write what is pending, else read once and write: (bytes moved, what was read
-        if anything). Raises OSError when either socket was reset."""
+        if anything). Raises OSError or a trio stream error when either side is gone."""
         moved = False
         data: bytes | None = None
         if not self.pending and not self.done and member.ready & self.source_in:
@@ -70,10 +70,7 @@ class _Direction:
                 else:
                     self.done = True
         if self.pending:
-            try:
-                written = os.write(self.sink.socket.fileno(), self.pending)
-            except BlockingIOError:
-                written = 0
+            written = write_now(self.sink, self.pending)
             moved = moved or written > 0
             self.pending = self.pending[written:]
             if self.pending:
@@ -158,7 +155,7 @@ class Tunnel:
         except StreamParked:
             parked = True
             raise
-        except OSError:
+        except (*CLOSED, OSError):
             self.outcome = "reset"
         finally:
             if not parked:
