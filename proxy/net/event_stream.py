@@ -87,8 +87,14 @@ class EventStreamRelay:
     )
 
     def __init__(
-        self, x: Exchange, up: UpstreamConnection, headers: list[tuple[bytes, bytes]]
+        self,
+        x: Exchange,
+        up: UpstreamConnection,
+        headers: list[tuple[bytes, bytes]],
+        head: bytes,
     ) -> None:
+        """``headers`` and ``head``: the response head as the client gets it (parsed and
+        serialised); ``start`` sends the head first."""
         self.x = x
         self._up = up
         self._tracker = EventStreamTracker()
@@ -103,7 +109,7 @@ class EventStreamRelay:
         awaited = request.id if request is not None and request.kind == "request" else None
         self._awaited: int | str | None = awaited
         self._pending = bytearray()
-        self._out: list[bytes] = []
+        self._out: list[bytes] = [head]
         self.ending = False
         """Set once the client has what it came for (the stream's end, or the response
         to its request) and may close without that being an error."""
@@ -129,19 +135,18 @@ class EventStreamRelay:
             await self.x.client.send(b"".join(self._out))
             self._out.clear()
 
-    async def run(self, head: bytes) -> None:
+    async def start(self) -> None:
         """Relay the stream from its head. Raises StreamParked when the stream went idle
         and was parked: the park starts ``resume`` in a new task when it wakes."""
         x = self.x
         self._member = x.client.ctx.park.enter(
             self._up.stream.socket.fileno(), x.client.stream.socket.fileno()
         )
-        self._out.append(head)
         self._last_data = trio.current_time()
         await self.resume()
 
     async def resume(self) -> None:
-        """Carry on relaying (see ``run``)."""
+        """Carry on relaying (see ``start``)."""
         member = self._member
         assert member is not None
         parked = False

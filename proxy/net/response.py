@@ -63,7 +63,7 @@ Relay = EventStreamRelay | Tunnel
 
 async def resume_relay(x: Exchange, relay: Relay) -> None:
     """``respond`` for a parked stream that woke: the rest of its relay."""
-    await _recorded(x, _stream_on(x, relay, None))
+    await _recorded(x, _stream_on(x, relay))
 
 
 async def _recorded(x: Exchange, relaying: Coroutine[Any, Any, None]) -> None:
@@ -76,19 +76,16 @@ async def _recorded(x: Exchange, relaying: Coroutine[Any, Any, None]) -> None:
         x.fail(499, "client closed the connection")
 
 
-async def _stream_on(
-    x: Exchange, relay: Relay, start: tuple[str, Coroutine[Any, Any, None]] | None
-) -> None:
-    """Relay a stream from its ``start`` (the connection's kind while it lasts, and the
-    relay's first step), or on after it woke. The connection counts as that kind until
-    the stream ends, parked spells included."""
+async def _stream_on(x: Exchange, relay: Relay, starting_as: str | None = None) -> None:
+    """Relay a stream from its start, the connection counting as ``starting_as`` (sse,
+    websocket) until the stream ends, parked spells included; or, without it, on from
+    where the stream was parked."""
     parked = False
     try:
-        if start is not None:
-            kind, first_step = start
-            x.client.enter_kind(kind)
+        if starting_as is not None:
+            x.client.enter_kind(starting_as)
             x.request = None  # what is left to do needs only the request line
-            await first_step
+            await relay.start()
         else:
             await relay.resume()
     except StreamParked:
@@ -136,8 +133,7 @@ async def _relay(
         await _relay_body(x, up, head or b"")
         return
     x.streamed = True
-    relay = EventStreamRelay(x, up, headers)
-    await _stream_on(x, relay, ("sse", relay.run(head or b"")))
+    await _stream_on(x, EventStreamRelay(x, up, headers, head or b""), "sse")
 
 
 async def _relay_body(x: Exchange, up: UpstreamConnection, head: bytes) -> None:
@@ -221,4 +217,4 @@ async def _switch_protocols(
     if client_pending:
         await up.stream.send_all(client_pending)
     # The access line is written when the tunnel ends, with its duration.
-    await _stream_on(x, tunnel, ("websocket", tunnel.start()))
+    await _stream_on(x, tunnel, "websocket")
