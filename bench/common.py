@@ -117,7 +117,7 @@ def revision() -> JSON:
             return ""
         return out.stdout.rstrip()
 
-    # A copy of the tree copied to another machine (its .git missing or stale) is named by
+    # A tree copied to another machine (its .git missing or stale) is named by
     # BENCH_COMMIT, set by whoever copied it there.
     named = os.environ.get("BENCH_COMMIT")
     if named:

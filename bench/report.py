@@ -18,8 +18,8 @@ from typing import Any
 
 from bench.common import JSON, REPO, progress, ratio
 
-BLOCKS = {"100k": "100k"}
-"""The docs block a profile publishes to; every other profile writes ``results``."""
+OWN_BLOCK = frozenset({"100k"})
+"""Profiles that publish to a docs block of their own; the others write ``results``."""
 DOCS = REPO / "docs" / "benchmarks.md"
 DOCS_IMG = REPO / "docs" / "img"
 ORDER = ("direct", "switchboard", "haproxy")
@@ -543,7 +543,8 @@ def write(results: JSON, folder: Path, *, publish: bool = False) -> list[Path]:
 def _publish(results: JSON) -> list[Path]:
     """Plots into docs/img/ and the markdown into this profile's block of the docs (the
     100k run has its own, so a full run on a small box does not replace it)."""
-    key = BLOCKS.get(results["profile"], "results")
+    profile = results["profile"]
+    key = profile if profile in OWN_BLOCK else "results"
     begin, end = f"<!-- bench:{key}:begin -->", f"<!-- bench:{key}:end -->"
     prefix = "bench-" if key == "results" else f"bench-{key}-"
     DOCS_IMG.mkdir(parents=True, exist_ok=True)
