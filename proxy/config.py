@@ -54,9 +54,6 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     drain_retry_ms: int = 1000
     """The ``retry:`` hint (milliseconds) that ends SSE streams on a drain, telling clients
     when to reconnect (to another worker or host) and resume."""
-    express: bool = True
-    """Serve ordinary requests on plain routes through the llhttp express lane (h11
-    remains the path for everything else); false sends every request through h11."""
 
 
 class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -79,7 +76,11 @@ class UpstreamConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     connect_timeout: float = 5.0
     """Seconds to connect to a backend; failure or timeout: 502."""
     response_timeout: float = 60.0
-    """Seconds from request sent to response head received; beyond it: 504."""
+    """Seconds from request sent to response head received on http routes; beyond it:
+    504 (a route's own response_timeout overrides it)."""
+    mcp_response_timeout: float = 300.0
+    """The same for mcp routes: a tool call answered with plain JSON sends nothing until
+    it is done, and MCP clients wait minutes for one (the reference SDK, 300 s)."""
     read_timeout: float = 300.0
     """Seconds of silence allowed inside a (non-streaming) response body; beyond it the
     exchange is aborted."""
@@ -111,6 +112,10 @@ class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
     """One JSON line per request on stdout."""
+    access_flush: Literal["batch", "line"] = "batch"
+    """batch: access lines are written 64 at a time, or 0.25 s after the first of them,
+    and on drain and exit; line: each is written and flushed as its request ends (about
+    four times the cost of a line, for operators who tail the log request by request)."""
 
 
 class HealthCheckConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -158,6 +163,9 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     forward_credentials: bool = False
     """With auth: pass the client's credential header on to the backend (by default the
     proxy consumes it, so backends never see callers' keys or tokens)."""
+    response_timeout: float = 0.0
+    """Seconds to wait for the backend's response head on this route (0: the kind's
+    default, upstream.response_timeout or upstream.mcp_response_timeout)."""
 
 
 class McpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -359,6 +367,7 @@ def validate_routes(routes: tuple[RouteConfig, ...], source: str) -> None:
         _positive(source, f"{key}.keepalive_interval", route.keepalive_interval, allow_zero=True)
         _positive(source, f"{key}.eject_after", route.eject_after, allow_zero=True)
         _positive(source, f"{key}.eject_seconds", route.eject_seconds)
+        _positive(source, f"{key}.response_timeout", route.response_timeout, allow_zero=True)
         health = route.health
         if health.path and not health.path.startswith("/"):
             raise ConfigError(source, f"{key}.health.path", "must start with '/'")
@@ -393,6 +402,7 @@ def validate(config: Config, source: str) -> Config:
     for name in (
         "connect_timeout",
         "response_timeout",
+        "mcp_response_timeout",
         "read_timeout",
         "idle_ttl",
         "tunnel_half_close_timeout",

@@ -7,13 +7,17 @@ all. Counters are summed (a dead worker's counts stay: counters never go backwar
 worker is restarted), histograms are merged bucket by bucket, and gauges are summed over
 live processes (``livesum``; the supervisor marks a dead worker's files when it exits).
 
-Metric objects are created on first use, after the environment is set, and the label
-children used per request are cached so the request path pays a dict lookup and an
-increment, not a label resolution.
+The request path does not touch those files: each update of a multiprocess value costs a
+``getpid()`` system call and a memory-mapped write, several per request. It counts in
+plain per-worker dictionaries (``RequestMetrics``) instead, and ``publish`` adds what
+changed to the shared values at most every 250 ms, when 64 access lines are buffered,
+and on drain and exit (``proxy.net.context``). The access lines of a batch are written
+after its counts are published, so a request is always counted before it is logged.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from functools import cache
 from typing import Any
 
@@ -156,31 +160,6 @@ class Metrics:
             "Connections refused by a global concurrent-connection cap, by scope.",
             ["scope", "source"],
         )
-        self._request_children: dict[tuple[str, int], Any] = {}
-
-    def count_request(
-        self, route: str, status: int, seconds: float | None, bytes_in: int, bytes_out: int
-    ) -> None:
-        """One answered request; ``seconds`` None for streams (SSE, WebSocket), whose
-        duration is how long the stream lived, not how long the proxy took."""
-        key = (route, status)
-        children = self._request_children.get(key)
-        if children is None:
-            children = (
-                self.requests.labels(route, str(status)),
-                self.request_duration.labels(route),
-                self.request_bytes.labels(route),
-                self.response_bytes.labels(route),
-            )
-            self._request_children[key] = children
-        requests, duration, req_bytes, resp_bytes = children
-        requests.inc()
-        if seconds is not None:
-            duration.observe(seconds)
-        if bytes_in:
-            req_bytes.inc(bytes_in)
-        if bytes_out:
-            resp_bytes.inc(bytes_out)
 
 
 @cache
@@ -212,3 +191,116 @@ def mark_process_dead(pid: int, directory: str) -> None:
     from prometheus_client.multiprocess import mark_process_dead as _mark
 
     _mark(pid, path=directory)  # type: ignore[no-untyped-call]
+
+
+class _Histogram:
+    """One histogram child's observations since the last publish."""
+
+    __slots__ = ("buckets", "total")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(_LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+
+class RequestMetrics:
+    """The request path's counts, kept in plain dictionaries; ``publish`` hands them to
+    the shared multiprocess values. Series names and labels are those of ``Metrics``."""
+
+    __slots__ = (
+        "_durations",
+        "_mcp_durations",
+        "active",
+        "auth_failures",
+        "connections",
+        "mcp_requests",
+        "refusals",
+        "request_bytes",
+        "requests",
+        "response_bytes",
+        "upstream_failures",
+    )
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str], int] = {}
+        self.request_bytes: dict[str, int] = {}
+        self.response_bytes: dict[str, int] = {}
+        self._durations: dict[str, _Histogram] = {}
+        self.mcp_requests: dict[tuple[str, str, str], int] = {}
+        self._mcp_durations: dict[tuple[str, str], _Histogram] = {}
+        self.refusals: dict[str, int] = {}
+        self.auth_failures: dict[str, int] = {}
+        self.upstream_failures: dict[tuple[str, str], int] = {}
+        self.connections = 0
+        self.active: dict[str, int] = {"http": 0, "sse": 0, "websocket": 0}
+        """Open connections by kind: a gauge, published whole."""
+
+    def count_request(
+        self, route: str, status: str, seconds: float | None, bytes_in: int, bytes_out: int
+    ) -> None:
+        """One answered request; ``seconds`` None for streams (SSE, WebSocket), whose
+        duration is how long the stream lived, not how long the proxy took."""
+        key = (route, status)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        if seconds is not None:
+            histogram = self._durations.get(route)
+            if histogram is None:
+                histogram = self._durations[route] = _Histogram()
+            histogram.buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+            histogram.total += seconds
+        if bytes_in:
+            self.request_bytes[route] = self.request_bytes.get(route, 0) + bytes_in
+        if bytes_out:
+            self.response_bytes[route] = self.response_bytes.get(route, 0) + bytes_out
+
+    def count_mcp(self, route: str, method: str, status: str, seconds: float | None) -> None:
+        key = (route, method, status)
+        self.mcp_requests[key] = self.mcp_requests.get(key, 0) + 1
+        if seconds is not None:
+            hkey = (route, method)
+            histogram = self._mcp_durations.get(hkey)
+            if histogram is None:
+                histogram = self._mcp_durations[hkey] = _Histogram()
+            histogram.buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+            histogram.total += seconds
+
+    def publish(self, m: Metrics) -> None:
+        """Add everything counted since the last publish to the shared values."""
+        _publish_counts(self.requests, m.requests)
+        _publish_counts(self.request_bytes, m.request_bytes)
+        _publish_counts(self.response_bytes, m.response_bytes)
+        _publish_counts(self.mcp_requests, m.mcp_requests)
+        _publish_counts(self.refusals, m.refusals)
+        _publish_counts(self.auth_failures, m.auth_failures)
+        _publish_counts(self.upstream_failures, m.upstream_failures)
+        _publish_histograms(self._durations, m.request_duration)
+        _publish_histograms(self._mcp_durations, m.mcp_duration)
+        if self.connections:
+            m.connections.inc(self.connections)
+            self.connections = 0
+        for kind, count in self.active.items():
+            m.connections_active.labels(kind).set(count)
+
+
+def _publish_counts(counts: dict[Any, int], family: Any) -> None:
+    if not counts:
+        return
+    for key, count in counts.items():
+        child = family.labels(*key) if isinstance(key, tuple) else family.labels(key)
+        child.inc(count)
+    counts.clear()
+
+
+def _publish_histograms(histograms: dict[Any, _Histogram], family: Any) -> None:
+    if not histograms:
+        return
+    for key, histogram in histograms.items():
+        child = family.labels(*key) if isinstance(key, tuple) else family.labels(key)
+        # The child's own values, bucket by bucket (``observe`` would pay a shared-memory
+        # write per observation): non-cumulative buckets, as prometheus_client keeps them.
+        for i, count in enumerate(histogram.buckets):
+            if count:
+                child._buckets[i].inc(count)
+        child._sum.inc(histogram.total)
+    histograms.clear()

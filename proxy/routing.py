@@ -30,13 +30,17 @@ class Backend:
     base_path: bytes
     authority: bytes
     """host[:port] as sent in Host when the route rewrites it."""
+    replica: str = ""
+    """``replica_id(url)``, worked out once per backend rather than per request."""
 
     @classmethod
     def from_url(cls, url: str) -> Backend:
         host, port, path = parse_backend_url(url)
         shown = f"[{host}]" if ":" in host else host
         authority = shown if port == 80 else f"{shown}:{port}"
-        return cls(url, host, port, path.encode("ascii"), authority.encode("ascii"))
+        return cls(
+            url, host, port, path.encode("ascii"), authority.encode("ascii"), replica_id(url)
+        )
 
 
 @dataclass(slots=True)
@@ -112,6 +116,8 @@ class Route:
     tenants: frozenset[str] | None = None
     """Tenants allowed on the route (None: any)."""
     forward_credentials: bool = False
+    response_timeout: float = 0.0
+    """Seconds to wait for a response head; 0: the kind's default (config.upstream)."""
     _next: int = field(default=0, repr=False)
 
     def choose_backend(self) -> Backend:
@@ -168,10 +174,11 @@ class RouteTable:
                     health=r.health,
                     eject_after=r.eject_after,
                     eject_seconds=r.eject_seconds,
-                    replicas={replica_id(b.url): b for b in backends},
+                    replicas={b.replica: b for b in backends},
                     auth=r.auth,
                     tenants=frozenset(r.tenants) if r.tenants else None,
                     forward_credentials=r.forward_credentials,
+                    response_timeout=r.response_timeout,
                 )
             )
         return cls(built)

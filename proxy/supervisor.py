@@ -50,7 +50,13 @@ from proxy.net.database import watch_for_readiness
 from proxy.net.listener import bind_reuseport
 from proxy.observability import get_logger
 from proxy.sdnotify import Notifier, watchdog_loop
-from proxy.worker import LIFELINE_FD_ENV, LISTEN_FDS_ENV, READY_FD_ENV, WORKER_ID_ENV
+from proxy.worker import (
+    HANDOVER_SIGNAL,
+    LIFELINE_FD_ENV,
+    LISTEN_FDS_ENV,
+    READY_FD_ENV,
+    WORKER_ID_ENV,
+)
 
 _BACKOFF_START = 0.1
 _BACKOFF_MAX = 30.0
@@ -304,8 +310,11 @@ class Supervisor:
             raise StartupError(f"workers of generation {gen.number} did not become ready")
         return gen
 
-    async def _drain(self, gen: Generation) -> None:
-        gen.retire()
+    async def _drain(self, gen: Generation, signum: int = signal.SIGTERM) -> None:
+        """SIGTERM: the workers stop (new connections get 503 until they exit);
+        HANDOVER_SIGNAL: a new generation serves the same sockets, so the old one stops
+        accepting at once."""
+        gen.retire(signum)
         with trio.move_on_after(gen.config.server.drain_timeout + _KILL_GRACE):
             await gen.done.wait()
         if not gen.done.is_set():
@@ -314,7 +323,7 @@ class Supervisor:
             await gen.done.wait()
 
     async def _drain_then_cleanup(self, gen: Generation) -> None:
-        await self._drain(gen)
+        await self._drain(gen, HANDOVER_SIGNAL)
         self._close_unused_sockets()
         self.log.info("generation_stopped", generation=gen.number)
 

@@ -2,33 +2,36 @@
 
 Started by the supervisor as ``python -m proxy.worker``; reads the validated config as
 JSON on stdin, reports readiness by writing to the file descriptor named in
-``SWITCHBOARD_READY_FD``, and drains on SIGTERM/SIGINT: stop accepting, close idle
-keep-alive connections, let in-flight exchanges finish until ``drain_timeout``.
+``SWITCHBOARD_READY_FD``, and drains on a signal: SIGTERM/SIGINT stop the worker (new
+connections are answered 503 until it exits), HANDOVER_SIGNAL retires it for a new
+generation that serves the same sockets (it stops accepting at once). Either way, what
+has arrived is served, idle keep-alive connections are closed between requests, and the
+worker exits when it is done or at ``drain_timeout``.
+
+The request path is the reactor (``proxy.net.reactor``) with one connection machine per
+client connection; the worker's other tasks are ordinary Trio tasks beside it.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 
 import trio
 
 from proxy.config import Config, HealthCheckConfig, RouteConfig, effective_workers, from_json
+from proxy.net.admission import Admission
 from proxy.net.context import WorkerContext
 from proxy.net.control_plane import ControlPlane
 from proxy.net.health import check_forever
-from proxy.net.http_conn import ClientConnection
-from proxy.net.listener import accept_loop, bind_reuseport
-from proxy.net.upstream import (
-    Addresses,
-    UpstreamPool,
-    report_pool_gauges,
-    report_pool_gauges_forever,
-)
-from proxy.observability import AccessLog, configure_logging, get_logger
+from proxy.net.listener import bind_reuseport
+from proxy.net.reactor import Reactor
+from proxy.net.upstream import Addresses, UpstreamPool
+from proxy.observability import BATCH_SECONDS, AccessLog, configure_logging, get_logger
 from proxy.protocol.session_token import Keyring, SessionTokens
 from proxy.routing import Backend, BackendHealth, RouteTable
 
@@ -37,7 +40,12 @@ LIFELINE_FD_ENV = "SWITCHBOARD_LIFELINE_FD"
 LISTEN_FDS_ENV = "SWITCHBOARD_LISTEN_FDS"
 """Listening sockets handed down by the supervisor, one per server.listen address."""
 WORKER_ID_ENV = "SWITCHBOARD_WORKER_ID"
-_PR_SET_PDEATHSIG = 1
+HANDOVER_SIGNAL = signal.SIGUSR2
+"""Sent to a generation being replaced: stop accepting now, finish, exit."""
+_GEN0_THRESHOLD = 20000
+"""Objects allocated between young-generation collections: the request path makes few
+cycles (objects are freed by reference counting), and a collection every 700
+allocations, the default, cost about a tenth of a request's CPU."""
 
 
 async def _watch_supervisor(fd: int) -> None:
@@ -65,7 +73,7 @@ def _add_pools(
             if backend in pools:
                 continue  # a backend shared by routes keeps its first route's settings
             found = (addresses or {}).get((backend.host, backend.port))
-            pool = UpstreamPool.create(backend, config.upstream, found)
+            pool = UpstreamPool(backend, config.upstream, found)
             pool.health = BackendHealth(
                 eject_after=route.eject_after,
                 eject_seconds=route.eject_seconds,
@@ -92,15 +100,15 @@ def build_context(config: Config, worker_id: int) -> WorkerContext:
     pools: dict[Backend, UpstreamPool] = {}
     _add_pools(routes, pools, config)
     log = get_logger("switchboard.worker")
-    access = AccessLog() if config.log.access_log else None
+    access = (
+        AccessLog(per_line=config.log.access_flush == "line") if config.log.access_log else None
+    )
     tokens = None
     if config.mcp.session_keys:
         secrets = {kid: key.encode() for kid, key in config.mcp.session_keys.items()}
         current = config.mcp.current_key or next(iter(secrets))
         tokens = SessionTokens(Keyring(secrets, current))
-    return WorkerContext(
-        config=config, routes=routes, pools=pools, log=log, access_log=access, tokens=tokens
-    )
+    return WorkerContext(config, routes, pools, log, access, tokens)
 
 
 def _health_checks(ctx: WorkerContext) -> dict[Backend, tuple[UpstreamPool, HealthCheckConfig]]:
@@ -151,15 +159,13 @@ async def serve(
     on_ready: Callable[[WorkerContext], None] | None = None,
     task_status: trio.TaskStatus[WorkerContext] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Bind, serve until SIGTERM/SIGINT, then drain."""
+    """Bind, serve until a signal, then drain."""
     ctx = build_context(config, worker_id)
-    socks = [trio.socket.from_stdlib_socket(sock) for sock in _listening_sockets(config)]
-
-    async def handle(stream: trio.SocketStream, peer: tuple[str, int]) -> None:
-        await ClientConnection(ctx, stream, peer).run()
-
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    socks = _listening_sockets(config)
+    stop_signals = (signal.SIGTERM, signal.SIGINT, HANDOVER_SIGNAL)
+    with trio.open_signal_receiver(*stop_signals) as signals:
         async with trio.open_nursery() as background:
+            ctx.nursery = background
             checks = HealthChecks(ctx, background)
 
             def on_routes(routes: tuple[RouteConfig, ...], addresses: Addresses) -> None:
@@ -170,58 +176,46 @@ async def serve(
             ctx.control = control
             await control.start(background)
             checks.sync()
-            background.start_soon(report_pool_gauges_forever)
-            await _serve_until_signal(ctx, config, socks, handle, signals, task_status, on_ready)
-            checks.stop()
-            await control.close()
-            background.cancel_scope.cancel()
-    for pool in ctx.pools.values():
-        await pool.aclose()
-    report_pool_gauges()
-    ctx.log.info("worker_stopped", requests=ctx.stats.requests)
-
-
-async def _serve_until_signal(
-    ctx: WorkerContext,
-    config: Config,
-    socks: list[trio.socket.SocketType],
-    handle: Callable[[trio.SocketStream, tuple[str, int]], Awaitable[None]],
-    signals: AsyncIterator[int],
-    task_status: trio.TaskStatus[WorkerContext],
-    on_ready: Callable[[WorkerContext], None] | None,
-) -> None:
-    """Accept until SIGTERM/SIGINT, then drain the connections (bounded)."""
-    try:
-        async with trio.open_nursery() as connections:
-            # Parked SSE streams get their tasks back in here, under the drain deadline.
-            ctx.park.nursery = connections
-            accepting = trio.CancelScope()
-
-            async def accept_all() -> None:
-                with accepting:
-                    async with trio.open_nursery() as accept_nursery:
-                        for sock in socks:
-                            accept_nursery.start_soon(accept_loop, ctx, sock, handle, connections)
-
-            connections.start_soon(accept_all)
-            ctx.log.info("worker_ready", listen=list(config.server.listen))
-            task_status.started(ctx)
-            if on_ready is not None:
-                on_ready(ctx)
-            async for signum in signals:
+            background.start_soon(_flush_forever, ctx)
+            reactor = Reactor(ctx, Admission(ctx))
+            for sock in socks:
+                reactor.add_listener(sock)
+            # What start-up made lives as long as the worker: out of the collector's way.
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+            async with trio.open_nursery() as serving:
+                serving.start_soon(reactor.run)
+                ctx.log.info("worker_ready", listen=list(config.server.listen))
+                task_status.started(ctx)
+                if on_ready is not None:
+                    on_ready(ctx)
+                signum = await signals.__anext__()
                 ctx.log.info(
                     "worker_draining",
                     signal=signal.Signals(signum).name,
-                    active_connections=ctx.stats.active_connections,
+                    active_connections=ctx.active_connections,
                 )
-                break
-            accepting.cancel()
-            for sock in socks:
-                sock.close()
-            ctx.start_drain()
-            connections.cancel_scope.deadline = trio.current_time() + config.server.drain_timeout
-    finally:
-        ctx.park.nursery = None  # woken streams find no nursery: they are dropped
+                ctx.draining = True
+                reactor.drain(keep_listening=signum != HANDOVER_SIGNAL)
+                serving.cancel_scope.deadline = trio.current_time() + config.server.drain_timeout
+            checks.stop()
+            ctx.flush()
+            await control.close()
+            background.cancel_scope.cancel()
+    ctx.report_pools()
+    ctx.flush()
+    ctx.log.info("worker_stopped", requests=ctx.requests)
+
+
+async def _flush_forever(ctx: WorkerContext) -> None:
+    """Counts published and access lines written a few times a second (and pool gauges:
+    a scrape every few seconds cannot tell the difference, and the request path is
+    spared the shared-memory writes)."""
+    while True:
+        await trio.sleep(BATCH_SECONDS)
+        ctx.flush()
+        ctx.report_pools()
 
 
 def _listening_sockets(config: Config) -> list[socket.socket]:
@@ -230,10 +224,7 @@ def _listening_sockets(config: Config) -> list[socket.socket]:
     fds = os.environ.get(LISTEN_FDS_ENV)
     if not fds:
         return [bind_reuseport(addr, config.server.backlog) for addr in config.server.listen]
-    socks = [socket.socket(fileno=int(fd)) for fd in fds.split(",")]
-    for sock in socks:
-        sock.setblocking(False)
-    return socks
+    return [socket.socket(fileno=int(fd)) for fd in fds.split(",")]
 
 
 def _notify_ready(ctx: WorkerContext) -> None:

@@ -1,20 +1,32 @@
-"""What one worker's connections share: config, routes, pools, statistics, loggers."""
+"""What one worker's connections share: config, routes, backend pools, keys, the clock,
+and where finished exchanges are counted, logged and audited. This is the ``Env`` the
+connection machines (``proxy.protocol.connection``) read.
+
+Accounting is cheap on purpose: counts go to plain dictionaries (``RequestMetrics``),
+access lines to a buffer (``AccessLog``); ``flush`` publishes the counts, then writes the
+lines, so a request is counted before it is logged. The reactor's owner calls ``flush``
+every 250 ms, and it runs by itself when 64 lines are waiting.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from proxy.admission import connection_cap, rate_buckets
+from proxy.audit import UsageRecord
+from proxy.auth import AuthFailure, Identity, authenticate, check_access
 from proxy.config import Config
-from proxy.net.errors import StreamParked
-from proxy.net.park import ParkedStream, StreamPark, Wake
+from proxy.mcp_routing import method_label
+from proxy.metrics import LIMIT_BY_STATUS, RequestMetrics, metrics
 from proxy.net.upstream import UpstreamPool
-from proxy.observability import WorkerStats
+from proxy.observability import AccessLine, AccessLog
+from proxy.protocol.exchange import Check, Exchange
 from proxy.protocol.http1 import ForwardingPolicy
 from proxy.protocol.session_token import SessionTokens
 from proxy.routing import Backend, Route, RouteTable, pick_least_loaded
@@ -25,29 +37,74 @@ if TYPE_CHECKING:
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-@dataclass(slots=True, eq=False)
 class WorkerContext:
-    config: Config
-    routes: RouteTable
-    pools: dict[Backend, UpstreamPool]
-    log: Any
-    access_log: Any | None
-    stats: WorkerStats = field(default_factory=WorkerStats)
-    draining: bool = False
-    idle_scopes: set[trio.CancelScope] = field(default_factory=set)
-    """Cancel scopes of connections waiting for a request; cancelled on drain."""
-    stream_scopes: set[trio.CancelScope] = field(default_factory=set)
-    """Cancel scopes of SSE streams waiting for the backend; cancelled on drain so the
-    stream can be ended at its next event boundary."""
-    park: StreamPark = field(default_factory=StreamPark)
-    """Where SSE streams wait for either of their sockets (proxy.net.park)."""
-    tokens: SessionTokens | None = None
-    """Signs and checks the MCP session tokens (None when no route is an MCP route)."""
-    rng: random.Random = field(default_factory=random.Random)
-    control: ControlPlane | None = None
-    """Keys, JWTs, rate limits, caps and audit (set by the worker before it serves)."""
-    _policies: dict[str | None, ForwardingPolicy] = field(default_factory=dict)
-    _trusted: tuple[IPNetwork, ...] | None = None
+    def __init__(
+        self,
+        config: Config,
+        routes: RouteTable,
+        pools: dict[Backend, UpstreamPool],
+        log: Any,
+        access_log: AccessLog | None,
+        tokens: SessionTokens | None = None,
+    ) -> None:
+        self.config = config
+        self.routes = routes
+        self.pools = pools
+        self.log = log
+        self.access_log = access_log
+        self.tokens = tokens
+        """Signs and checks the MCP session tokens (None when no route is an MCP route)."""
+        self.control: ControlPlane | None = None
+        """Keys, JWTs, rate limits, caps and audit (set by the worker before it serves)."""
+        self.draining = False
+        self.nursery: trio.Nursery = None  # type: ignore[assignment]  # set by the worker
+        self.counts = RequestMetrics()
+        self.requests = 0
+        self.active_connections = 0
+        self.rng = random.Random()
+        self.now = time.monotonic
+        self._policies: dict[str | None, ForwardingPolicy] = {}
+        self._trusted: tuple[IPNetwork, ...] | None = None
+
+    # -- what the machines read --------------------------------------------------------------
+
+    def choose_backend(
+        self, route: Route, replica: str | None = None, avoid: Backend | None = None
+    ) -> Backend | None:
+        """The backend for a request: its session's replica if it has one (None if that
+        replica is gone or out of rotation), else a usable backend of the route other
+        than ``avoid`` (round robin for http routes, power of two choices on in-flight
+        requests for mcp)."""
+        now = time.monotonic()
+        pools = self.pools
+        if replica is not None:
+            backend = route.replicas.get(replica)
+            if backend is None or not pools[backend].usable(now):
+                return None
+            return backend
+        if route.kind == "mcp":
+            usable = [b for b in route.backends if b != avoid and pools[b].usable(now)]
+            if not usable:
+                return None
+            return pick_least_loaded(usable, lambda b: pools[b].in_use, self.rng)
+        for _ in range(len(route.backends)):
+            backend = route.choose_backend()
+            if backend != avoid and pools[backend].usable(now):
+                return backend
+        return None
+
+    def policy_for(self, route: Route | None) -> ForwardingPolicy:
+        mode = route.host_mode if route is not None else None
+        policy = self._policies.get(mode)
+        if policy is None:
+            fwd = self.config.forwarding
+            policy = ForwardingPolicy(
+                host_mode=mode or fwd.host,
+                xff_mode=fwd.x_forwarded_for,
+                via=fwd.via.encode("ascii"),
+            )
+            self._policies[mode] = policy
+        return policy
 
     def is_trusted_proxy(self, ip: str) -> bool:
         """Whether ``ip`` may (and must) send a PROXY protocol header."""
@@ -65,65 +122,166 @@ class WorkerContext:
     def auth_required(self, route: Route) -> bool:
         return route.auth == "required" or (route.auth == "default" and self.config.auth.required)
 
-    def policy_for(self, route: Route | None) -> ForwardingPolicy:
-        mode = route.host_mode if route is not None else None
-        policy = self._policies.get(mode)
-        if policy is None:
-            fwd = self.config.forwarding
-            policy = ForwardingPolicy(
-                host_mode=mode or fwd.host,
-                xff_mode=fwd.x_forwarded_for,
-                via=fwd.via.encode("ascii"),
+    def authenticate(
+        self, headers: Sequence[tuple[bytes, bytes]], route: Route
+    ) -> Identity | AuthFailure:
+        control = self.control
+        assert control is not None  # routes with auth need the control plane
+        result = authenticate(
+            list(headers), control.keys, control.jwt, now=time.time(),
+            header_name=control.auth_header,
+        )
+        if isinstance(result, Identity):
+            result = check_access(result, route.tenants) or result
+        if isinstance(result, AuthFailure):
+            self.counts.auth_failures[str(result.status)] = (
+                self.counts.auth_failures.get(str(result.status), 0) + 1
             )
-            self._policies[mode] = policy
-        return policy
+        return result
 
-    def choose_backend(self, route: Route, replica: str | None = None) -> Backend | None:
-        """The backend for a request: its session's replica if it has one (None if that
-        replica is gone or out of rotation), else a usable backend of the route (round
-        robin for http routes, power of two choices on in-flight requests for mcp)."""
-        now = time.monotonic()
-        pools = self.pools
-        if replica is not None:
-            backend = route.replicas.get(replica)
-            if backend is None or not pools[backend].usable(now):
-                return None
-            return backend
-        if route.kind == "mcp":
-            usable = [b for b in route.backends if pools[b].usable(now)]
-            if not usable:
-                return None
-            return pick_least_loaded(usable, lambda b: pools[b].in_use, self.rng)
-        for _ in range(len(route.backends)):
-            backend = route.choose_backend()
-            if pools[backend].usable(now):
-                return backend
-        return None
+    def auth_header(self) -> bytes:
+        control = self.control
+        return control.auth_header if control is not None else b"authorization"
 
-    async def idle_wait(
-        self, member: ParkedStream, deadline: float, wake: Wake, *, parkable: bool
-    ) -> bool:
-        """Wait until ``member`` is ready for what it is interested in (True), or until
-        ``deadline`` or a drain (False). Where the stream may be parked, it is: this
-        raises StreamParked and ``wake`` carries the stream on in a new task."""
-        if member.ready & member.interest:
-            await trio.lowlevel.checkpoint()
-            return True
-        if parkable and self.park.can_park() and not self.draining:
-            self.park.park(member, deadline, wake)
-            raise StreamParked
-        wait = trio.CancelScope(deadline=deadline)
-        if not self.draining:
-            self.stream_scopes.add(wait)  # a drain interrupts the wait
-        try:
-            with wait:
-                await self.park.wait(member)
-        finally:
-            self.stream_scopes.discard(wait)
-        return not wait.cancelled_caught
+    def rate_check(self, peer_ip: str, identity: Identity | None, tool: str | None) -> Check | None:
+        control = self.control
+        if control is None or not control.rate_limited:
+            return None
+        buckets = rate_buckets(control.config.rate_limits, peer_ip, identity, tool)
+        return Check(Check.RATE, buckets) if buckets else None
 
-    def start_drain(self) -> None:
-        self.draining = True
-        for scope in [*self.idle_scopes, *self.stream_scopes]:
-            scope.cancel()
-        self.park.wake_all()  # parked streams too decide, in a task, how to end
+    def cap_check(self, scope: str, identity: Identity | None) -> Check | None:
+        control = self.control
+        if control is None or control.caps is None:
+            return None
+        if identity is None:
+            limit = self.config.rate_limits.max_connections_per_ip
+        else:
+            limit = connection_cap(control.config.rate_limits, identity)
+        return Check(Check.CAP, (scope, limit)) if limit > 0 else None
+
+    # -- accounting ---------------------------------------------------------------------------
+
+    def account(
+        self, x: Exchange, peer: tuple[str, int], *, refused_early: bool = False
+    ) -> None:
+        """Metrics, the access line and the usage record of a finished exchange."""
+        self.requests += 1
+        route = x.route
+        prefix = route.prefix if route is not None else "none"
+        now = time.perf_counter()
+        elapsed = 0.0 if refused_early else now - x.started
+        latency = None if x.streamed else elapsed
+        status = str(x.status)
+        counts = self.counts
+        counts.count_request(prefix, status, latency, x.bytes_in, x.bytes_out)
+        if x.refused and x.status in LIMIT_BY_STATUS:
+            limit = LIMIT_BY_STATUS[x.status]
+            counts.refusals[limit] = counts.refusals.get(limit, 0) + 1
+        decision = x.mcp
+        if decision is not None:
+            counts.count_mcp(prefix, method_label(decision, x.method), status, latency)
+        log = self.access_log
+        if log is not None:
+            if refused_early:
+                method = path = None
+            else:
+                method = x.method.decode("ascii", "replace")
+                target = x.target
+                query_at = target.find(b"?")
+                path = (target if query_at < 0 else target[:query_at]).decode("ascii", "replace")
+            line = AccessLine(
+                event="access",
+                level="info",
+                ts="",
+                client=peer[0],
+                port=peer[1],
+                method=method,
+                path=path,
+                status=x.status,
+                route=route.prefix if route is not None else None,
+                upstream=x.upstream or None,
+                bytes_in=x.bytes_in,
+                bytes_out=x.bytes_out,
+                duration_ms=round(elapsed * 1000, 3),
+                error=x.error,
+            )
+            if decision is not None:
+                line.mcp_era = decision.era.value
+                line.mcp_method = decision.method
+                line.mcp_name = decision.name
+                line.replica = x.replica or None
+            log.add(line)
+            if log.full:
+                self.flush()
+        control = self.control
+        if route is not None and control is not None and control.audit is not None:
+            control.audit.record(usage_record(x, elapsed))
+
+    def flush(self) -> None:
+        """Publish the counts, then write the access lines they cover."""
+        self.counts.publish(metrics())
+        if self.access_log is not None:
+            self.access_log.flush()
+
+    def count_kind(self, old: str, new: str) -> None:
+        active = self.counts.active
+        active[old] -= 1
+        active[new] += 1
+
+    def connection_opened(self) -> None:
+        self.active_connections += 1
+        self.counts.connections += 1
+        self.counts.active["http"] += 1
+
+    def connection_closed(self) -> None:
+        self.active_connections -= 1
+        self.counts.active["http"] -= 1
+
+    def overloaded(self, address: tuple[str, int]) -> None:
+        """A connection closed unanswered in an overload flood."""
+        self.counts.refusals["capacity"] = self.counts.refusals.get("capacity", 0) + 1
+
+    def proxy_header_refused(self, peer: tuple[str, int], reason: str) -> None:
+        metrics().refusals.labels("proxy_protocol").inc()
+        self.log.warning("proxy_header_refused", client=peer[0], port=peer[1], reason=reason)
+
+    def tool_denied(self) -> None:
+        failures = self.counts.auth_failures
+        failures["tool"] = failures.get("tool", 0) + 1
+
+    def backend_outcome(self, pool: UpstreamPool, ok: bool) -> None:
+        """Passive health: an exchange with this backend succeeded or failed."""
+        if pool.health.record(ok, time.monotonic()):
+            m = metrics()
+            m.ejections.labels(pool.backend.url).inc()
+            m.backend_up.labels(pool.backend.url).set(0)
+
+    def upstream_failure(self, pool: UpstreamPool, reason: str) -> None:
+        key = (pool.backend.url, reason)
+        failures = self.counts.upstream_failures
+        failures[key] = failures.get(key, 0) + 1
+
+    def report_pools(self) -> None:
+        family = metrics().upstream_connections
+        for pool in self.pools.values():
+            pool.write_gauges(family)
+
+
+def usage_record(x: Exchange, elapsed: float) -> UsageRecord:
+    """What the audit trail keeps of an exchange."""
+    identity = x.identity
+    decision = x.mcp
+    method = decision.method if decision is not None and decision.method else None
+    return UsageRecord(
+        ts=time.time(),
+        key_id=identity.key_id if identity is not None else None,
+        tenant_id=identity.tenant_id if identity is not None else None,
+        route=x.route.prefix if x.route is not None else "",
+        method=method or x.method.decode("ascii", "replace"),
+        tool=decision.name if decision is not None and method == "tools/call" else None,
+        status=x.status,
+        bytes_in=x.bytes_in,
+        bytes_out=x.bytes_out,
+        duration_ms=round(elapsed * 1000, 3),
+    )

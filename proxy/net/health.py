@@ -9,13 +9,14 @@ client request: the request path only reads the resulting flag.
 
 from __future__ import annotations
 
+import socket
+
 import h11
 import trio
 
 from proxy.config import HealthCheckConfig
 from proxy.metrics import metrics
-from proxy.net.errors import RECV_SIZE
-from proxy.net.upstream import UpstreamPool
+from proxy.net.upstream import RECV_SIZE, UpstreamPool
 
 
 async def probe(pool: UpstreamPool, config: HealthCheckConfig) -> bool:
@@ -23,7 +24,7 @@ async def probe(pool: UpstreamPool, config: HealthCheckConfig) -> bool:
     backend = pool.backend
     with trio.move_on_after(config.timeout):
         try:
-            stream = await pool.open_stream()
+            stream = await _connect(pool)
         except OSError:
             return False
         async with stream:
@@ -59,6 +60,24 @@ async def probe(pool: UpstreamPool, config: HealthCheckConfig) -> bool:
             ):
                 return False
     return False
+
+
+async def _connect(pool: UpstreamPool) -> trio.SocketStream:
+    """A new connection to the backend, trying its addresses in order."""
+    last_error: OSError = OSError("no address")
+    for family, sockaddr in pool.addresses:
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            await sock.connect(sockaddr)
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(sock)
+    raise last_error
 
 
 async def check_forever(pool: UpstreamPool, config: HealthCheckConfig, log: object) -> None:

@@ -1,73 +1,40 @@
-"""Keep-alive connection pools to backends, one per backend per worker.
+"""Backend connections and their keep-alive pools, one pool per backend per worker.
 
-Addresses are resolved once when the pool is built (DNS goes through a thread in trio,
-and nothing on the request path may wait on a thread). Idle connections are kept LIFO
-up to ``max_idle_per_backend``; a pooled connection that the backend closed (readable
-while idle: EOF or stray bytes) or that sat longer than ``idle_ttl`` is dropped on reuse.
+Addresses are resolved once when the pool is built (DNS goes through a thread in Trio,
+and nothing on the request path may wait on a thread). Every backend connection is a
+non-blocking socket in the worker's reactor (``proxy.net.reactor``) for its whole life,
+lent to one exchange at a time. Idle connections are kept LIFO up to
+``max_idle_per_backend``; one that the backend closes (or writes to) while idle is
+noticed by the reactor at once and dropped, so reuse costs no check; one idle longer
+than ``idle_ttl`` is dropped on reuse.
+
+``max_connections_per_backend`` caps open connections; an exchange that finds the cap
+reached waits in a queue for a slot (``queued``), answered 503 by its connection machine
+if none frees within ``connect_timeout``.
 """
 
 from __future__ import annotations
 
 import errno
-import select
 import socket
 import time
-from dataclasses import dataclass, field
-from typing import Any
-
-import h11
-import trio
+from collections import deque
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import UpstreamConfig
-from proxy.metrics import metrics
+from proxy.protocol.fast_response import ResponseReader
 from proxy.routing import Backend, BackendHealth
 
-
-class UpstreamUnavailable(Exception):
-    """No connection to the backend could be had; ``status`` says how to answer."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-_DIRTY: set[UpstreamPool] = set()
-
-
-def report_pool_gauges() -> None:
-    """Write the gauges of every pool that changed since the last call."""
-    pools = list(_DIRTY)
-    _DIRTY.clear()
-    for pool in pools:
-        pool.write_gauges()
-
-
-async def report_pool_gauges_forever(interval: float = 0.25) -> None:
-    while True:
-        await trio.sleep(interval)
-        report_pool_gauges()
-
-
-@dataclass(slots=True, eq=False)
-class UpstreamConnection:
-    stream: trio.SocketStream
-    h11: h11.Connection
-    reused: bool = False
-    idle_since: float = 0.0
-
-    def looks_closed(self) -> bool:
-        """True if the backend closed (or wrote to) this idle connection."""
-        poller = select.poll()
-        poller.register(self.stream.socket.fileno(), select.POLLIN | select.POLLRDHUP)
-        return bool(poller.poll(0))
-
-    async def aclose(self) -> None:
-        await trio.aclose_forcefully(self.stream)
-
+if TYPE_CHECKING:
+    from proxy.net.client_io import ClientIO
+    from proxy.net.reactor import Reactor
 
 Addresses = dict[tuple[str, int], list[tuple[int, Any]]]
 """(host, port) -> [(address family, sockaddr)], resolved ahead of pool creation."""
+
+RECV_SIZE = 65536
+_IN = 0x001  # select.EPOLLIN
+_OUT = 0x004  # select.EPOLLOUT
 
 
 def resolve(host: str, port: int) -> list[tuple[int, Any]]:
@@ -79,151 +46,194 @@ def resolve(host: str, port: int) -> list[tuple[int, Any]]:
     return addresses
 
 
-@dataclass(slots=True, eq=False)
-class UpstreamPool:
-    backend: Backend
-    config: UpstreamConfig
-    addresses: list[tuple[int, tuple[str, int] | tuple[str, int, int, int]]]
-    idle: list[UpstreamConnection] = field(default_factory=list)
-    in_use: int = 0
-    _slots: trio.Semaphore | None = None
-    _gauges: tuple[Any, Any] | None = None
-    health: BackendHealth = field(default_factory=BackendHealth)
+class UpstreamIO:
+    """One backend connection: its socket, its response reader, and while lent, the
+    client connection it serves (``owner``)."""
 
-    def record(self, ok: bool) -> None:
-        """Passive health: an exchange with this backend succeeded or failed."""
-        if self.health.record(ok, time.monotonic()):
-            metrics().ejections.labels(self.backend.url).inc()
-            metrics().backend_up.labels(self.backend.url).set(0)
+    __slots__ = (
+        "backend",
+        "connected",
+        "fd",
+        "failed",
+        "idle_since",
+        "mask",
+        "out",
+        "owner",
+        "paused",
+        "pool",
+        "queued",
+        "reader",
+        "reused",
+        "shut",
+        "sock",
+        "written",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.backend = pool.backend
+        self.reader = ResponseReader()
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.connected = False
+        self.queued = False
+        """Waiting for a slot under max_connections_per_backend."""
+        self.reused = False
+        self.owner: ClientIO | None = None
+        self.out: list[bytes] = []
+        """Bytes not yet written (before the connection is made, or a full buffer)."""
+        self.written = 0
+        """Bytes of the current request written: 0 means it never reached the backend."""
+        self.mask = 0
+        self.paused = False
+        self.shut = False
+        self.failed = False
+        self.idle_since = 0.0
+
+    def connect(self, reactor: Reactor) -> None:
+        """Start a non-blocking connect; a failure is reported like any other."""
+        family, sockaddr = self.pool.addresses[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.fd = sock.fileno()
+        code = sock.connect_ex(sockaddr)
+        self.mask = _IN | _OUT
+        reactor.register(self.fd, self, self.mask)
+        if code == 0:
+            self.connected = True
+        elif code not in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
+            self.failed = True
+            reactor.note_upstream_failure(self, code)
+
+    def close(self, reactor: Reactor) -> None:
+        sock = self.sock
+        if sock is not None:
+            reactor.unregister(self.fd)
+            self.sock = None
+            sock.close()
+
+
+class UpstreamPool:
+    __slots__ = (
+        "_gauges",
+        "_waiting",
+        "addresses",
+        "backend",
+        "config",
+        "health",
+        "idle",
+        "in_use",
+        "open",
+    )
+
+    def __init__(
+        self,
+        backend: Backend,
+        config: UpstreamConfig,
+        addresses: list[tuple[int, Any]] | None = None,
+    ) -> None:
+        """A pool for ``backend``; its addresses resolved here (blocking) unless given."""
+        self.backend = backend
+        self.config = config
+        self.addresses = addresses if addresses is not None else resolve(backend.host, backend.port)
+        self.idle: list[UpstreamIO] = []
+        self.in_use = 0
+        """Connections lent to exchanges (the least-loaded choice counts these)."""
+        self.open = 0
+        """Connections open or opening (the max_connections_per_backend count)."""
+        self._waiting: deque[UpstreamIO] = deque()
+        self.health = BackendHealth()
+        self._gauges: tuple[Any, Any] | None = None
 
     def usable(self, now: float) -> bool:
         return self.health.usable(now)
 
-    def _report(self) -> None:
-        # Marked here, written by report_pool_gauges() a few times a second: two
-        # memory-mapped gauge writes per acquire and per release were a measurable part
-        # of a request's cost, and a scrape every few seconds cannot tell the difference.
-        _DIRTY.add(self)
+    def lend(self, reactor: Reactor, owner: ClientIO, *, fresh: bool) -> UpstreamIO:
+        """A connection for ``owner``: the most recently pooled live one (unless
+        ``fresh``), else a new one (queued when the cap is reached)."""
+        self.in_use += 1
+        if not fresh:
+            idle = self.idle
+            ttl = self.config.idle_ttl
+            now = time.monotonic()
+            while idle:
+                up = idle.pop()
+                if now - up.idle_since > ttl:
+                    self._close(reactor, up)
+                    continue
+                up.owner = owner
+                up.written = 0
+                return up
+        up = UpstreamIO(self)
+        up.owner = owner
+        cap = self.config.max_connections_per_backend
+        if cap and self.open >= cap:
+            up.queued = True
+            self._waiting.append(up)
+            return up
+        self.open += 1
+        up.connect(reactor)
+        return up
 
-    def write_gauges(self) -> None:
+    def give_back(self, reactor: Reactor, up: UpstreamIO, *, reusable: bool) -> None:
+        """The exchange is over: pool the connection if it may carry another, else
+        close it."""
+        self.in_use -= 1
+        up.owner = None
+        if up.queued:
+            up.queued = False
+            self._waiting.remove(up)
+            return
+        if (
+            reusable
+            and up.sock is not None
+            and not up.out
+            and not up.failed
+            and len(self.idle) < self.config.max_idle_per_backend
+            and not reactor.stopping
+        ):
+            up.reused = True
+            up.idle_since = time.monotonic()
+            if up.paused:
+                up.paused = False
+                reactor.set_mask(up, _IN)
+            self.idle.append(up)
+            return
+        self._close(reactor, up)
+
+    def dropped_while_idle(self, reactor: Reactor, up: UpstreamIO) -> None:
+        """The backend closed (or wrote to) a pooled connection."""
+        try:
+            self.idle.remove(up)
+        except ValueError:
+            pass
+        self._close(reactor, up)
+
+    def _close(self, reactor: Reactor, up: UpstreamIO) -> None:
+        if up.sock is not None:
+            up.close(reactor)
+            self.open -= 1
+            # A slot is free: the longest-waiting exchange gets it.
+            while self._waiting and (
+                not self.config.max_connections_per_backend
+                or self.open < self.config.max_connections_per_backend
+            ):
+                waiter = self._waiting.popleft()
+                waiter.queued = False
+                self.open += 1
+                waiter.connect(reactor)
+                reactor.note_progress(waiter)
+
+    def close_all(self, reactor: Reactor) -> None:
+        while self.idle:
+            self._close(reactor, self.idle.pop())
+
+    def write_gauges(self, family: Any) -> None:
         """This worker's pool gauges; /metrics sums them over workers."""
         if self._gauges is None:
-            family = metrics().upstream_connections
-            self._gauges = (
-                family.labels(self.backend.url, "idle"),
-                family.labels(self.backend.url, "in_use"),
-            )
+            url = self.backend.url
+            self._gauges = (family.labels(url, "idle"), family.labels(url, "in_use"))
         self._gauges[0].set(len(self.idle))
         self._gauges[1].set(self.in_use)
-
-    def count_failure(self, reason: str) -> None:
-        metrics().upstream_failures.labels(self.backend.url, reason).inc()
-
-    @classmethod
-    def create(
-        cls,
-        backend: Backend,
-        config: UpstreamConfig,
-        addresses: list[tuple[int, Any]] | None = None,
-    ) -> UpstreamPool:
-        """A pool for ``backend``; its addresses resolved here (blocking) unless given."""
-        if addresses is None:
-            addresses = resolve(backend.host, backend.port)
-        slots = (
-            trio.Semaphore(config.max_connections_per_backend)
-            if config.max_connections_per_backend
-            else None
-        )
-        return cls(backend, config, addresses, _slots=slots)
-
-    async def acquire(self) -> UpstreamConnection:
-        """A reused idle connection if a live one is pooled, else a new one."""
-        now = time.monotonic()
-        while self.idle:
-            conn = self.idle.pop()
-            if now - conn.idle_since > self.config.idle_ttl or conn.looks_closed():
-                await self._close(conn)
-                continue
-            self.in_use += 1
-            self._report()
-            return conn
-        if self._slots is not None:
-            with trio.move_on_after(self.config.connect_timeout) as scope:
-                await self._slots.acquire()
-            if scope.cancelled_caught:
-                self.count_failure("capacity")
-                raise UpstreamUnavailable(503, "backend connection limit reached")
-        try:
-            conn = await self._connect()
-        except BaseException as exc:
-            if self._slots is not None:
-                self._slots.release()
-            if isinstance(exc, UpstreamUnavailable):
-                self.count_failure("connect")
-            raise
-        self.in_use += 1
-        self._report()
-        return conn
-
-    async def open_stream(self) -> trio.SocketStream:
-        """A new connection to the backend (no timeout of its own); OSError if none."""
-        last_error: OSError = OSError("no address")
-        for family, sockaddr in self.addresses:
-            sock = trio.socket.socket(family, socket.SOCK_STREAM)
-            try:
-                await sock.connect(sockaddr)
-            except OSError as exc:
-                sock.close()
-                last_error = exc
-                continue
-            except BaseException:
-                sock.close()
-                raise
-            return trio.SocketStream(sock)
-        raise last_error
-
-    async def _connect(self) -> UpstreamConnection:
-        with trio.move_on_after(self.config.connect_timeout):
-            try:
-                stream = await self.open_stream()
-            except OSError as exc:
-                reason = errno.errorcode.get(exc.errno or 0, str(exc))
-                raise UpstreamUnavailable(502, f"cannot connect to backend: {reason}") from None
-            return UpstreamConnection(stream, h11.Connection(h11.CLIENT))
-        raise UpstreamUnavailable(502, "timed out connecting to backend")
-
-    async def release(self, conn: UpstreamConnection, *, express: bool = False) -> None:
-        """Return a connection after a complete exchange; pooled if both sides allow.
-        ``express``: the exchange ran in the express lane, which checked reusability
-        itself and never moved the connection's h11 state (still IDLE)."""
-        self.in_use -= 1
-        h = conn.h11
-        reusable = (
-            h.our_state is h11.IDLE and h.their_state is h11.IDLE
-            if express
-            else h.our_state is h11.DONE and h.their_state is h11.DONE
-        )
-        if reusable and len(self.idle) < self.config.max_idle_per_backend:
-            if not express:
-                h.start_next_cycle()
-            conn.reused = True
-            conn.idle_since = time.monotonic()
-            self.idle.append(conn)
-            self._report()
-            return
-        await self._close(conn)
-
-    async def discard(self, conn: UpstreamConnection) -> None:
-        """Close a connection whose exchange did not complete cleanly."""
-        self.in_use -= 1
-        await self._close(conn)
-
-    async def _close(self, conn: UpstreamConnection) -> None:
-        if self._slots is not None:
-            self._slots.release()
-        self._report()
-        await conn.aclose()
-
-    async def aclose(self) -> None:
-        while self.idle:
-            await self._close(self.idle.pop())

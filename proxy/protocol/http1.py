@@ -8,6 +8,9 @@ responses every limit answers with.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -38,12 +41,16 @@ _NOT_NOMINATABLE = frozenset({b"host", b"content-length", b"content-type", b"aut
 
 
 class RequestRejected(Exception):
-    """A request the proxy answers itself, with this status, without a backend."""
+    """A request the proxy answers itself, with this status, without a backend;
+    ``headers`` go on the answer (426's ``Sec-WebSocket-Version``, say)."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(
+        self, status: int, reason: str, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.headers = tuple(headers)
 
 
 @dataclass(slots=True)
@@ -62,6 +69,9 @@ class RequestInfo:
     connection_tokens: frozenset[bytes]
     host_missing: bool = False
     """True for an HTTP/1.0 request that sent no Host header."""
+    expect_continue: bool = False
+    """An HTTP/1.1 request with ``Expect: 100-continue``: its client waits for a 100
+    before it sends the body."""
 
 
 def _connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -72,6 +82,50 @@ def _connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
             if token:
                 tokens.add(token)
     return frozenset(tokens)
+
+
+_VERSIONS = frozenset({b"1.0", b"1.1"})
+# Bytes a header value may hold: HTAB, SP, VCHAR and obs-text (RFC 9110 §5.5).
+_VALUE_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e\x80-\xff]+ HTTP/([0-9])\.([0-9])")
+
+
+def check_request_line(line: bytes) -> None:
+    """Judge a request line as soon as it is complete, before the rest of the head
+    arrives: anything but ``method SP target SP HTTP/d.d`` (an HTTP/0.9 ``GET /``, say)
+    gets 400 at once instead of waiting for a head that will never be valid, and a
+    version other than 1.0 and 1.1 gets 505. ``line`` has no line ending."""
+    match = _REQUEST_LINE.fullmatch(line)
+    if match is None:
+        raise RequestRejected(400, "malformed request line")
+    if match.group(1) != b"1" or match.group(2) not in b"01":
+        raise RequestRejected(505, "HTTP version not supported")
+
+
+_WS_VERSION = (b"sec-websocket-version", b"13")
+
+
+def check_websocket_handshake(method: bytes, headers: Sequence[tuple[bytes, bytes]]) -> None:
+    """RFC 6455 §4.2.1: what a WebSocket opening handshake must carry before it may reach
+    a backend. A version other than 13 gets 426 naming the one we speak (§4.4)."""
+    versions = [value for name, value in headers if name == b"sec-websocket-version"]
+    if versions != [b"13"]:
+        raise RequestRejected(426, "unsupported WebSocket version", headers=(_WS_VERSION,))
+    if method != b"GET":
+        raise RequestRejected(400, "WebSocket handshake must be a GET")
+    keys = [value for name, value in headers if name == b"sec-websocket-key"]
+    if len(keys) != 1 or not _is_websocket_key(keys[0]):
+        raise RequestRejected(400, "missing or malformed Sec-WebSocket-Key")
+
+
+def _is_websocket_key(value: bytes) -> bool:
+    """The base64 encoding of exactly 16 bytes: 22 characters and ``==``."""
+    if len(value) != 24 or not value.endswith(b"==") or not value.isascii():
+        return False
+    try:
+        return len(base64.b64decode(value, validate=True)) == 16
+    except binascii.Error:
+        return False
 
 
 def _split_target(target: bytes) -> tuple[bytes, bytes]:
@@ -109,12 +163,20 @@ def inspect_request(request: h11.Request) -> RequestInfo:
     combination is the classic smuggling vector), a missing or repeated Host, absolute
     targets whose authority disagrees with Host, dot-segments.
     """
+    version = request.http_version
+    if version not in _VERSIONS:
+        raise RequestRejected(505, "HTTP version not supported")
     host: bytes | None = None
     content_length: int | None = None
     chunked = False
     upgrade: bytes | None = None
+    expect_continue = False
     connection_values: list[bytes] = []
     for name, value in request.headers:
+        if value.translate(None, _VALUE_BYTES):
+            # h11 admits control bytes other than NUL, CR, LF, VT and FF inside values;
+            # a backend may read them as line breaks or terminators.
+            raise RequestRejected(400, "control character in a header value")
         if name == b"host":
             if host is not None:
                 raise RequestRejected(400, "more than one Host header")
@@ -127,8 +189,13 @@ def inspect_request(request: h11.Request) -> RequestInfo:
             connection_values.append(value)
         elif name == b"upgrade":
             upgrade = value
+        elif name == b"expect":
+            expect_continue = value.lower() == b"100-continue" and version == b"1.1"
     if chunked and content_length is not None:
         raise RequestRejected(400, "both Content-Length and Transfer-Encoding")
+    if chunked and version == b"1.0":
+        # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing.
+        raise RequestRejected(400, "Transfer-Encoding in an HTTP/1.0 request")
     target, authority = _split_target(request.target)
     host_missing = host is None
     if host is None:
@@ -143,6 +210,8 @@ def inspect_request(request: h11.Request) -> RequestInfo:
     tokens = _connection_tokens(connection_values)
     if upgrade is not None and b"upgrade" not in tokens:
         upgrade = None
+    if upgrade is not None and b"websocket" in _connection_tokens((upgrade,)):
+        check_websocket_handshake(request.method, request.headers)
     return RequestInfo(
         path=raw_path.decode("ascii", "replace"),
         target=target,
@@ -152,6 +221,7 @@ def inspect_request(request: h11.Request) -> RequestInfo:
         upgrade=upgrade,
         connection_tokens=tokens,
         host_missing=host_missing,
+        expect_continue=expect_continue,
     )
 
 
@@ -325,9 +395,16 @@ def raw_error_response(
 
 
 def protocol_error_status(exc: h11.RemoteProtocolError) -> tuple[int, str]:
-    """Map an h11 parse error to the status to answer with (431 for oversized heads)."""
+    """Map an h11 parse error to the status to answer with (431 for oversized heads) and
+    a reason fit to send: h11 puts the offending bytes' repr in some messages, which a
+    response must never echo."""
     status = exc.error_status_hint
     text = str(exc)
     if "Receive buffer too long" in text or "buffer too long" in text:
         return 431, "request header section too large"
+    text = _QUOTED_BYTES.split(text, 1)[0].strip()
     return status, text or "malformed request"
+
+
+# Where h11 starts quoting bytes: ": b'..'", " bytearray(b'..')", " b\"..\"".
+_QUOTED_BYTES = re.compile(r":? (?:bytearray\()?b['\"]")

@@ -295,12 +295,18 @@ async def test_rate_limit_is_global(
             assert refused.headers["ratelimit-limit"] == str(limit)
             assert refused.headers["ratelimit-remaining"] == "0"
             assert refused.body is not None and refused.body["error"]["code"] == -32029
-        served = {
-            (proxy.port, line["pid"])
-            for proxy in (first, second)
-            for line in proxy.access_lines()
-            if line.get("path") == "/mcp"
-        }
+
+        def mcp_lines() -> list[tuple[int, int]]:
+            return [
+                (proxy.port, line["pid"])
+                for proxy in (first, second)
+                for line in proxy.access_lines()
+                if line.get("path") == "/mcp"
+            ]
+
+        # Access lines are written in batches: wait for all sixteen.
+        await poll_until(lambda: len(mcp_lines()) == 16, limit=10)
+        served = set(mcp_lines())
         assert len(served) >= 3, f"requests reached only {served}"
 
 

@@ -314,24 +314,45 @@ async def test_body_timeout_before_any_body_byte_gets_408(
         await assert_timed_out_with_408(proxy, backend, post_head(100))
 
 
-async def test_body_timeout_mid_body_gets_408_after_forwarding(
+async def test_small_body_timeout_mid_body_gets_408_before_any_backend(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    """Content-Length 100, 10 bytes sent with the head, then silence: the head and the
-    10 bytes are forwarded (the body streams), the upload then times out after
-    body_timeout; the backend connection is closed with the request incomplete and the
-    client, not answered yet, gets 408."""
+    """Content-Length 100, 10 bytes sent with the head, then silence: a body this small
+    is collected whole before a backend is chosen, so after one body_timeout the client
+    gets 408 and no backend saw anything."""
     backend = await start_backend(nursery)
     sections = {"limits": {"body_timeout": TIMEOUT}}
     with proxy_to(tmp_path, backend.url, sections=sections) as proxy:
         client = await open_client(proxy.port)
         started = trio.current_time()
         await client.send(post_head(100) + b"0123456789")
-        await backend.wait_for(lambda b: b.bytes_received > 0 and b.requests)
         response = await client.read_response(within=LATE + 1)
         elapsed = trio.current_time() - started
         assert response.status == 408
         assert EARLY <= elapsed <= LATE, elapsed
+        await assert_closed(client)
+        await assert_logged(proxy, client, 408)
+        await assert_backend_saw_nothing(backend)
+
+
+async def test_large_body_timeout_mid_body_gets_408_after_forwarding(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A body too large to collect first (over 64 KiB): its first bytes are checked and
+    forwarded with the head, the rest streams; silence then times the upload out after
+    body_timeout. The backend connection is closed with the request incomplete and the
+    client, not answered yet, gets 408."""
+    backend = await start_backend(nursery)
+    sections = {"limits": {"body_timeout": TIMEOUT, "max_body_bytes": 1 << 20}}
+    with proxy_to(tmp_path, backend.url, sections=sections) as proxy:
+        client = await open_client(proxy.port)
+        await client.send(post_head(200_000) + b"0123456789")
+        await backend.wait_for(lambda b: b.bytes_received > 0 and b.requests)
+        started = trio.current_time()
+        response = await client.read_response(within=LATE + 1)
+        elapsed = trio.current_time() - started
+        assert response.status == 408
+        assert elapsed <= LATE, elapsed
         await assert_closed(client)
         await assert_logged(proxy, client, 408)
         (upstream,) = backend.connections

@@ -1,0 +1,184 @@
+"""What the connection machine (``proxy.protocol.connection``) works with, and what it
+asks of the rest of the worker. Sans-IO.
+
+- ``Exchange``: one request and its answer, as the access log, the metrics and the
+  audit trail see it. Only the machine writes it.
+- ``Transport``: what the I/O nucleus does for the machine (write bytes, open and give
+  back backend connections, run a check that needs Redis). The machine calls it; it never
+  calls the machine back from inside such a call: what happens later (bytes, a close, a
+  check's answer) comes back as an event.
+- ``Upstream``: a backend connection as the machine sees it: its response reader and
+  whether it was reused from the pool.
+- ``Env``: the worker's shared, read-mostly state (config, routes, backends' health,
+  keys, the clock) and the accounting sink.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from proxy.auth import AuthFailure, Identity
+from proxy.config import Config
+from proxy.mcp_routing import McpDecision
+from proxy.protocol.fast_response import ResponseReader
+from proxy.protocol.http1 import ForwardingPolicy
+from proxy.protocol.session_token import SessionTokens
+from proxy.routing import Backend, Route, RouteTable
+
+
+class Exchange:
+    """A request/response pair: what is known of it when it is accounted for."""
+
+    __slots__ = (
+        "backend",
+        "bytes_in",
+        "bytes_out",
+        "error",
+        "identity",
+        "mcp",
+        "method",
+        "refused",
+        "replica",
+        "route",
+        "started",
+        "status",
+        "streamed",
+        "target",
+        "upstream",
+    )
+
+    def __init__(self, method: bytes, target: bytes, started: float) -> None:
+        self.method = method
+        self.target = target
+        self.started = started
+        """perf_counter() when the head was complete."""
+        self.route: Route | None = None
+        self.backend: Backend | None = None
+        self.upstream = ""
+        """The backend's URL (for the access line)."""
+        self.replica = ""
+        self.status = 0
+        self.error: str | None = None
+        self.refused = False
+        """The proxy answered itself (a limit, a bad request, no backend)."""
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.streamed = False
+        """An event stream or a tunnel: its duration is the stream's life, not latency."""
+        self.mcp: McpDecision | None = None
+        self.identity: Identity | None = None
+
+    def fail(self, status: int, reason: str) -> None:
+        """Record the first failure: ``status`` stands where no answer was sent yet, or
+        where the answer sent was cut short (the client did not get what the status
+        said)."""
+        if self.error is None:
+            self.error = reason
+            self.status = status
+
+
+class Upstream(Protocol):
+    """A backend connection lent to one exchange."""
+
+    reader: ResponseReader
+    reused: bool
+    """It served an earlier exchange (it may have been closed by the backend since)."""
+    connected: bool
+    backend: Backend
+
+
+class Transport(Protocol):
+    def send_client(self, data: bytes) -> None: ...
+
+    def shutdown_client(self) -> None:
+        """No more bytes to the client (FIN); reading goes on."""
+
+    def close_client(self) -> None: ...
+
+    def pause_client(self, paused: bool) -> None:
+        """Stop (or resume) reading the client: backpressure."""
+
+    def open_upstream(self, backend: Backend, *, fresh: bool) -> Upstream:
+        """A pooled connection to ``backend`` (unless ``fresh``) or a new one; bytes sent
+        to it before it is connected are written once it is."""
+
+    def send_upstream(self, up: Upstream, data: bytes) -> None: ...
+
+    def shutdown_upstream(self, up: Upstream) -> None: ...
+
+    def pause_upstream(self, up: Upstream, paused: bool) -> None: ...
+
+    def finish_upstream(
+        self, up: Upstream, *, reusable: bool, ok: bool | None, failure: str | None
+    ) -> None:
+        """Give the connection back: pooled if ``reusable``, else closed. ``ok`` is the
+        exchange's verdict on the backend's health (None: no verdict); ``failure`` a
+        reason to count (connect, timeout, error) or None."""
+
+    def admit(self, check: Check) -> None:
+        """Run a check that needs Redis; its answer comes as ``Connection.admitted``."""
+
+    def release_leases(self, leases: Sequence[object]) -> None: ...
+
+
+class Check:
+    """An admission check the machine waits for (``Transport.admit``)."""
+
+    __slots__ = ("arg", "kind")
+
+    RATE = 1
+    """A rate-limit decision; ``arg`` is the request's ``Buckets``."""
+    CAP = 2
+    """A lease on a connection cap; ``arg`` is ``(scope, limit)``."""
+
+    def __init__(self, kind: int, arg: object) -> None:
+        self.kind = kind
+        self.arg = arg
+
+
+class Env(Protocol):
+    config: Config
+    routes: RouteTable
+    tokens: SessionTokens | None
+    draining: bool
+
+    def now(self) -> float:
+        """Monotonic seconds, for deadlines."""
+
+    def choose_backend(
+        self, route: Route, replica: str | None = None, avoid: Backend | None = None
+    ) -> Backend | None: ...
+
+    def policy_for(self, route: Route | None) -> ForwardingPolicy: ...
+
+    def auth_required(self, route: Route) -> bool: ...
+
+    def authenticate(
+        self, headers: Sequence[tuple[bytes, bytes]], route: Route
+    ) -> Identity | AuthFailure: ...
+
+    def auth_header(self) -> bytes:
+        """The header credentials come in (stripped before the request goes on)."""
+
+    def rate_check(self, peer_ip: str, identity: Identity | None, tool: str | None) -> Check | None:
+        """The rate-limit check a request needs, or None when nothing limits it."""
+
+    def cap_check(self, scope: str, identity: Identity | None) -> Check | None:
+        """The connection-cap lease a connection must hold (``scope``: ip or tenant),
+        or None when no cap applies."""
+
+    def account(
+        self, x: Exchange, peer: tuple[str, int], *, refused_early: bool = False
+    ) -> None:
+        """Count, log and audit a finished exchange (``refused_early``: refused before
+        any request head was parsed)."""
+
+    def count_kind(self, old: str, new: str) -> None:
+        """A connection moved between kinds (http, sse, websocket) for the gauge."""
+
+    def proxy_header_refused(self, peer: tuple[str, int], reason: str) -> None:
+        """Count and log a connection closed for its PROXY header."""
+
+    def tool_denied(self) -> None:
+        """Count a tools/call refused by the caller's allow-list."""

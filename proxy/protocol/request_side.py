@@ -1,0 +1,482 @@
+"""The request half of the connection machine (``proxy.protocol.connection``): the PROXY
+header, request heads, admission (authentication, connection caps, rate limits, MCP
+routing) and the body, up to the moment a backend is chosen; plus the answers the proxy
+gives itself and the way a connection ends. Sans-IO.
+
+Admission is a short pipeline whose steps may wait for Redis: ``_admit`` runs it from a
+step until it completes or a check is pending (state ADMISSION); ``admitted`` takes the
+check's answer and goes on from the next step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from proxy.auth import AUTH_FAILED, AuthFailure, check_tool_allowed, strip_credentials
+from proxy.conncaps import CapDecision, ip_scope, tenant_scope
+from proxy.mcp_routing import (
+    SESSION_NOT_FOUND,
+    McpRefusal,
+    check_origin,
+    decide,
+    with_session,
+)
+from proxy.protocol import answers
+from proxy.protocol.body import BodyReader, BodyRejected
+from proxy.protocol.connection_core import (
+    ADMISSION,
+    BODY,
+    HEAD,
+    IDLE,
+    INF,
+    ConnectionCore,
+)
+from proxy.protocol.exchange import Exchange
+from proxy.protocol.fast_head import NEED_MORE, FastHead, Rejected
+from proxy.protocol.http1 import upstream_request_headers
+from proxy.protocol.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST
+from proxy.protocol.mcp import SESSION_HEADER
+from proxy.protocol.proxy_header import (
+    V2_SIGNATURE,
+    ProxyHeaderError,
+    looks_like_proxy_header,
+    parse_proxy_header,
+    unmap_ipv4,
+)
+from proxy.ratelimit import RATE_LIMITED, Decision
+from proxy.routing import Backend, Route
+
+MAX_HELD_BODY = 65536
+"""The largest Content-Length body collected whole before a backend is contacted."""
+_SIGNATURE_LENGTH = len(V2_SIGNATURE)
+_RETRY_LATER = ((b"retry-after", b"1"),)
+
+# Admission steps, in order.
+_IP_CAP, _AUTH, _TENANT_CAP, _RATE, _BODY, _MCP_RATE, _BACKEND = range(7)
+_FAILED_AUTH_RATE = 100
+"""Pending marker: the IP rate check of a request whose credentials failed."""
+
+
+class RequestSide(ConnectionCore):
+    __slots__ = ()
+
+    # What the backend half provides (proxy.protocol.connection).
+
+    def _send_upstream_request(self, head: bytes, body: bytes = b"") -> None:
+        raise NotImplementedError
+
+    # -- the PROXY header ---------------------------------------------------------------
+
+    def _proxy_header(self, data: bytes) -> None:
+        """A source in ``trusted_networks`` must open with a valid PROXY header; anyone
+        else must not send one at all."""
+        buf = self.buf + data if self.buf else data
+        if not self.trusted:
+            if not looks_like_proxy_header(buf[:_SIGNATURE_LENGTH]):
+                self._after_proxy_header(buf)
+                return
+            if len(buf) >= _SIGNATURE_LENGTH or buf.startswith(b"PROXY "):
+                self._proxy_refused("PROXY header from an untrusted source")
+                return
+            self.buf = buf  # "P", "PR"...: a request method or a header; read on
+            return
+        try:
+            parsed = parse_proxy_header(buf)
+        except ProxyHeaderError as exc:
+            self._proxy_refused(f"malformed PROXY header: {exc}")
+            return
+        if parsed is None:
+            self.buf = buf
+            return
+        info, consumed = parsed
+        if info.command == "PROXY" and info.source is not None:
+            self.peer = (unmap_ipv4(info.source[0]), info.source[1])
+        self._after_proxy_header(buf[consumed:])
+
+    def _after_proxy_header(self, rest: bytes) -> None:
+        self.state = IDLE
+        self.buf = b""
+        self.deadline = self.env.now() + self.limits.header_timeout
+        if rest:
+            self.buf = rest
+            self._read_head()
+
+    def _proxy_refused(self, reason: str) -> None:
+        self.env.proxy_header_refused(self.peer, reason)
+        self._closed()
+
+    # -- request heads ------------------------------------------------------------------
+
+    def _read_head(self) -> None:
+        verdict = self.heads.read(self.buf)
+        if verdict is NEED_MORE:
+            if self.state == IDLE:
+                self.state = HEAD
+                if not self.first:  # a first head's time runs from the accept
+                    self.deadline = self.env.now() + self.limits.header_timeout
+            return
+        if type(verdict) is Rejected:
+            self._refuse(verdict.status, verdict.reason, verdict.headers, log_only=True)
+            return
+        assert isinstance(verdict, FastHead)
+        self.buf = self.buf[verdict.consumed :]
+        self._request(verdict)
+
+    def _request(self, head: FastHead) -> None:
+        x = self.x = Exchange(head.method, head.target, time.perf_counter())
+        self.head = head
+        info = head.info
+        env = self.env
+        route = env.routes.match(info.path)
+        if route is None:
+            self._refuse(404, "no route for this path")
+            return
+        x.route = route
+        limits = self.limits
+        if limits.max_body_bytes and (info.content_length or 0) > limits.max_body_bytes:
+            self._refuse(413, "request body larger than max_body_bytes")
+            return
+        self.body = BodyReader(info.content_length, info.chunked, limits.max_body_bytes)
+        self.request_done = self.body.done
+        self.expect_continue = info.expect_continue
+        # HTTP/1.0 keep-alive is not offered (as h11 does not): such a client's
+        # connection ends after its answer.
+        self.close_after = b"close" in info.connection_tokens or head.http_version != b"1.1"
+        self.state = ADMISSION
+        self._admit(_IP_CAP)
+
+    # -- admission ------------------------------------------------------------------------
+
+    def _admit(self, step: int) -> None:
+        """Run the admission pipeline from ``step``; it stops at a pending check."""
+        env = self.env
+        x = self.x
+        assert x is not None and x.route is not None and self.head is not None
+        route = x.route
+        if step <= _IP_CAP and self.first:
+            check = env.cap_check(ip_scope(self.peer[0]), None)
+            if check is not None:
+                self._wait(_IP_CAP, check)
+                return
+        if step <= _AUTH and env.auth_required(route):
+            result = env.authenticate(self.head.headers, route)
+            if isinstance(result, AuthFailure):
+                # Failed attempts count against the client's IP limit too, so guessing
+                # keys is rate-limited like anything else.
+                self.auth_failure = result
+                check = env.rate_check(self.peer[0], None, None)
+                if check is not None:
+                    self._wait(_FAILED_AUTH_RATE, check)
+                    return
+                self._refuse_auth(result)
+                return
+            x.identity = result
+        if step <= _TENANT_CAP and x.identity is not None and x.identity.tenant is not None:
+            tenant = x.identity.tenant
+            if not self.tenants or tenant not in self.tenants:
+                check = env.cap_check(tenant_scope(tenant), x.identity)
+                if check is not None:
+                    self._wait(_TENANT_CAP, check)
+                    return
+        if step <= _RATE and route.kind != "mcp":
+            check = env.rate_check(self.peer[0], x.identity, None)
+            if check is not None:
+                self._wait(_RATE, check)
+                return
+        if step <= _BODY:
+            self._start_body()
+            return
+        if step <= _MCP_RATE:
+            self._mcp_rate_limit()
+            return
+        self._choose_backend()
+
+    def _wait(self, step: int, check: Any) -> None:
+        self.pending = step
+        self.state = ADMISSION
+        self.t.admit(check)
+
+    def admitted(self, result: object) -> None:
+        """The answer to the pending check: a rate ``Decision``, a cap lease, or the
+        ``CapDecision`` that refused one."""
+        step = self.pending
+        self.pending = 0
+        if self.state != ADMISSION:
+            if not isinstance(result, CapDecision | Decision):
+                self.t.release_leases([result])  # the connection went meanwhile
+            return
+        x = self.x
+        assert x is not None
+        if isinstance(result, CapDecision):
+            self._refuse_limited(result, step)
+            return
+        if isinstance(result, Decision):
+            if step == _FAILED_AUTH_RATE:
+                assert self.auth_failure is not None
+                if result.allowed:
+                    self._refuse_auth(self.auth_failure)
+                else:
+                    self._refuse_limited(result, step)
+                return
+            if not result.allowed:
+                self._refuse_limited(result, step)
+                return
+        else:  # a lease
+            if self.leases is None:
+                self.leases = []
+            self.leases.append(result)
+            if step == _TENANT_CAP and x.identity is not None and x.identity.tenant:
+                if self.tenants is None:
+                    self.tenants = set()
+                self.tenants.add(x.identity.tenant)
+        self._admit(step + 1)
+
+    def _refuse_auth(self, failure: AuthFailure) -> None:
+        x = self.x
+        assert x is not None and x.route is not None
+        if x.route.kind == "mcp":
+            refusal = McpRefusal(
+                failure.status, AUTH_FAILED, failure.description, None, failure.headers()
+            )
+            self._refuse(failure.status, failure.description, rpc=refusal)
+            return
+        self._refuse(failure.status, failure.description, failure.headers())
+
+    def _refuse_limited(self, verdict: Decision | CapDecision, step: int) -> None:
+        x = self.x
+        assert x is not None and x.route is not None
+        if isinstance(verdict, Decision):
+            status, headers = verdict.status, verdict.headers()
+            reason = "rate limit exceeded" if status == 429 else "rate limits unavailable"
+        else:
+            retry = str(self.env.config.server.retry_after_seconds).encode()
+            status, headers = 429, [(b"retry-after", retry)]
+            kind = verdict.scope.split(":", 1)[0]
+            reason = f"connection limit reached ({kind})"
+        if x.route.kind == "mcp" or step == _MCP_RATE:
+            code = RATE_LIMITED if status == 429 else INTERNAL_ERROR
+            request_id = x.mcp.request_id if x.mcp is not None else None
+            self._refuse(status, reason, rpc=McpRefusal(status, code, reason, request_id, headers))
+            return
+        self._refuse(status, reason, headers)
+
+    # -- the body -------------------------------------------------------------------------
+
+    def _start_body(self) -> None:
+        x = self.x
+        body = self.body
+        assert x is not None and x.route is not None and body is not None
+        if body.done:
+            self._after_body()
+            return
+        if self.expect_continue:
+            if x.route.kind != "mcp":
+                # The client waits for the backend's 100 Continue: the head goes alone.
+                self._after_body(streaming=True)
+                return
+            # An MCP message is routed on its content: ask for it ourselves.
+            self.t.send_client(answers.CONTINUE)
+            self.expect_continue = False
+        self.state = BODY
+        self._phase(self.env.now() + self.limits.body_timeout)
+        if self.buf:
+            data, self.buf = self.buf, b""
+            self._body_in(data)
+
+    def _body_in(self, data: bytes) -> None:
+        """Body bytes from the client: held in BODY, sent up while ``uploading``."""
+        body = self.body
+        x = self.x
+        assert body is not None and x is not None
+        try:
+            pieces, rest = body.feed(data)
+        except BodyRejected as exc:
+            if self.response_started:
+                self._client_gone(exc.reason, exc.status)
+            else:
+                self._refuse(exc.status, exc.reason)
+            return
+        if not body.chunked:
+            self.heads.body(pieces[0])
+        if rest:
+            self.buf = rest + self.buf if self.buf else rest
+        x.bytes_in = body.received
+        done = body.done
+        if self.state == BODY:
+            self.held += pieces
+            self.held_bytes = body.received
+            if done:
+                self.request_done = True
+                self._after_body()
+            elif self._hold_whole_body():
+                self._phase(self.env.now() + self.limits.body_timeout)
+            else:
+                # Read ahead: what arrived was checked; the rest streams up as it comes.
+                self._after_body(streaming=True)
+            return
+        up = self.up
+        if up is not None:
+            self.t.send_upstream(up, body.upstream(pieces, ending=done))
+        if not done:
+            self.upload_deadline = self.env.now() + self.limits.body_timeout
+            self._phase(self.phase_deadline)
+            return
+        self.uploading = False
+        self.request_done = True
+        self.upload_deadline = INF
+        self._phase(self.phase_deadline)
+        if body.chunked:
+            self.heads.resync()
+
+    def _hold_whole_body(self) -> bool:
+        """An MCP message is routed on its content, and a small body of known length is
+        sent with its head in one write (and can be sent again on a retry); anything
+        else streams up once its first bytes have been checked."""
+        x = self.x
+        head = self.head
+        assert x is not None and x.route is not None and head is not None
+        length = head.info.content_length
+        return x.route.kind == "mcp" or (length is not None and length <= MAX_HELD_BODY)
+
+    def _after_body(self, *, streaming: bool = False) -> None:
+        """What is needed of the body is in hand: route MCP messages, then choose."""
+        x = self.x
+        assert x is not None and x.route is not None and self.head is not None
+        self.uploading = streaming
+        if self.request_done and self.body is not None and self.body.chunked:
+            self.heads.resync()
+        if x.route.kind != "mcp":
+            self._choose_backend()
+            return
+        head = self.head
+        try:
+            check_origin(head.headers, x.route.allowed_origins, head.info.host)
+            decision = decide(
+                head.method,
+                head.info.target,
+                head.headers,
+                b"".join(self.held) if head.method == b"POST" else None,
+                self._tokens(),
+            )
+        except McpRefusal as exc:
+            self._refuse(exc.status, exc.message, rpc=exc)
+            return
+        x.mcp = decision
+        if decision.method == "tools/call" and x.identity is not None:
+            denied = check_tool_allowed(x.identity, decision.name)
+            if denied is not None:
+                self.env.tool_denied()
+                self._answer_in_band(200, denied.body(decision.request_id), denied.message)
+                return
+        self._mcp_rate_limit()
+
+    def _mcp_rate_limit(self) -> None:
+        x = self.x
+        assert x is not None and x.mcp is not None
+        tool = x.mcp.name if x.mcp.method == "tools/call" else None
+        check = self.env.rate_check(self.peer[0], x.identity, tool)
+        if check is not None:
+            self._wait(_MCP_RATE, check)
+            return
+        self._choose_backend()
+
+    def _tokens(self) -> Any:
+        tokens = self.env.tokens
+        if tokens is None:
+            raise McpRefusal(500, INTERNAL_ERROR, "MCP session keys are not configured", None)
+        return tokens
+
+    def _answer_in_band(self, status: int, body: bytes, reason: str) -> None:
+        """A JSON-RPC error answered with 200 (what the protocol expects for an
+        authorization refusal of a call): the connection stays usable."""
+        x = self.x
+        assert x is not None
+        x.status = status
+        x.error = reason
+        x.refused = True
+        x.bytes_out = len(body)
+        self.close_after = close = self.close_after or self.env.draining or not self.request_done
+        self.t.send_client(answers.json_answer(status, body, close=close))
+        self.upstream_done = True
+        self._exchange_done()
+
+    # -- choosing a backend ---------------------------------------------------------------
+
+    def _choose_backend(self) -> None:
+        x = self.x
+        assert x is not None and x.route is not None and self.head is not None
+        decision = x.mcp
+        backend = self.env.choose_backend(x.route, decision.replica if decision else None)
+        if backend is None:
+            self._no_backend()
+            return
+        x.backend = backend
+        held = b""
+        if self.held:
+            body = self.body
+            assert body is not None
+            held = body.upstream(self.held, ending=self.request_done)
+            self.held = []
+        self._send_upstream_request(self.upstream_request(x.route, backend), held)
+
+    def _no_backend(self) -> None:
+        x = self.x
+        assert x is not None
+        decision = x.mcp
+        if decision is None:
+            self._refuse(503, "no healthy backend for this route")
+            return
+        if decision.replica is not None:
+            # The session's replica is gone or out of rotation: the client must start a
+            # new session, which the spec signals with 404.
+            refusal = McpRefusal(404, INVALID_REQUEST, SESSION_NOT_FOUND, decision.request_id)
+        else:
+            refusal = McpRefusal(
+                503,
+                INTERNAL_ERROR,
+                "No healthy backend for this route",
+                decision.request_id,
+                headers=_RETRY_LATER,
+            )
+        self._refuse(refusal.status, refusal.message, rpc=refusal)
+
+    def upstream_request(self, route: Route, backend: Backend) -> bytes:
+        """The request head as ``backend`` gets it."""
+        x = self.x
+        head = self.head
+        assert x is not None and head is not None
+        env = self.env
+        x.upstream = backend.url
+        x.replica = backend.replica
+        headers = upstream_request_headers(
+            head,
+            head.info,
+            env.policy_for(route),
+            client_ip=self.peer[0],
+            backend_authority=backend.authority,
+        )
+        if x.identity is not None and not route.forward_credentials:
+            headers = strip_credentials(headers, False, env.auth_header())
+        target = head.info.target
+        decision = x.mcp
+        if decision is not None:
+            if decision.backend_session is not None:
+                with_session(headers, decision.backend_session)
+            target = decision.target or target
+        return answers.request_head(head.method, route.upstream_target(backend, target), headers)
+
+    def mcp_response_headers(self, headers: list[tuple[bytes, bytes]], *, streaming: bool) -> None:
+        """MCP response header changes: the backend's session id becomes the proxy's
+        token, and streams ask intermediaries not to buffer them."""
+        x = self.x
+        assert x is not None
+        decision = x.mcp
+        tokens = self.env.tokens
+        if decision is not None and decision.issue_session and tokens is not None:
+            for i, (name, value) in enumerate(headers):
+                if name == SESSION_HEADER:
+                    token = tokens.issue(x.replica, value.decode("latin-1"))
+                    headers[i] = (name, token.encode("ascii"))
+        if streaming and not any(name == b"x-accel-buffering" for name, _ in headers):
+            headers.append((b"x-accel-buffering", b"no"))

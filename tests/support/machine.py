@@ -1,0 +1,237 @@
+"""An in-memory world for the connection machine (``proxy.protocol.connection``): a fake
+transport that records what the machine asks for, fake backend connections, and an
+environment with a hand-driven clock. No sockets, no event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from proxy.auth import AuthFailure, Identity, authenticate, check_access
+from proxy.config import Config, from_mapping
+from proxy.conncaps import CapDecision, Lease
+from proxy.protocol.connection import Connection
+from proxy.protocol.exchange import Check, Exchange
+from proxy.protocol.fast_response import ResponseReader
+from proxy.protocol.http1 import ForwardingPolicy
+from proxy.protocol.session_token import Keyring, SessionTokens
+from proxy.routing import Backend, Route, RouteTable
+
+SESSION_KEY = b"k" * 32
+
+
+class FakeUpstream:
+    def __init__(self, backend: Backend, *, reused: bool, connected: bool) -> None:
+        self.backend = backend
+        self.reader = ResponseReader()
+        self.reused = reused
+        self.connected = connected
+        self.sent = bytearray()
+        self.shut = False
+        self.paused = False
+        self.finished: dict[str, Any] | None = None
+        """How the machine gave it back (reusable, ok, failure)."""
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.client_out = bytearray()
+        self.client_shut = False
+        self.client_closed = False
+        self.client_paused = False
+        self.upstreams: list[FakeUpstream] = []
+        self.pooled: list[FakeUpstream] = []
+        """Idle connections ``open_upstream`` hands out before making new ones."""
+        self.connect_now = True
+        """New connections are connected at once (else ``upstream_connected`` says)."""
+        self.checks: list[Check] = []
+        self.released: list[object] = []
+
+    @property
+    def up(self) -> FakeUpstream:
+        return self.upstreams[-1]
+
+    def take_client(self) -> bytes:
+        data = bytes(self.client_out)
+        self.client_out.clear()
+        return data
+
+    def send_client(self, data: bytes) -> None:
+        assert not self.client_shut and not self.client_closed, "write after close"
+        self.client_out += data
+
+    def shutdown_client(self) -> None:
+        self.client_shut = True
+
+    def close_client(self) -> None:
+        self.client_closed = True
+
+    def pause_client(self, paused: bool) -> None:
+        self.client_paused = paused
+
+    def open_upstream(self, backend: Backend, *, fresh: bool) -> FakeUpstream:
+        if self.pooled and not fresh and self.pooled[-1].backend == backend:
+            up = self.pooled.pop()
+        else:
+            up = FakeUpstream(backend, reused=False, connected=self.connect_now)
+        self.upstreams.append(up)
+        return up
+
+    def send_upstream(self, up: FakeUpstream, data: bytes) -> None:  # type: ignore[override]
+        assert up.finished is None, "write to a connection given back"
+        up.sent += data
+
+    def shutdown_upstream(self, up: FakeUpstream) -> None:  # type: ignore[override]
+        up.shut = True
+
+    def pause_upstream(self, up: FakeUpstream, paused: bool) -> None:  # type: ignore[override]
+        up.paused = paused
+
+    def finish_upstream(  # type: ignore[override]
+        self, up: FakeUpstream, *, reusable: bool, ok: bool | None, failure: str | None
+    ) -> None:
+        assert up.finished is None, "given back twice"
+        up.finished = {"reusable": reusable, "ok": ok, "failure": failure}
+
+    def admit(self, check: Check) -> None:
+        self.checks.append(check)
+
+    def release_leases(self, leases: Sequence[object]) -> None:
+        self.released.extend(leases)
+
+
+class FakeEnv:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.routes = RouteTable.from_config(config.routes)
+        self.tokens = SessionTokens(Keyring({"k1": SESSION_KEY}, "k1"))
+        self.draining = False
+        self.clock = 1000.0
+        self.accounted: list[tuple[Exchange, bool]] = []
+        self.kinds: dict[str, int] = {"http": 0, "sse": 0, "websocket": 0}
+        self.unusable: set[Backend] = set()
+        self.identities: dict[bytes, Identity] = {}
+        """Bearer token -> identity, for routes with auth."""
+        self.rate_limited = False
+        self.ip_cap = 0
+        self.tenant_cap = 0
+        self.proxy_refusals: list[str] = []
+        self.denied_tools = 0
+
+    def now(self) -> float:
+        return self.clock
+
+    def choose_backend(
+        self, route: Route, replica: str | None = None, avoid: Backend | None = None
+    ) -> Backend | None:
+        if replica is not None:
+            backend = route.replicas.get(replica)
+            return None if backend is None or backend in self.unusable else backend
+        for _ in route.backends:
+            backend = route.choose_backend()
+            if backend not in self.unusable and backend != avoid:
+                return backend
+        return None
+
+    def policy_for(self, route: Route | None) -> ForwardingPolicy:
+        mode = route.host_mode if route is not None and route.host_mode else "preserve"
+        return ForwardingPolicy(host_mode=mode, xff_mode="append", via=b"switchboard")
+
+    def auth_required(self, route: Route) -> bool:
+        return route.auth == "required"
+
+    def authenticate(
+        self, headers: Sequence[tuple[bytes, bytes]], route: Route
+    ) -> Identity | AuthFailure:
+        for name, value in headers:
+            if name == b"authorization" and value.removeprefix(b"Bearer ") in self.identities:
+                identity = self.identities[value.removeprefix(b"Bearer ")]
+                return check_access(identity, route.tenants) or identity
+        from proxy.auth import KeyTable
+
+        return authenticate(list(headers), KeyTable(), None, now=0.0)
+
+    def auth_header(self) -> bytes:
+        return b"authorization"
+
+    def rate_check(self, peer_ip: str, identity: Identity | None, tool: str | None) -> Check | None:
+        if not self.rate_limited:
+            return None
+        return Check(Check.RATE, (peer_ip, identity, tool))
+
+    def cap_check(self, scope: str, identity: Identity | None) -> Check | None:
+        limit = self.tenant_cap if scope.startswith("tenant:") else self.ip_cap
+        return Check(Check.CAP, (scope, limit)) if limit else None
+
+    def account(
+        self, x: Exchange, peer: tuple[str, int], *, refused_early: bool = False
+    ) -> None:
+        self.accounted.append((x, refused_early))
+
+    def count_kind(self, old: str, new: str) -> None:
+        self.kinds[old] -= 1
+        self.kinds[new] += 1
+
+    def proxy_header_refused(self, peer: tuple[str, int], reason: str) -> None:
+        self.proxy_refusals.append(reason)
+
+    def tool_denied(self) -> None:
+        self.denied_tools += 1
+
+
+def make_config(
+    routes: Sequence[Mapping[str, Any]] = ({"prefix": "/", "backends": ["http://10.0.0.1:80"]},),
+    **sections: Mapping[str, Any],
+) -> Config:
+    data: dict[str, Any] = {"routes": list(routes), **sections}
+    return from_mapping(data, "test")
+
+
+class World:
+    """A machine with its fakes."""
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        peer: tuple[str, int] = ("192.0.2.7", 40000),
+        proxy_header: bool = False,
+        trusted: bool = False,
+    ) -> None:
+        self.env = FakeEnv(config or make_config())
+        self.t = FakeTransport()
+        self.c = Connection(
+            self.env, self.t, peer, proxy_header=proxy_header, trusted=trusted
+        )  # type: ignore[arg-type]
+
+    def feed(self, data: bytes, *, byte_at_a_time: bool = False) -> None:
+        if byte_at_a_time:
+            for i in range(len(data)):
+                self.c.client_data(data[i : i + 1])
+        else:
+            self.c.client_data(data)
+
+    def answer(self, data: bytes, *, byte_at_a_time: bool = False) -> None:
+        if byte_at_a_time:
+            for i in range(len(data)):
+                self.c.upstream_data(data[i : i + 1])
+        else:
+            self.c.upstream_data(data)
+
+    def advance(self, seconds: float) -> None:
+        self.env.clock += seconds
+        if self.env.clock >= self.c.deadline:
+            self.c.timer()
+
+    @property
+    def accounted(self) -> list[Exchange]:
+        return [x for x, _ in self.env.accounted]
+
+
+def lease(scope: str) -> Lease:
+    return Lease(scope, 10, "redis", 1)
+
+
+def cap_refusal(scope: str) -> CapDecision:
+    return CapDecision(False, scope, 1, 2, "redis")
