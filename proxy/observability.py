@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 
 import msgspec
 import structlog
+from msgspec import UNSET, UnsetType
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
@@ -58,7 +59,7 @@ def get_logger(name: str) -> Any:
     return structlog.get_logger(name)
 
 
-class AccessLine(msgspec.Struct, kw_only=True, omit_defaults=True):
+class AccessLine(msgspec.Struct, kw_only=True):
     """One access-log line: the same JSON object as every other line (``event``,
     ``level``, ``ts``, the process's bound fields), in this field order. The MCP fields
     appear on MCP routes only. ``ts`` is filled in when the line is written."""
@@ -77,12 +78,12 @@ class AccessLine(msgspec.Struct, kw_only=True, omit_defaults=True):
     bytes_out: int
     duration_ms: float
     error: str | None
-    mcp_era: str | None = None
-    mcp_method: str | None = None
-    mcp_name: str | None = None
-    replica: str | None = None
-    worker: int | None = None
-    pid: int | None = None
+    mcp_era: str | UnsetType = UNSET
+    mcp_method: str | UnsetType | None = UNSET
+    mcp_name: str | UnsetType | None = UNSET
+    replica: str | UnsetType | None = UNSET
+    worker: int | UnsetType | None = UNSET
+    pid: int | UnsetType | None = UNSET
 
 
 BATCH_LINES = 64
@@ -109,7 +110,11 @@ class AccessLog:
         self.per_line = per_line
 
     def add(self, line: AccessLine) -> None:
-        line.worker, line.pid = self._bound
+        worker, pid = self._bound
+        if worker is not None:
+            line.worker = worker
+        if pid is not None:
+            line.pid = pid
         self._lines.append((line, time.time()))
         if self.per_line:
             self.flush()

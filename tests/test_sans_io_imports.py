@@ -99,7 +99,7 @@ def test_each_sans_io_module_alone_imports_no_trio(module: str) -> None:
 
 def test_the_io_nucleus_does_import_trio_and_socket() -> None:
     # The positive control: the subprocess check above would see trio if it were there.
-    loaded = _modules_after_import("proxy.net.listener")
+    loaded = _modules_after_import("proxy.net.reactor")
     assert "trio" in loaded
     assert "socket" in loaded
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
-import trio
-
 from proxy.admission import Buckets
 from proxy.conncaps import CapDecision, Lease
 from proxy.metrics import metrics

@@ -11,6 +11,7 @@ machine is never re-entered.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from collections.abc import Sequence
@@ -189,10 +190,8 @@ class ClientIO:
         if self.out:
             self.shut_pending = True
             return
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
     def close_client(self) -> None:
         if self.closed:
@@ -239,10 +238,8 @@ class ClientIO:
             up.shut = True
             return
         if up.sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 up.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
 
     def pause_upstream(self, upstream: Upstream, paused: bool) -> None:
         up = cast(UpstreamIO, upstream)
@@ -324,7 +321,5 @@ class ClientIO:
         self.closed = True
         self.out.clear()
         self.r.client_closed(self)
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass

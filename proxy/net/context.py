@@ -128,7 +128,10 @@ class WorkerContext:
         control = self.control
         assert control is not None  # routes with auth need the control plane
         result = authenticate(
-            list(headers), control.keys, control.jwt, now=time.time(),
+            list(headers),
+            control.keys,
+            control.jwt,
+            now=time.time(),
             header_name=control.auth_header,
         )
         if isinstance(result, Identity):
@@ -162,9 +165,7 @@ class WorkerContext:
 
     # -- accounting ---------------------------------------------------------------------------
 
-    def account(
-        self, x: Exchange, peer: tuple[str, int], *, refused_early: bool = False
-    ) -> None:
+    def account(self, x: Exchange, peer: tuple[str, int], *, refused_early: bool = False) -> None:
         """Metrics, the access line and the usage record of a finished exchange."""
         self.requests += 1
         route = x.route

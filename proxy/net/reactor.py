@@ -19,6 +19,7 @@ plane, health checks, admission checks, the drain) keep running.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
 import math
@@ -81,16 +82,12 @@ class Reactor:
 
     def unregister(self, fd: int) -> None:
         if self.handlers.pop(fd, None) is not None:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self.epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
 
     def modify(self, fd: int, mask: int) -> None:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self.epoll.modify(fd, mask)
-        except (OSError, ValueError):
-            pass
 
     def set_mask(self, up: UpstreamIO, mask: int) -> None:
         if mask != up.mask and up.sock is not None:

@@ -15,6 +15,7 @@ if none frees within ``connect_timeout``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import time
@@ -53,8 +54,8 @@ class UpstreamIO:
     __slots__ = (
         "backend",
         "connected",
-        "fd",
         "failed",
+        "fd",
         "idle_since",
         "mask",
         "out",
@@ -205,10 +206,8 @@ class UpstreamPool:
 
     def dropped_while_idle(self, reactor: Reactor, up: UpstreamIO) -> None:
         """The backend closed (or wrote to) a pooled connection."""
-        try:
+        with contextlib.suppress(ValueError):
             self.idle.remove(up)
-        except ValueError:
-            pass
         self._close(reactor, up)
 
     def _close(self, reactor: Reactor, up: UpstreamIO) -> None:

@@ -110,8 +110,11 @@ class ChunkedDecoder:
             if self._trailer_bytes > self.max_trailer_bytes:
                 raise ChunkedError("trailer section too large")
             name, colon, _ = line.partition(b":")
-            if not colon or not name or name.translate(None, _TOKEN) or line.translate(
-                None, _LINE_BYTES
+            if (
+                not colon
+                or not name
+                or name.translate(None, _TOKEN)
+                or line.translate(None, _LINE_BYTES)
             ):
                 raise ChunkedError("malformed trailer field")
 
@@ -122,10 +125,9 @@ class ChunkedDecoder:
         if digits > MAX_SIZE_DIGITS:
             raise ChunkedError("chunk size too large")
         rest = line[digits:]
-        if rest:
-            # Extensions: BWS ";" ... — checked for stray bytes, then dropped.
-            if rest.lstrip(b" \t")[:1] != b";" or rest.translate(None, _LINE_BYTES):
-                raise ChunkedError("malformed chunk extension")
+        # Extensions (BWS ";" ...) are checked for stray bytes, then dropped.
+        if rest and (rest.lstrip(b" \t")[:1] != b";" or rest.translate(None, _LINE_BYTES)):
+            raise ChunkedError("malformed chunk extension")
         size = int(line[:digits], 16)
         if size:
             self._left = size

@@ -65,6 +65,7 @@ from proxy.protocol.fast_response import END, Malformed, ResponseHead
 from proxy.protocol.http1 import downstream_response_headers, is_event_stream
 from proxy.protocol.request_side import RequestSide
 from proxy.protocol.tunnel import Tunnel
+
 __all__ = ["AS_IS", "STATE_NAMES", "Connection"]
 
 
@@ -121,12 +122,15 @@ class Connection(RequestSide):
         elif state == TUNNEL:
             assert self.tunnel is not None
             self.tunnel.client_eof()
-        elif state == UPSTREAM and self.x is not None and self.x.mcp is not None:
-            if self.x.mcp.cancel_on_disconnect:
-                # 2026-07-28: closing the response stream cancels the request.
-                self._client_gone("client closed the connection (cancels the request upstream)")
+        elif state == UPSTREAM and self._closing_cancels():
+            # 2026-07-28: closing the response stream cancels the request.
+            self._client_gone("client closed the connection (cancels the request upstream)")
         # Otherwise the client may only have half-closed: the answer still goes to it,
         # and the connection ends after it.
+
+    def _closing_cancels(self) -> bool:
+        x = self.x
+        return x is not None and x.mcp is not None and x.mcp.cancel_on_disconnect
 
     def upstream_connected(self) -> None:
         if self.state == UPSTREAM and not self.response_started:
@@ -201,7 +205,7 @@ class Connection(RequestSide):
                 self._refuse(408, "timed out reading request body")
         elif now < self.phase_deadline:
             self._phase(self.phase_deadline)
-        elif state == IDLE or state == PROXY:
+        elif state in (IDLE, PROXY):
             if state == PROXY:
                 self.env.proxy_header_refused(self.peer, "timed out reading the PROXY header")
             self._closed()

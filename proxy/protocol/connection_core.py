@@ -76,18 +76,18 @@ class ConnectionCore:
         "request_done",
         "response_started",
         "retried",
+        "send_deadline",
         "sent",
         "state",
         "stream",
         "t",
         "tenants",
-        "send_deadline",
         "trusted",
         "tunnel",
         "up",
         "upload_deadline",
-        "upstream_done",
         "uploading",
+        "upstream_done",
         "x",
     )
 
@@ -260,7 +260,9 @@ class ConnectionCore:
         """A connection the worker takes no work on: answered 503 (with Retry-After and
         Connection: close) at once, so the client learns why and when to come back."""
         self.refused_new = True
-        reason = "shutting down" if shutting_down else "this worker is at max_connections_per_worker"
+        reason = (
+            "shutting down" if shutting_down else "this worker is at max_connections_per_worker"
+        )
         self.state = IDLE
         self._refuse(503, reason, log_only=True)
 
@@ -270,7 +272,10 @@ class ConnectionCore:
         x = self.x
         if x is not None:
             self._drop_upstream()
-            x.fail(503 if not self.response_started else x.status or 503, "closed at the drain deadline")
+            if self.response_started:
+                x.error = x.error or "closed at the drain deadline"
+            else:
+                x.fail(503, "closed at the drain deadline")
             self.env.account(x, self.peer)
             self.x = None
         self._closed()
@@ -291,11 +296,16 @@ class ConnectionCore:
 
     def _client_gone(self, reason: str, status: int = 499) -> None:
         """The client left (or stopped reading): the exchange ends here, and the backend
-        connection with it."""
+        connection with it. Before an answer began it is recorded with ``status``
+        (499: the client closed the request); after, the answer's status stands, with
+        the reason it was not delivered whole."""
         self._drop_upstream()
         x = self.x
         if x is not None:
-            x.fail(status, reason)
+            if self.response_started:
+                x.error = x.error or reason
+            else:
+                x.fail(status, reason)
             self.env.account(x, self.peer)
             self.x = None
         self._closed()

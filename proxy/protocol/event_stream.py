@@ -132,7 +132,7 @@ class StreamRelay:
             grace = FINISH_GRACE if self.ending else c._response_timeout()
             self._finish_by = min(self._finish_by, c.env.now() + grace)
             if not self.ending:
-                x.fail(499, "client closed the stream (request left to finish upstream)")
+                x.error = x.error or "client closed the stream (request left to finish upstream)"
             self.left = True
             self._arm()
             return

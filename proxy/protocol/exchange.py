@@ -70,9 +70,9 @@ class Exchange:
         self.identity: Identity | None = None
 
     def fail(self, status: int, reason: str) -> None:
-        """Record the first failure: ``status`` stands where no answer was sent yet, or
-        where the answer sent was cut short (the client did not get what the status
-        said)."""
+        """Record the first failure, and ``status`` with it: where no answer was sent
+        yet, or where the backend cut the answer short (the client did not get what the
+        status said). A client that leaves mid-answer keeps the answer's status."""
         if self.error is None:
             self.error = reason
             self.status = status
@@ -168,9 +168,7 @@ class Env(Protocol):
         """The connection-cap lease a connection must hold (``scope``: ip or tenant),
         or None when no cap applies."""
 
-    def account(
-        self, x: Exchange, peer: tuple[str, int], *, refused_early: bool = False
-    ) -> None:
+    def account(self, x: Exchange, peer: tuple[str, int], *, refused_early: bool = False) -> None:
         """Count, log and audit a finished exchange (``refused_early``: refused before
         any request head was parsed)."""
 

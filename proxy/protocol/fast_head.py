@@ -313,9 +313,7 @@ class HeadReader:
             if type(verdict) is Rejected:
                 self._line_checked = False
                 return verdict
-            self._h11 = h11.Connection(
-                h11.SERVER, max_incomplete_event_size=self.max_header_bytes
-            )
+            self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
             self._h11_fed = 0
         return self._read_h11(data)
 

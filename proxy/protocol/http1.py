@@ -87,7 +87,9 @@ def _connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
 _VERSIONS = frozenset({b"1.0", b"1.1"})
 # Bytes a header value may hold: HTAB, SP, VCHAR and obs-text (RFC 9110 §5.5).
 _VALUE_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
-_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e\x80-\xff]+ HTTP/([0-9])\.([0-9])")
+_REQUEST_LINE = re.compile(
+    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e\x80-\xff]+ HTTP/([0-9])\.([0-9])"
+)
 
 
 def check_request_line(line: bytes) -> None:

@@ -16,6 +16,7 @@ from proxy.protocol.http1 import (
     Headers,
     RequestInfo,
     RequestRejected,
+    check_request_line,
     downstream_response_headers,
     error_response,
     inspect_request,
@@ -286,10 +287,102 @@ def test_content_length_with_transfer_encoding_is_rejected() -> None:
     "connection", ["upgrade", "Upgrade", "keep-alive, Upgrade", "keep-alive,upgrade ,  x"]
 )
 def test_upgrade_is_detected_with_connection_upgrade(connection: str) -> None:
-    req = request("/ws", [("Host", "a"), ("Connection", connection), ("Upgrade", "websocket")])
+    req = request(
+        "/ws", [("Host", "a"), ("Connection", connection), ("Upgrade", "websocket"), *WS_HANDSHAKE]
+    )
     info = inspect_request(req)
     assert info.upgrade == b"websocket"
     assert b"upgrade" in info.connection_tokens
+
+
+WS_HANDSHAKE = [("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")]
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        ([("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")], 426),  # no version
+        ([("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "12")], 426),
+        ([("Sec-WebSocket-Version", "13")], 400),  # no key
+        ([("Sec-WebSocket-Key", "abc"), ("Sec-WebSocket-Version", "13")], 400),
+        # base64 of 15 and of 17 bytes
+        ([("Sec-WebSocket-Key", "AAAAAAAAAAAAAAAAAAAA"), ("Sec-WebSocket-Version", "13")], 400),
+        (
+            [("Sec-WebSocket-Key", "AAAAAAAAAAAAAAAAAAAAAAA="), ("Sec-WebSocket-Version", "13")],
+            400,
+        ),
+        ([("Sec-WebSocket-Key", "!!!!!!!!!!!!!!!!!!!!!!=="), ("Sec-WebSocket-Version", "13")], 400),
+    ],
+)
+def test_malformed_websocket_handshakes_are_refused(
+    extra: list[tuple[str, str]], status: int
+) -> None:
+    """RFC 6455 §4.2.1: a handshake a backend would refuse never reaches one; a version
+    other than 13 gets 426 naming 13 (§4.4)."""
+    req = request(
+        "/ws", [("Host", "a"), ("Connection", "Upgrade"), ("Upgrade", "websocket"), *extra]
+    )
+    rejection = rejected(req)
+    assert rejection.status == status
+    if status == 426:
+        assert rejection.headers == ((b"sec-websocket-version", b"13"),)
+
+
+def test_websocket_handshake_must_be_a_get() -> None:
+    req = request(
+        "/ws",
+        [("Host", "a"), ("Connection", "Upgrade"), ("Upgrade", "websocket"), *WS_HANDSHAKE],
+        method="POST",
+    )
+    assert rejected(req).status == 400
+
+
+@pytest.mark.parametrize("version", [b"1.2", b"2.0", b"0.9"])
+def test_versions_other_than_1_0_and_1_1_get_505(version: bytes) -> None:
+    req = h11.Request(method="GET", target="/", headers=[("Host", "a")], http_version=version)
+    assert rejected(req).status == 505
+
+
+def test_chunked_http_1_0_request_is_refused() -> None:
+    req = h11.Request(
+        method="POST",
+        target="/",
+        headers=[("Transfer-Encoding", "chunked")],
+        http_version="1.0",
+    )
+    assert rejected(req).status == 400
+
+
+@pytest.mark.parametrize("byte", [*range(0x01, 0x09), *range(0x0E, 0x20), 0x7F])
+def test_control_bytes_in_header_values_are_refused(byte: int) -> None:
+    req = request("/", [("Host", "a"), ("X", "a" + chr(byte) + "b")])
+    rejection = rejected(req)
+    assert rejection.status == 400
+    assert "\\x" not in rejection.reason and "b'" not in rejection.reason
+
+
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [
+        (b"GET / HTTP/1.1", None),
+        (b"GET /a?b=c HTTP/1.0", None),
+        (b"GET /", 400),
+        (b"GET", 400),
+        (b"GET / HTTP/1.2", 505),
+        (b"GET / HTTP/2.0", 505),
+        (b"GET / HTTP/0.9", 505),
+        (b"GET  / HTTP/1.1", 400),
+        (b"GET / HTTP/1.1 ", 400),
+        (b"GET / http/1.1", 400),
+    ],
+)
+def test_request_lines_are_judged_as_soon_as_complete(line: bytes, status: int | None) -> None:
+    if status is None:
+        check_request_line(line)
+        return
+    with pytest.raises(RequestRejected) as caught:
+        check_request_line(line)
+    assert caught.value.status == status
 
 
 @pytest.mark.parametrize("connection", [None, "keep-alive", "close", "upgraded"])

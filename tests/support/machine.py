@@ -78,17 +78,17 @@ class FakeTransport:
         self.upstreams.append(up)
         return up
 
-    def send_upstream(self, up: FakeUpstream, data: bytes) -> None:  # type: ignore[override]
+    def send_upstream(self, up: FakeUpstream, data: bytes) -> None:
         assert up.finished is None, "write to a connection given back"
         up.sent += data
 
-    def shutdown_upstream(self, up: FakeUpstream) -> None:  # type: ignore[override]
+    def shutdown_upstream(self, up: FakeUpstream) -> None:
         up.shut = True
 
-    def pause_upstream(self, up: FakeUpstream, paused: bool) -> None:  # type: ignore[override]
+    def pause_upstream(self, up: FakeUpstream, paused: bool) -> None:
         up.paused = paused
 
-    def finish_upstream(  # type: ignore[override]
+    def finish_upstream(
         self, up: FakeUpstream, *, reusable: bool, ok: bool | None, failure: str | None
     ) -> None:
         assert up.finished is None, "given back twice"
@@ -164,9 +164,7 @@ class FakeEnv:
         limit = self.tenant_cap if scope.startswith("tenant:") else self.ip_cap
         return Check(Check.CAP, (scope, limit)) if limit else None
 
-    def account(
-        self, x: Exchange, peer: tuple[str, int], *, refused_early: bool = False
-    ) -> None:
+    def account(self, x: Exchange, peer: tuple[str, int], *, refused_early: bool = False) -> None:
         self.accounted.append((x, refused_early))
 
     def count_kind(self, old: str, new: str) -> None:
@@ -201,9 +199,7 @@ class World:
     ) -> None:
         self.env = FakeEnv(config or make_config())
         self.t = FakeTransport()
-        self.c = Connection(
-            self.env, self.t, peer, proxy_header=proxy_header, trusted=trusted
-        )  # type: ignore[arg-type]
+        self.c = Connection(self.env, self.t, peer, proxy_header=proxy_header, trusted=trusted)  # type: ignore[arg-type]
 
     def feed(self, data: bytes, *, byte_at_a_time: bool = False) -> None:
         if byte_at_a_time:
