@@ -42,6 +42,8 @@ TOOL = "slow_tool"
 REQUEST_ID = 7
 CANCEL_DELAY = 4.0
 """How long the backend takes to answer the cancelled (or not) tool call."""
+LEAVE_AFTER = 0.5
+"""When the client closes its connection, counted from sending the request."""
 HEAD_TIMEOUT = 1.0
 SLOW_ANSWER = 2.5
 """Longer than HEAD_TIMEOUT, far below the MCP default of 300 s."""
@@ -118,6 +120,7 @@ async def access_status(proxy: ProxyProcess, client: RawClient) -> int:
     assert isinstance(status, int), line
     if status >= 400:
         assert isinstance(line["error"], str) and line["error"], line
+    assert [entry for entry in proxy.access_lines() if entry.get("port") == port] == [line]
     return status
 
 
@@ -127,15 +130,17 @@ async def access_status(proxy: ProxyProcess, client: RawClient) -> int:
 async def leave_while_waiting_for_the_head(
     tmp_path: Path, nursery: trio.Nursery, request: bytes
 ) -> tuple[RecordingBackend, int]:
-    """Send ``request``, close the connection once the backend has all of it (well
-    before it answers); the backend and the request's logged status once the backend
-    either answered or saw the proxy close its connection."""
+    """Send ``request``, close the connection 0.5 s later (the backend has all of it by
+    then, and answers 4 s after it arrived); the backend and the request's logged status
+    once the backend either answered or saw the proxy close its connection."""
     backend = RecordingBackend("scripted", delay=CANCEL_DELAY, reply=json_reply(REQUEST_ID))
     await nursery.start(backend.serve)
     with proxy_to(tmp_path, backend) as proxy:
         client = await open_client(proxy.port)
         await client.send(request)
+        sent_at = trio.current_time()
         await backend.wait_for(lambda b: bool(b.connections) and bool(b.connections[0].bodies))
+        await trio.sleep_until(sent_at + LEAVE_AFTER)
         await client.aclose()
         upstream = backend.connections[0]
         await eventually(lambda: upstream.eof or upstream.answered, within=CANCEL_DELAY + 5)

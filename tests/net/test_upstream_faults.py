@@ -129,6 +129,7 @@ async def assert_cut_response_is_a_failure(
         line = await wait_for_access(proxy, lambda entry: entry.get("port") == port)
         assert (line["status"], bool(line["error"])) == (502, True), f"{line}"
         assert await requests_counted(proxy, 1) == {"502": 1.0}
+        assert [entry for entry in proxy.access_lines() if entry.get("port") == port] == [line]
     return body
 
 
@@ -157,9 +158,9 @@ async def test_head_cut_before_its_end_gets_502(tmp_path: Path, nursery: trio.Nu
         assert response.status == 502
         port = client.local_port
         line = await wait_for_access(proxy, lambda entry: entry.get("port") == port)
-        assert line["status"] == 502, line
-        assert line["error"], line
+        assert (line["status"], bool(line["error"])) == (502, True), f"{line}"
         assert await requests_counted(proxy, 1) == {"502": 1.0}
+        assert [entry for entry in proxy.access_lines() if entry.get("port") == port] == [line]
 
 
 # -- a replica that refuses connections ------------------------------------------------------
