@@ -5,7 +5,8 @@
   log 499). In 2025-11-25 a disconnect is not a cancellation: the backend finishes.
 - A tool call may take minutes: MCP routes wait for the response head up to
   ``upstream.mcp_response_timeout`` (default 300 s), not the ``upstream.response_timeout``
-  of plain HTTP routes, unless the route sets a ``response_timeout`` of its own.
+  of plain HTTP routes, unless the route sets a ``response_timeout`` of its own (absent
+  or 0: its kind's default).
 
 The backend is a scripted raw one: it reads the request, waits, and answers with a JSON
 body, recording whether the proxy closed the connection before it answered.
@@ -171,13 +172,21 @@ async def test_2025_era_disconnect_before_the_head_lets_the_backend_finish(
 
 
 async def call_slow_backend(
-    tmp_path: Path, nursery: trio.Nursery, request: bytes, *, kind: str = "mcp", **route: Any
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    request: bytes,
+    *,
+    kind: str = "mcp",
+    mcp_response_timeout: float | None = None,
+    **route: Any,
 ) -> tuple[int, int]:
     """(status the client got, status logged) for ``request`` answered after 2.5 s, with
     upstream.response_timeout at 1 s."""
     backend = RecordingBackend("scripted", delay=SLOW_ANSWER, reply=json_reply(REQUEST_ID))
     await nursery.start(backend.serve)
     upstream = {"response_timeout": HEAD_TIMEOUT}
+    if mcp_response_timeout is not None:
+        upstream["mcp_response_timeout"] = mcp_response_timeout
     with proxy_to(tmp_path, backend, kind=kind, upstream=upstream, **route) as proxy:
         client = await open_client(proxy.port)
         try:
@@ -201,6 +210,23 @@ async def test_mcp_route_with_its_own_response_timeout_gets_504(
 ) -> None:
     statuses = await call_slow_backend(
         tmp_path, nursery, modern_tools_call(), response_timeout=HEAD_TIMEOUT
+    )
+    assert statuses == (504, 504)
+
+
+async def test_route_response_timeout_of_zero_means_the_kind_default(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    statuses = await call_slow_backend(tmp_path, nursery, modern_tools_call(), response_timeout=0)
+    assert statuses == (200, 200)
+
+
+async def test_mcp_routes_follow_upstream_mcp_response_timeout(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The MCP default is an option of its own: set to 1 s, the same call gets 504."""
+    statuses = await call_slow_backend(
+        tmp_path, nursery, modern_tools_call(), mcp_response_timeout=HEAD_TIMEOUT
     )
     assert statuses == (504, 504)
 
