@@ -7,7 +7,13 @@ forwarded nothing at all. Its ``behaviour`` decides how it answers:
 * ``"ok"``: parse requests with h11 and answer each complete one with 200 and a small
   body, keeping the connection alive;
 * ``"hang"``: accept, record, never answer;
-* ``"slow_headers"``: like ``"ok"`` but wait ``delay`` seconds before the response head.
+* ``"slow_headers"``: like ``"ok"`` but wait ``delay`` seconds before the response head;
+* ``"scripted"``: after the first complete request, keep reading for ``delay`` seconds
+  (a close by the proxy meanwhile is recorded as ``eof`` and the backend then never
+  answers), then write the raw bytes ``reply`` (any framing, or a cut one) and close.
+
+``backend_in_thread`` serves a backend from a trio loop of its own, for a proxy shared by
+the tests of a module (each test runs in a loop of its own).
 
 The client half (``open_client``, ``read_response``, ``wait_for_access``) reads whatever
 the proxy answers without interpreting the request it was sent, which h11's client role
@@ -17,7 +23,8 @@ cannot do for deliberately malformed requests.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,7 +33,7 @@ import trio
 
 from tests.support.proxy_process import ProxyProcess
 
-Behaviour = Literal["ok", "hang", "slow_headers"]
+Behaviour = Literal["ok", "hang", "slow_headers", "scripted"]
 BACKEND_BODY = b"backend says hello\n"
 WAIT = 5.0
 """Default seconds to wait for something another task or thread does."""
@@ -42,12 +49,17 @@ class BackendConnection:
     """One entry per request that arrived complete (its whole body)."""
     eof: bool = False
     """The peer (the proxy) closed its side."""
+    answered: bool = False
+    """``"scripted"``: the reply was written (the proxy had not closed first)."""
 
 
 class RecordingBackend:
-    def __init__(self, behaviour: Behaviour = "ok", *, delay: float = 0.0) -> None:
+    def __init__(
+        self, behaviour: Behaviour = "ok", *, delay: float = 0.0, reply: bytes = b""
+    ) -> None:
         self.behaviour: Behaviour = behaviour
         self.delay = delay
+        self.reply = reply
         self.port = 0
         self.connections: list[BackendConnection] = []
 
@@ -105,6 +117,9 @@ class RecordingBackend:
                         body += event.data
                     elif type(event) is h11.EndOfMessage:
                         record.bodies.append(bytes(body))
+                        if self.behaviour == "scripted":
+                            await self._scripted_reply(stream, record)
+                            return
                         if self.behaviour == "slow_headers":
                             await trio.sleep(self.delay)
                         await self._answer(stream, conn)
@@ -113,6 +128,21 @@ class RecordingBackend:
                         conn.start_next_cycle()
                     else:
                         return
+
+    async def _scripted_reply(self, stream: trio.SocketStream, record: BackendConnection) -> None:
+        with trio.move_on_after(self.delay):
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    data = b""
+                if not data:
+                    record.eof = True
+                    return
+                record.received += data
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(self.reply)
+        record.answered = True
 
     @staticmethod
     async def _answer(stream: trio.SocketStream, conn: h11.Connection) -> None:
@@ -154,6 +184,8 @@ class RawClient:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.buffer = bytearray()
+        self.local_port = int(stream.socket.getsockname()[1])
+        """Matches the ``port`` of this connection's access-log lines."""
 
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
@@ -237,3 +269,29 @@ async def wait_for_access(
     raise AssertionError(
         f"no matching access-log line within {within} s; access lines: {proxy.access_lines()}"
     )
+
+
+@contextlib.contextmanager
+def backend_in_thread(backend: RecordingBackend) -> Iterator[RecordingBackend]:
+    """Serve ``backend`` from its own trio loop in a thread until the block ends, so it
+    outlives the loop of any one test (a proxy shared by a module's tests needs one
+    backend throughout). Its records are plain lists: safe to read from another thread."""
+    started = threading.Event()
+    loop: list[tuple[trio.lowlevel.TrioToken, trio.CancelScope]] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            loop.append((trio.lowlevel.current_trio_token(), nursery.cancel_scope))
+            await nursery.start(backend.serve)
+            started.set()
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    if not started.wait(WAIT):
+        raise TimeoutError("the backend did not start")
+    try:
+        yield backend
+    finally:
+        token, scope = loop[0]
+        trio.from_thread.run_sync(scope.cancel, trio_token=token)
+        thread.join(WAIT)
