@@ -202,29 +202,43 @@ class _Histogram:
         self.buckets = [0] * (len(_LATENCY_BUCKETS) + 1)
         self.total = 0.0
 
+    def clear(self) -> None:
+        self.buckets = [0] * (len(_LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+
+class _Series:
+    """What one (route, status) pair counted since the last publish."""
+
+    __slots__ = ("bytes_in", "bytes_out", "count", "durations")
+
+    def __init__(self, durations: _Histogram) -> None:
+        self.count = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.durations = durations
+        """The route's latency histogram (shared by its statuses)."""
+
 
 class RequestMetrics:
-    """The request path's counts, kept in plain dictionaries; ``publish`` hands them to
-    the shared multiprocess values. Series names and labels are those of ``Metrics``."""
+    """The request path's counts, kept in plain objects and dictionaries; ``publish``
+    hands them to the shared multiprocess values. Series names and labels are those of
+    ``Metrics``."""
 
     __slots__ = (
         "_durations",
         "_mcp_durations",
+        "_series",
         "active",
         "auth_failures",
         "connections",
         "mcp_requests",
         "refusals",
-        "request_bytes",
-        "requests",
-        "response_bytes",
         "upstream_failures",
     )
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str], int] = {}
-        self.request_bytes: dict[str, int] = {}
-        self.response_bytes: dict[str, int] = {}
+        self._series: dict[tuple[str, str], _Series] = {}
         self._durations: dict[str, _Histogram] = {}
         self.mcp_requests: dict[tuple[str, str, str], int] = {}
         self._mcp_durations: dict[tuple[str, str], _Histogram] = {}
@@ -240,19 +254,23 @@ class RequestMetrics:
     ) -> None:
         """One answered request; ``seconds`` None for streams (SSE, WebSocket), whose
         duration is how long the stream lived, not how long the proxy took."""
-        key = (route, status)
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
+        series = self._series.get((route, status))
+        if series is None:
+            series = self._new_series(route, status)
+        series.count += 1
         if seconds is not None:
-            histogram = self._durations.get(route)
-            if histogram is None:
-                histogram = self._durations[route] = _Histogram()
+            histogram = series.durations
             histogram.buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
             histogram.total += seconds
-        if bytes_in:
-            self.request_bytes[route] = self.request_bytes.get(route, 0) + bytes_in
-        if bytes_out:
-            self.response_bytes[route] = self.response_bytes.get(route, 0) + bytes_out
+        series.bytes_in += bytes_in
+        series.bytes_out += bytes_out
+
+    def _new_series(self, route: str, status: str) -> _Series:
+        histogram = self._durations.get(route)
+        if histogram is None:
+            histogram = self._durations[route] = _Histogram()
+        series = self._series[(route, status)] = _Series(histogram)
+        return series
 
     def count_mcp(self, route: str, method: str, status: str, seconds: float | None) -> None:
         key = (route, method, status)
@@ -267,9 +285,16 @@ class RequestMetrics:
 
     def publish(self, m: Metrics) -> None:
         """Add everything counted since the last publish to the shared values."""
-        _publish_counts(self.requests, m.requests)
-        _publish_counts(self.request_bytes, m.request_bytes)
-        _publish_counts(self.response_bytes, m.response_bytes)
+        for (route, status), series in self._series.items():
+            if series.count:
+                m.requests.labels(route, status).inc(series.count)
+                series.count = 0
+            if series.bytes_in:
+                m.request_bytes.labels(route).inc(series.bytes_in)
+                series.bytes_in = 0
+            if series.bytes_out:
+                m.response_bytes.labels(route).inc(series.bytes_out)
+                series.bytes_out = 0
         _publish_counts(self.mcp_requests, m.mcp_requests)
         _publish_counts(self.refusals, m.refusals)
         _publish_counts(self.auth_failures, m.auth_failures)
@@ -293,9 +318,9 @@ def _publish_counts(counts: dict[Any, int], family: Any) -> None:
 
 
 def _publish_histograms(histograms: dict[Any, _Histogram], family: Any) -> None:
-    if not histograms:
-        return
     for key, histogram in histograms.items():
+        if not histogram.total and not any(histogram.buckets):
+            continue
         child = family.labels(*key) if isinstance(key, tuple) else family.labels(key)
         # The child's own values, bucket by bucket (``observe`` would pay a shared-memory
         # write per observation): non-cumulative buckets, as prometheus_client keeps them.
@@ -303,4 +328,4 @@ def _publish_histograms(histograms: dict[Any, _Histogram], family: Any) -> None:
             if count:
                 child._buckets[i].inc(count)
         child._sum.inc(histogram.total)
-    histograms.clear()
+        histogram.clear()

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from proxy.config import HealthCheckConfig, RouteConfig, parse_backend_url
+from proxy.config import HealthCheckConfig, RouteConfig, UpstreamConfig, parse_backend_url
 
 
 def replica_id(url: str) -> str:
@@ -116,8 +116,9 @@ class Route:
     tenants: frozenset[str] | None = None
     """Tenants allowed on the route (None: any)."""
     forward_credentials: bool = False
-    response_timeout: float = 0.0
-    """Seconds to wait for a response head; 0: the kind's default (config.upstream)."""
+    response_timeout: float = 60.0
+    """Seconds to wait for a response head: the route's own, or its kind's default
+    (``upstream.response_timeout``, ``upstream.mcp_response_timeout``)."""
     _next: int = field(default=0, repr=False)
 
     def choose_backend(self) -> Backend:
@@ -158,9 +159,15 @@ class RouteTable:
         self._routes = tuple(sorted(routes, key=lambda r: len(r.prefix), reverse=True))
 
     @classmethod
-    def from_config(cls, routes: Sequence[RouteConfig]) -> RouteTable:
+    def from_config(
+        cls, routes: Sequence[RouteConfig], upstream: UpstreamConfig | None = None
+    ) -> RouteTable:
+        upstream = upstream or UpstreamConfig()
         built = []
         for r in routes:
+            default_timeout = (
+                upstream.mcp_response_timeout if r.kind == "mcp" else upstream.response_timeout
+            )
             backends = tuple(Backend.from_url(u) for u in r.backends)
             built.append(
                 Route(
@@ -178,7 +185,7 @@ class RouteTable:
                     auth=r.auth,
                     tenants=frozenset(r.tenants) if r.tenants else None,
                     forward_credentials=r.forward_credentials,
-                    response_timeout=r.response_timeout,
+                    response_timeout=r.response_timeout or default_timeout,
                 )
             )
         return cls(built)

@@ -64,13 +64,13 @@ async def _watch_supervisor(fd: int) -> None:
 
 def _add_pools(
     routes: RouteTable,
-    pools: dict[Backend, UpstreamPool],
+    pools: dict[str, UpstreamPool],
     config: Config,
     addresses: Addresses | None = None,
 ) -> None:
     for route in routes.routes:
         for backend in route.backends:
-            if backend in pools:
+            if backend.url in pools:
                 continue  # a backend shared by routes keeps its first route's settings
             found = (addresses or {}).get((backend.host, backend.port))
             pool = UpstreamPool(backend, config.upstream, found)
@@ -80,7 +80,7 @@ def _add_pools(
                 rise=route.health.rise,
                 fall=route.health.fall,
             )
-            pools[backend] = pool
+            pools[backend.url] = pool
 
 
 def install_routes(
@@ -90,14 +90,14 @@ def install_routes(
     then one assignment, so a request sees the old table or the new one, never a mix.
     Pools of backends no longer routed to stay until the worker exits: requests already
     on them finish, and a backend that comes back keeps its health history."""
-    table = RouteTable.from_config(routes)
+    table = RouteTable.from_config(routes, ctx.config.upstream)
     _add_pools(table, ctx.pools, ctx.config, addresses)
     ctx.routes = table
 
 
 def build_context(config: Config, worker_id: int) -> WorkerContext:
-    routes = RouteTable.from_config(config.routes)
-    pools: dict[Backend, UpstreamPool] = {}
+    routes = RouteTable.from_config(config.routes, config.upstream)
+    pools: dict[str, UpstreamPool] = {}
     _add_pools(routes, pools, config)
     log = get_logger("switchboard.worker")
     access = (
@@ -116,7 +116,7 @@ def _health_checks(ctx: WorkerContext) -> dict[Backend, tuple[UpstreamPool, Heal
     for route in ctx.routes.routes:
         if route.health.path:
             for backend in route.backends:
-                checks.setdefault(backend, (ctx.pools[backend], route.health))
+                checks.setdefault(backend, (ctx.pools[backend.url], route.health))
     return checks
 
 
@@ -174,6 +174,7 @@ async def serve(
 
             control = ControlPlane(config, worker_id, effective_workers(config), ctx.log, on_routes)
             ctx.control = control
+            ctx.update_checking()
             await control.start(background)
             checks.sync()
             background.start_soon(_flush_forever, ctx)

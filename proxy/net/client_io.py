@@ -97,18 +97,45 @@ class ClientIO:
                 self.eof = True
                 self._set_mask(self.mask & ~_IN)
                 self.m.client_closed()
-        self.settle()
+        if self.notes:
+            self._deliver()
+        if self.m.deadline < self.timer_at and not self.closed:
+            self.r.schedule(self, self.m.deadline)
 
     def on_upstream_event(self, up: UpstreamIO, events: int) -> None:
         if up is not self.up:
             return
+        if events == _IN and up.connected:
+            # The usual case: the backend's answer (or the rest of it).
+            try:
+                data = up.sock.recv(RECV_SIZE)  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.up_error = exc.errno or errno.ECONNRESET
+                self.notes |= UPSTREAM_BROKEN
+                data = None
+            else:
+                if data:
+                    self.m.upstream_data(data)
+                else:
+                    self.r.set_mask(up, up.mask & ~_IN)
+                    self.m.upstream_closed()
+        else:
+            self._upstream_event(up, events)
+        if self.notes:
+            self._deliver()
+        if self.m.deadline < self.timer_at and not self.closed:
+            self.r.schedule(self, self.m.deadline)
+
+    def _upstream_event(self, up: UpstreamIO, events: int) -> None:
+        """Connecting, writing a backlog, or reading while either happens."""
         if not up.connected:
             if not events & (_OUT | 0x018):  # OUT, ERR, HUP
                 return
             code = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if up.sock else 0
             if code:
                 self.r.note_upstream_failure(up, code)
-                self.settle()
                 return
             up.connected = True
             self.notes |= UPSTREAM_CONNECTED
@@ -130,7 +157,6 @@ class ClientIO:
             elif data is not None:
                 self.r.set_mask(up, up.mask & ~_IN)
                 self.m.upstream_closed()
-        self.settle()
 
     def upstream_failed(self, up: UpstreamIO, code: int) -> None:
         """The connection could not be made (or broke before it carried a byte)."""
@@ -139,8 +165,14 @@ class ClientIO:
             self.notes |= UPSTREAM_BROKEN
 
     def settle(self) -> None:
-        """Deliver what was noted during the machine's calls, then bring the timer and
-        the socket's interest up to date."""
+        """Deliver what was noted during the machine's calls, then bring the timer up to
+        date."""
+        if self.notes:
+            self._deliver()
+        if self.m.deadline < self.timer_at and not self.closed:
+            self.r.schedule(self, self.m.deadline)
+
+    def _deliver(self) -> None:
         m = self.m
         while self.notes:
             notes = self.notes
@@ -163,8 +195,6 @@ class ClientIO:
                 m.client_backlog(True)
             if notes & CLIENT_DRAINED:
                 m.client_backlog(False)
-        if m.deadline < self.timer_at and not self.closed:
-            self.r.schedule(self, m.deadline)
 
     # -- the transport the machine acts through ----------------------------------------------
 
@@ -209,7 +239,7 @@ class ClientIO:
         self._set_mask(self.mask & ~_IN if paused else self.mask | _IN)
 
     def open_upstream(self, backend: Backend, *, fresh: bool) -> UpstreamIO:
-        up = self.r.ctx.pools[backend].lend(self.r, self, fresh=fresh)
+        up = self.r.ctx.pools[backend.url].lend(self.r, self, fresh=fresh)
         self.up = up
         return up
 
@@ -253,7 +283,10 @@ class ClientIO:
         up = cast(UpstreamIO, upstream)
         if up is self.up:
             self.up = None
-        self.r.upstream_finished(up, reusable=reusable, ok=ok, failure=failure)
+        pool = up.pool
+        if failure is not None or ok is False or (ok and pool.health.failures):
+            self.r.upstream_outcome(pool, ok, failure)
+        pool.give_back(self.r, up, reusable=reusable)
 
     def admit(self, check: Check) -> None:
         self.r.admission.start(self, check)

@@ -42,7 +42,7 @@ class WorkerContext:
         self,
         config: Config,
         routes: RouteTable,
-        pools: dict[Backend, UpstreamPool],
+        pools: dict[str, UpstreamPool],
         log: Any,
         access_log: AccessLog | None,
         tokens: SessionTokens | None = None,
@@ -50,6 +50,7 @@ class WorkerContext:
         self.config = config
         self.routes = routes
         self.pools = pools
+        """Backend URL -> its pool."""
         self.log = log
         self.access_log = access_log
         self.tokens = tokens
@@ -57,6 +58,9 @@ class WorkerContext:
         self.control: ControlPlane | None = None
         """Keys, JWTs, rate limits, caps and audit (set by the worker before it serves)."""
         self.draining = False
+        self.via = config.forwarding.via.encode("ascii")
+        self.checking = config.auth.required
+        """Some request may need an admission check (see ``update_checking``)."""
         self.nursery: trio.Nursery = None  # type: ignore[assignment]  # set by the worker
         self.counts = RequestMetrics()
         self.requests = 0
@@ -65,6 +69,14 @@ class WorkerContext:
         self.now = time.monotonic
         self._policies: dict[str | None, ForwardingPolicy] = {}
         self._trusted: tuple[IPNetwork, ...] | None = None
+
+    def update_checking(self) -> None:
+        """Whether admission may have work: connection caps, rate limits, or auth by
+        default (a route with ``auth = "required"`` is checked whatever this says)."""
+        control = self.control
+        self.checking = self.config.auth.required or (
+            control is not None and (control.caps is not None or control.rate_limited)
+        )
 
     # -- what the machines read --------------------------------------------------------------
 
@@ -79,17 +91,17 @@ class WorkerContext:
         pools = self.pools
         if replica is not None:
             backend = route.replicas.get(replica)
-            if backend is None or not pools[backend].usable(now):
+            if backend is None or not pools[backend.url].usable(now):
                 return None
             return backend
         if route.kind == "mcp":
-            usable = [b for b in route.backends if b != avoid and pools[b].usable(now)]
+            usable = [b for b in route.backends if b is not avoid and pools[b.url].usable(now)]
             if not usable:
                 return None
-            return pick_least_loaded(usable, lambda b: pools[b].in_use, self.rng)
+            return pick_least_loaded(usable, lambda b: pools[b.url].in_use, self.rng)
         for _ in range(len(route.backends)):
             backend = route.choose_backend()
-            if backend != avoid and pools[backend].usable(now):
+            if backend is not avoid and pools[backend.url].usable(now):
                 return backend
         return None
 
@@ -170,14 +182,14 @@ class WorkerContext:
         self.requests += 1
         route = x.route
         prefix = route.prefix if route is not None else "none"
-        now = time.perf_counter()
-        elapsed = 0.0 if refused_early else now - x.started
+        elapsed = 0.0 if refused_early else time.perf_counter() - x.started
         latency = None if x.streamed else elapsed
-        status = str(x.status)
+        code = x.status
+        status = _STATUS_TEXT.get(code) or str(code)
         counts = self.counts
         counts.count_request(prefix, status, latency, x.bytes_in, x.bytes_out)
-        if x.refused and x.status in LIMIT_BY_STATUS:
-            limit = LIMIT_BY_STATUS[x.status]
+        if x.refused and code in LIMIT_BY_STATUS:
+            limit = LIMIT_BY_STATUS[code]
             counts.refusals[limit] = counts.refusals.get(limit, 0) + 1
         decision = x.mcp
         if decision is not None:
@@ -201,7 +213,7 @@ class WorkerContext:
                 path=path,
                 status=x.status,
                 route=route.prefix if route is not None else None,
-                upstream=x.upstream or None,
+                upstream=x.backend.url if x.backend is not None else None,
                 bytes_in=x.bytes_in,
                 bytes_out=x.bytes_out,
                 duration_ms=round(elapsed * 1000, 3),
@@ -211,7 +223,7 @@ class WorkerContext:
                 line.mcp_era = decision.era.value
                 line.mcp_method = decision.method
                 line.mcp_name = decision.name
-                line.replica = x.replica or None
+                line.replica = x.backend.replica if x.backend is not None else None
             log.add(line)
             if log.full:
                 self.flush()
@@ -267,6 +279,10 @@ class WorkerContext:
         family = metrics().upstream_connections
         for pool in self.pools.values():
             pool.write_gauges(family)
+
+
+_STATUS_TEXT = {code: str(code) for code in range(100, 600)}
+"""Label values of the statuses, made once."""
 
 
 def usage_record(x: Exchange, elapsed: float) -> UsageRecord:

@@ -23,6 +23,7 @@ import contextlib
 import errno
 import heapq
 import math
+import os
 import select
 import socket
 import time
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from proxy.net.client_io import ClientIO
-from proxy.net.upstream import UpstreamIO
+from proxy.net.upstream import UpstreamIO, UpstreamPool
 from proxy.protocol.connection import Connection
 
 if TYPE_CHECKING:
@@ -71,7 +72,11 @@ class Reactor:
         self.stopping = False
         self.refusing = 0
         """Connections being refused for overload, lingering."""
-        self._wakeup: trio.CancelScope | None = None
+        self._time_scope: trio.CancelScope | None = None
+        self._time_target = math.inf
+        """The deadline the timekeeper sleeps until."""
+        self._waker = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.epoll.register(self._waker, _IN)
         self.now = time.monotonic
 
     # -- registration ---------------------------------------------------------------------
@@ -98,9 +103,11 @@ class Reactor:
         self._ticket += 1
         io.timer_at = deadline
         heapq.heappush(self.timers, (deadline, self._ticket, io))
-        scope = self._wakeup
-        if scope is not None and deadline < scope.deadline:
-            scope.deadline = trio.current_time() + max(0.0, deadline - self.now())
+        if deadline < self._time_target:
+            self._time_target = deadline
+            scope = self._time_scope
+            if scope is not None:
+                scope.deadline = trio.current_time() + max(0.0, deadline - self.now())
 
     def add_listener(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -111,69 +118,75 @@ class Reactor:
     # -- the loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until stopped (``stop``); connections left then are closed."""
+        """Serve until a drain is over; connections left then are closed."""
         poll = self.epoll.poll
-        handlers = self.handlers
-        timers = self.timers
-        now = self.now
         checkpoint = trio.lowlevel.checkpoint
+        wait_readable = trio.lowlevel.wait_readable
+        epfd = self.epoll.fileno()
         try:
-            # Draining, the loop ends once only connections refused on arrival are left.
-            while not self.stopping or len(self.connections) > self.refusing:
-                events = poll(0, _BATCH)
-                if events:
-                    for fd, mask in events:
-                        handler = handlers.get(fd)
-                        if handler is not None:
-                            self._dispatch(handler, mask)
-                    if self.dirty:
-                        self._settle_dirty()
-                    if timers and timers[0][0] <= now():
-                        self._fire_timers()
-                    await checkpoint()
-                    continue
-                if timers and timers[0][0] <= now():
-                    self._fire_timers()
-                    await checkpoint()
-                    continue
-                await self._wait(timers[0][0] if timers else math.inf)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_time)
+                # Draining, the loop ends once only connections refused on arrival are left.
+                while not self.stopping or len(self.connections) > self.refusing:
+                    events = poll(0, _BATCH)
+                    if events:
+                        self.handle(events)
+                        await checkpoint()
+                    else:
+                        # No cancel scope per wait: deadlines are the timekeeper's, and
+                        # whatever else must wake the loop writes to ``_waker``.
+                        await wait_readable(epfd)
+                nursery.cancel_scope.cancel()
         finally:
             self._close_everything()
 
-    async def _wait(self, deadline: float) -> None:
-        """Until a socket is ready or ``deadline`` (monotonic) passes."""
-        scope = trio.CancelScope()
-        if deadline < math.inf:
-            scope.deadline = trio.current_time() + max(0.0, deadline - self.now())
-        self._wakeup = scope
-        with scope:
-            await trio.lowlevel.wait_readable(self.epoll.fileno())
-        self._wakeup = None
+    async def _keep_time(self) -> None:
+        """Fire connections' deadlines as they pass. It runs between the loop's batches,
+        so deadlines cost the request path nothing: one sleep here lasts until the
+        earliest deadline, cut short only when an earlier one is set (``schedule``)."""
+        timers = self.timers
+        while True:
+            deadline = timers[0][0] if timers else math.inf
+            scope = trio.CancelScope()
+            if deadline < math.inf:
+                scope.deadline = trio.current_time() + max(0.0, deadline - self.now())
+            self._time_scope = scope
+            self._time_target = deadline
+            with scope:
+                await trio.sleep_forever()
+            self._fire_timers()
+            if self.dirty:
+                self._settle_dirty()
+
+    def handle(self, events: list[tuple[int, int]]) -> None:
+        """One batch of ready sockets, each handed to its connection."""
+        handlers = self.handlers
+        for fd, mask in events:
+            handler = handlers.get(fd)
+            try:
+                if type(handler) is ClientIO:
+                    handler.on_event(mask)
+                elif type(handler) is UpstreamIO:
+                    owner = handler.owner
+                    if owner is not None:
+                        owner.on_upstream_event(handler, mask)
+                    else:
+                        handler.pool.dropped_while_idle(self, handler)
+                elif type(handler) is Listener:
+                    self._accept(handler)
+                elif fd == self._waker:
+                    os.eventfd_read(self._waker)
+            except Exception:
+                # A bug must cost one connection, never the worker.
+                self._failed(handler)
+        if self.dirty:
+            self._settle_dirty()
 
     def wake(self) -> None:
-        """Make the loop look at its state again (a drain began)."""
-        scope = self._wakeup
-        if scope is not None:
-            scope.cancel()
+        """Make the loop look at its state again (a drain began, a connection ended)."""
+        os.eventfd_write(self._waker, 1)
 
-    def _dispatch(self, handler: ClientIO | UpstreamIO | Listener, mask: int) -> None:
-        try:
-            if type(handler) is ClientIO:
-                handler.on_event(mask)
-            elif type(handler) is UpstreamIO:
-                owner = handler.owner
-                if owner is not None:
-                    owner.on_upstream_event(handler, mask)
-                elif handler.connected or handler.sock is not None:
-                    handler.pool.dropped_while_idle(self, handler)
-            else:
-                assert isinstance(handler, Listener)
-                self._accept(handler)
-        except Exception:
-            # A bug must cost one connection, never the worker.
-            self._failed(handler)
-
-    def _failed(self, handler: ClientIO | UpstreamIO | Listener) -> None:
+    def _failed(self, handler: ClientIO | UpstreamIO | Listener | None) -> None:
         io = handler.owner if isinstance(handler, UpstreamIO) else handler
         self.ctx.log.exception("connection_failed")
         if isinstance(io, ClientIO) and not io.closed:
@@ -276,6 +289,8 @@ class Reactor:
             self.ctx.connection_closed()
             if io.m is not None and io.m.refused_new:
                 self.refusing -= 1
+            if self.stopping:
+                self.wake()  # perhaps the last one: the loop checks whether it is done
         up = io.up
         if up is not None:
             io.up = None
@@ -284,12 +299,17 @@ class Reactor:
     def upstream_finished(
         self, up: UpstreamIO, *, reusable: bool, ok: bool | None, failure: str | None
     ) -> None:
+        """A backend connection's exchange is over (its client connection went)."""
         pool = up.pool
+        self.upstream_outcome(pool, ok, failure)
+        pool.give_back(self, up, reusable=reusable)
+
+    def upstream_outcome(self, pool: UpstreamPool, ok: bool | None, failure: str | None) -> None:
+        """Passive health and failure counts of an exchange with ``pool``'s backend."""
         if ok is not None:
             self.ctx.backend_outcome(pool, ok)
         if failure is not None:
             self.ctx.upstream_failure(pool, failure)
-        pool.give_back(self, up, reusable=reusable)
 
     def note_upstream_failure(self, up: UpstreamIO, code: int) -> None:
         """A connection to a backend could not be made: the next address if the backend
@@ -342,3 +362,4 @@ class Reactor:
         for pool in self.ctx.pools.values():
             pool.close_all(self)
         self.epoll.close()
+        os.close(self._waker)

@@ -187,12 +187,13 @@ class UpstreamPool:
             up.queued = False
             self._waiting.remove(up)
             return
+        idle = self.idle
         if (
             reusable
-            and up.sock is not None
             and not up.out
             and not up.failed
-            and len(self.idle) < self.config.max_idle_per_backend
+            and up.sock is not None
+            and len(idle) < self.config.max_idle_per_backend
             and not reactor.stopping
         ):
             up.reused = True
@@ -200,7 +201,7 @@ class UpstreamPool:
             if up.paused:
                 up.paused = False
                 reactor.set_mask(up, _IN)
-            self.idle.append(up)
+            idle.append(up)
             return
         self._close(reactor, up)
 

@@ -62,7 +62,7 @@ from proxy.protocol.connection_core import (
 from proxy.protocol.event_stream import StreamRelay
 from proxy.protocol.exchange import Upstream
 from proxy.protocol.fast_response import END, Malformed, ResponseHead
-from proxy.protocol.http1 import downstream_response_headers, is_event_stream
+from proxy.protocol.http1 import downstream_response_headers, reason_phrase
 from proxy.protocol.request_side import RequestSide
 from proxy.protocol.tunnel import Tunnel
 
@@ -253,30 +253,28 @@ class Connection(RequestSide):
         until the answer begins, and only if no body went up beyond them."""
         x = self.x
         request = self.head
-        assert x is not None and x.backend is not None and request is not None
+        assert x is not None and x.backend is not None and x.route is not None
+        assert request is not None
         up = self.t.open_upstream(x.backend, fresh=self.retried)
         self.up = up
-        up.reader.start(head_only=request.method == b"HEAD")
-        self.sent = None if self.uploading else [head, body]
+        up.reader.start(request.method == b"HEAD")
         self.state = UPSTREAM
         self.t.send_upstream(up, head + body if body else head)
-        env = self.env
+        now = self.env.now()
         if self.uploading:
-            self.upload_deadline = env.now() + self.limits.body_timeout
-        if up.connected:
-            self._phase(env.now() + self._response_timeout())
+            self.sent = None
+            self.upload_deadline = now + self.limits.body_timeout
         else:
-            self._phase(env.now() + env.config.upstream.connect_timeout)
+            self.sent = (head, body)
+        if up.connected:
+            self._phase(now + x.route.response_timeout)
+        else:
+            self._phase(now + self.env.config.upstream.connect_timeout)
 
     def _response_timeout(self) -> float:
         x = self.x
         route = x.route if x is not None else None
-        if route is not None and route.response_timeout:
-            return route.response_timeout
-        upstream = self.env.config.upstream
-        if route is not None and route.kind == "mcp":
-            return upstream.mcp_response_timeout
-        return upstream.response_timeout
+        return route.response_timeout if route is not None else 60.0
 
     def _relay(self, events: list[ResponseHead | bytes | None]) -> None:
         """A response's events (its head, body bytes, its end) to the client."""
@@ -285,31 +283,28 @@ class Connection(RequestSide):
         assert x is not None and up is not None
         out: list[bytes] = []
         framing = self.framing
-        for i, event in enumerate(events):
-            if event is END:
-                continue
+        for event in events:
             if type(event) is bytes:
                 x.bytes_out += len(event)
                 if framing == CHUNKED:
                     out.append(b"%x\r\n%b\r\n" % (len(event), event))
                 elif framing != NO_BODY:
                     out.append(event)
-                continue
-            assert isinstance(event, ResponseHead)
-            if not self._response_head(event, out):
-                return
-            if self.state != RESPONSE and self.state != UPSTREAM:
-                # An event stream or a tunnel takes over from here.
-                if out:
-                    self.t.send_client(b"".join(out))
-                self._hand_over(events[i + 1 :])
-                return
-            framing = self.framing
+            elif event is not END:
+                assert isinstance(event, ResponseHead)
+                if not self._response_head(event, out):
+                    return
+                if self.state > RESPONSE:
+                    # An event stream or a tunnel takes over from here.
+                    if out:
+                        self.t.send_client(b"".join(out))
+                    self._hand_over(events[events.index(event) + 1 :])
+                    return
+                framing = self.framing
         if up.reader.complete:
             if framing == CHUNKED:
                 out.append(LAST_CHUNK)
-            if out:
-                self.t.send_client(b"".join(out))
+            self.t.send_client(out[0] if len(out) == 1 else b"".join(out))
             self.upstream_done = True
             self._exchange_done()
             return
@@ -335,9 +330,9 @@ class Connection(RequestSide):
         assert x is not None and request is not None
         self.sent = None  # an answer has begun: nothing will be resent
         env = self.env
-        if request.method == b"HEAD" or status in (204, 304):
+        if status == 204 or status == 304 or request.method == b"HEAD":
             framing = NO_BODY
-        elif head.content_length is not None and not head.chunked:
+        elif head.content_length is not None:
             framing = AS_IS
         elif request.http_version == b"1.1":
             framing = CHUNKED
@@ -345,18 +340,37 @@ class Connection(RequestSide):
             framing = UNTIL_CLOSE
         close = self.close_after or env.draining or self.client_eof or framing == UNTIL_CLOSE
         self.close_after = close
-        headers = downstream_response_headers(
-            head.headers, head.http_version, env.policy_for(x.route), close=close
-        )
-        if framing == CHUNKED:
-            headers.append((b"transfer-encoding", b"chunked"))
-        streaming = is_event_stream(head.headers)
-        if x.mcp is not None:
-            self.mcp_response_headers(headers, streaming=streaming)
+        streaming = head.event_stream
+        mcp = x.mcp
+        plain = head.plain
+        if (
+            plain is not None
+            and not close
+            and not (framing == NO_BODY and head.chunked)
+            and not (mcp is not None and mcp.issue_session and head.session)
+        ):
+            # Nothing in the backend's header lines is removed or rewritten: they go as
+            # they came, with what downstream_response_headers would add.
+            if framing == CHUNKED and not head.chunked:
+                plain += b"transfer-encoding: chunked\r\n"
+            if streaming and mcp is not None and not head.unbuffered:
+                plain += b"x-accel-buffering: no\r\n"
+            out.append(
+                b"HTTP/1.1 %d %s\r\n%bvia: %s %s\r\n\r\n"
+                % (status, head.reason or reason_phrase(status), plain, head.http_version, env.via)
+            )
+        else:
+            headers = downstream_response_headers(
+                head.headers, head.http_version, env.policy_for(x.route), close=close
+            )
+            if framing == CHUNKED:
+                headers.append((b"transfer-encoding", b"chunked"))
+            if mcp is not None:
+                self.mcp_response_headers(headers, streaming=streaming)
+            out.append(answers.response_head(status, head.reason, headers))
         x.status = status
         self.framing = framing
         self.response_started = True
-        out.append(answers.response_head(status, head.reason, headers))
         if streaming and framing != NO_BODY:
             x.streamed = True
             self.stream = StreamRelay(self, can_add=framing == CHUNKED)
@@ -418,7 +432,7 @@ class Connection(RequestSide):
         else:
             self._give_up_upstream(502, "backend closed the connection", "error")
 
-    def _retry(self, sent: list[bytes], *, elsewhere: bool) -> bool:
+    def _retry(self, sent: tuple[bytes, bytes], *, elsewhere: bool) -> bool:
         """Resend the request once, on a fresh connection (``elsewhere``: to another
         backend of the route); False when there is nowhere to send it."""
         x = self.x

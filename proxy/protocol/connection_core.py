@@ -64,12 +64,12 @@ class ConnectionCore:
         "head",
         "heads",
         "held",
-        "held_bytes",
         "kind",
         "leases",
         "limits",
         "linger_bytes",
         "peer",
+        "peer_ip",
         "pending",
         "phase_deadline",
         "refused_new",
@@ -104,6 +104,8 @@ class ConnectionCore:
         self.t = transport
         self.peer = peer
         """The client's address (from the PROXY header where one was sent)."""
+        self.peer_ip = peer[0].encode("ascii")
+        """Its IP as X-Forwarded-For carries it."""
         self.limits = env.config.limits
         self.state = PROXY if proxy_header else IDLE
         self.trusted = trusted
@@ -148,15 +150,14 @@ class ConnectionCore:
         self.body: BodyReader | None = None
         self.held: list[bytes] = []
         """Body bytes collected before the backend was contacted."""
-        self.held_bytes = 0
         self.uploading = False
         """The body goes on arriving (and up) while the exchange is past BODY."""
         self.upload_deadline = INF
         self.request_done = False
         self.expect_continue = False
         """The client waits for a 100 Continue before it sends the body."""
-        self.sent: list[bytes] | None = None
-        """What was sent upstream, kept while a retry may still resend it."""
+        self.sent: tuple[bytes, bytes] | None = None
+        """What was sent upstream (head, body), kept while a retry may still resend it."""
         self.retried = False
         self.response_started = False
         """The response head was written to the client."""
@@ -183,16 +184,11 @@ class ConnectionCore:
     def disposition(self) -> tuple[bool, bool]:
         """(reuse the backend connection, keep the client connection), once an exchange's
         response was relayed whole."""
+        if self.state == TUNNEL or not self.request_done:
+            return False, False
         up = self.up
-        reuse = (
-            up is not None
-            and self.upstream_done
-            and self.request_done
-            and up.reader.keep_alive
-            and self.state != TUNNEL
-        )
-        keep = self.request_done and not self.close_after and not self.client_eof
-        return reuse, keep and self.state != TUNNEL
+        reuse = up is not None and self.upstream_done and up.reader.keep_alive
+        return reuse, not self.close_after and not self.client_eof
 
     def _exchange_done(self) -> None:
         """The response was relayed whole: give the backend connection back, account,
@@ -214,13 +210,15 @@ class ConnectionCore:
             self._close()
 
     def _next_request(self) -> None:
-        self._leave_kind()
+        if self.kind != "http":
+            self._leave_kind()
         self._reset_exchange()
         self.stream = None
         self.first = False
         self.state = IDLE
-        grace = DRAIN_IDLE_GRACE if self.env.draining else self.limits.keepalive_timeout
-        self._phase(self.env.now() + grace)
+        env = self.env
+        grace = DRAIN_IDLE_GRACE if env.draining else self.limits.keepalive_timeout
+        self.deadline = self.phase_deadline = env.now() + grace
         if self.buf:
             if len(self.buf) > PIPELINE_LIMIT // 2:
                 self.t.pause_client(False)

@@ -285,7 +285,7 @@ class StreamRelay:
         target = route.upstream_target(backend, c.head.info.target)
         sse_path = target.partition(b"?")[0].decode("latin-1") or "/"
         endpoint = parse_endpoint_event(value, sse_path=sse_path)
-        token = tokens.issue(x.replica, endpoint.session_id)
+        token = tokens.issue(backend.replica, endpoint.session_id)
         return rewrite_endpoint_event(
             value,
             route.prefix if route.strip_prefix else "",

@@ -39,25 +39,23 @@ class Exchange:
         "mcp",
         "method",
         "refused",
-        "replica",
         "route",
         "started",
         "status",
         "streamed",
         "target",
-        "upstream",
     )
 
-    def __init__(self, method: bytes, target: bytes, started: float) -> None:
+    def __init__(
+        self, method: bytes, target: bytes, started: float, route: Route | None = None
+    ) -> None:
         self.method = method
         self.target = target
         self.started = started
         """perf_counter() when the head was complete."""
-        self.route: Route | None = None
+        self.route = route
         self.backend: Backend | None = None
-        self.upstream = ""
-        """The backend's URL (for the access line)."""
-        self.replica = ""
+        """Where the request went (its URL and replica id are in the access line)."""
         self.status = 0
         self.error: str | None = None
         self.refused = False
@@ -142,6 +140,11 @@ class Env(Protocol):
     routes: RouteTable
     tokens: SessionTokens | None
     draining: bool
+    via: bytes
+    """The proxy's pseudonym in Via headers (forwarding.via)."""
+    checking: bool
+    """Some request may need an admission check (connection caps, rate limits, or auth
+    by default): False lets requests on routes without auth skip admission."""
 
     def now(self) -> float:
         """Monotonic seconds, for deadlines."""

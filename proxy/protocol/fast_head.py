@@ -30,6 +30,7 @@ import h11
 import httptools
 
 from proxy.protocol.http1 import (
+    HOP_BY_HOP,
     Headers,
     RequestInfo,
     RequestRejected,
@@ -48,20 +49,26 @@ _METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"HEAD", b"O
 # h11 admits other control bytes inside field values, llhttp refuses them: such heads
 # fall back so that h11's answer stands.
 _HEAD_BYTES = bytes([0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0x80, 0x100)])
-# RFC 9110 tchar: the only bytes of a field name (and of h11's method regex).
-_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # h11 keeps at most this many Content-Length digits (``CONTENT_LENGTH_MAX_DIGITS``).
 _MAX_LENGTH_DIGITS = 20
 
-# Header names that need a closer look than being lower-cased and stripped.
-_HOST = b"host"
-_CONTENT_LENGTH = b"content-length"
-_TRANSFER_ENCODING = b"transfer-encoding"
-_CONNECTION = b"connection"
-_SPECIAL = frozenset({_HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION})
-# An Upgrade proposal or an Expect: 100-continue changes h11's connection state, which
-# the caller needs h11 to track; such requests take the h11 path.
-_FALLBACK_NAMES = frozenset({b"upgrade", b"expect"})
+# Header names that need a closer look than being lower-cased and stripped, by kind.
+# An Upgrade proposal or an Expect: 100-continue needs the reference path's handling
+# (the WebSocket handshake checks, the 100's bookkeeping): such heads take the h11 path.
+# Hop-by-hop headers, X-Forwarded-* and Via are ones a proxy rewrites or removes.
+_HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _REWRITTEN, _FALLBACK = range(6)
+_SPECIAL: dict[bytes, int] = {
+    **dict.fromkeys(
+        (*HOP_BY_HOP, b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via"),
+        _REWRITTEN,
+    ),
+    b"host": _HOST,
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+    b"upgrade": _FALLBACK,
+    b"expect": _FALLBACK,
+}
 
 
 @dataclass(slots=True)
@@ -78,6 +85,10 @@ class FastHead:
     request."""
     info: RequestInfo
     """What ``inspect_request`` returns for this head."""
+    plain: bytes | None = None
+    """The header lines as received (each with its CRLF), when none of them is one a
+    proxy rewrites or removes (hop-by-hop, X-Forwarded-*, Via): the backend can be sent
+    them as they are. None otherwise, and for heads parsed by h11."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,16 +119,74 @@ NEED_MORE = NeedMore()
 
 
 class _Collector:
-    """The httptools callback object: collects raw header pairs."""
+    """The httptools callback object: takes each header as llhttp reports it, lower-cased
+    and stripped as h11 gives them, and notes the few whose values the proxy reads."""
 
-    __slots__ = ("complete", "raw")
+    __slots__ = (
+        "chunked",
+        "complete",
+        "connection",
+        "headers",
+        "host",
+        "hosts",
+        "length",
+        "odd",
+        "rewritten",
+    )
 
     def __init__(self) -> None:
-        self.raw: list[tuple[bytes, bytes]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.headers: Headers = []
         self.complete = False
+        self.hosts = 0
+        self.host = b""
+        self.length: int | None = None
+        self.chunked = False
+        self.connection: list[bytes] | None = None
+        self.odd = ""
+        """Why the head must take the h11 path, if it must."""
+        self.rewritten = False
+        """A header the proxy rewrites or removes is present."""
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.raw.append((name, value))
+        # llhttp has checked that the name is a token (RFC 9110 tchar); it drops leading
+        # OWS from the value but keeps trailing OWS, where h11 drops both.
+        name = name.lower()
+        value = value.strip(b" \t")
+        self.headers.append((name, value))
+        kind = _SPECIAL.get(name)
+        if kind is not None:
+            self._special(kind, name, value)
+
+    def _special(self, kind: int, name: bytes, value: bytes) -> None:
+        if kind == _HOST:
+            self.hosts += 1
+            self.host = value
+        elif kind == _CONTENT_LENGTH:
+            # h11 folds repeated and comma-listed lengths into one header; leave that
+            # rewriting to it.
+            if self.length is not None or not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
+                self.odd = "content-length"
+            else:
+                self.length = int(value)
+        elif kind == _REWRITTEN:
+            self.rewritten = True
+        elif kind == _TRANSFER_ENCODING:
+            # h11 lower-cases the value and answers 501 for anything but one "chunked";
+            # only the canonical spelling is taken here.
+            if self.chunked or value != b"chunked":
+                self.odd = "transfer-encoding"
+            self.chunked = True
+            self.rewritten = True
+        elif kind == _CONNECTION:
+            if self.connection is None:
+                self.connection = []
+            self.connection.append(value)
+            self.rewritten = True
+        else:
+            self.odd = name.decode("ascii")
 
     def on_headers_complete(self) -> None:
         self.complete = True
@@ -165,7 +234,9 @@ def _parse(
         # A bare LF could end the head earlier for h11; a bare CR is a line-ending
         # ambiguity h11 and llhttp judge differently.
         return Fallback("bare CR or LF")
-    if b"\r\n " in head or b"\r\n\t" in head:
+    # (``find`` rather than ``in``: a bytes ``in`` bytes test first tries the operand as
+    # an integer, and pays for an exception it then discards.)
+    if head.find(b"\r\n ") != -1 or head.find(b"\r\n\t") != -1:
         # obs-fold, or whitespace before the first field name: strict_h11 rejects both
         # (400) but llhttp reads the second as part of the request line.
         return Fallback("line starting with whitespace")
@@ -179,96 +250,58 @@ def _parse(
         return Fallback("method")
     if version != b"HTTP/1.1":
         return Fallback("version")
-    if not target.startswith(b"/") or not target.isascii() or b"\t" in target:
+    if not target.startswith(b"/") or not target.isascii() or target.find(b"\t") != -1:
         # Absolute-form and asterisk-form need inspect_request's target handling; a tab
         # or a byte above 0x7e is outside h11's target grammar (vchar only).
         return Fallback("target")
 
-    collector.raw = []
-    collector.complete = False
+    collector.reset()
     try:
         parser.feed_data(head)
     except httptools.HttpParserUpgrade:
         return Fallback("upgrade")
     except httptools.HttpParserError as exc:
         return Fallback(f"llhttp: {exc}")
-    raw = collector.raw
-    if not collector.complete or len(raw) != lines - 2:
+    if not collector.complete or len(collector.headers) != lines - 2:
         # Every header line must have produced exactly one pair, or llhttp read the
         # head differently from the line structure checked above.
         return Fallback("header count")
-
-    headers: Headers = []
-    hosts = 0
-    host = b""
-    content_length: int | None = None
-    chunked = False
-    connection_values: list[bytes] = []
-    for raw_name, raw_value in raw:
-        if not raw_name or raw_name.translate(None, _TCHAR):
-            return Fallback("field name")
-        name = raw_name.lower()
-        # llhttp drops leading OWS but keeps trailing OWS; h11 drops both.
-        value = raw_value.strip(b" \t")
-        headers.append((name, value))
-        if name in _SPECIAL:
-            if name == _HOST:
-                hosts += 1
-                host = value
-            elif name == _CONTENT_LENGTH:
-                # h11 folds repeated and comma-listed lengths into one header; leave
-                # that rewriting to it.
-                if (
-                    content_length is not None
-                    or not value.isdigit()
-                    or len(value) > _MAX_LENGTH_DIGITS
-                ):
-                    return Fallback("content-length")
-                content_length = int(value)
-            elif name == _TRANSFER_ENCODING:
-                # h11 lower-cases the value and answers 501 for anything but one
-                # "chunked"; only the canonical spelling is taken here.
-                if chunked or value != b"chunked":
-                    return Fallback("transfer-encoding")
-                chunked = True
-            else:
-                connection_values.append(value)
-        elif name in _FALLBACK_NAMES:
-            return Fallback(name.decode("ascii"))
+    if collector.odd:
+        return Fallback(collector.odd)
 
     # From here the head is one h11 accepts as far as syntax goes; the rest mirrors the
     # checks that follow in the reference path, in the same order.
-    if hosts == 0:
-        return Rejected(400, "missing Host header")
-    if hosts > 1:
-        return Rejected(400, "more than one Host header")
+    if collector.hosts != 1:
+        return Rejected(400, "missing Host header" if not collector.hosts else _TWO_HOSTS)
     if consumed > max_header_bytes:
         return Rejected(431, "request header section too large")
+    chunked = collector.chunked
+    content_length = collector.length
     if chunked and content_length is not None:
         return Rejected(400, "both Content-Length and Transfer-Encoding")
     query_at = target.find(b"?")
     raw_path = target if query_at == -1 else target[:query_at]
-    try:
-        _check_path(raw_path)
-    except RequestRejected as exc:
-        return Rejected(exc.status, exc.reason)
+    if raw_path.find(b".") != -1 or raw_path.find(b"\\") != -1 or raw_path.find(b"%2") != -1:
+        try:
+            _check_path(raw_path)
+        except RequestRejected as exc:
+            return Rejected(exc.status, exc.reason)
+    connection = collector.connection
     info = RequestInfo(
-        path=raw_path.decode("ascii"),
-        target=target,
-        host=host,
-        chunked=chunked,
-        content_length=content_length,
-        upgrade=None,
-        connection_tokens=_connection_tokens(connection_values),
+        raw_path.decode("ascii"),
+        target,
+        collector.host,
+        chunked,
+        content_length,
+        None,
+        _connection_tokens(connection) if connection else _NO_TOKENS,
     )
-    return FastHead(
-        method=method,
-        target=target,
-        http_version=b"1.1",
-        headers=headers,
-        consumed=consumed,
-        info=info,
-    )
+    plain = None if collector.rewritten else head[line_end + 2 : end + 2]
+    return FastHead(method, target, b"1.1", collector.headers, consumed, info, plain)
+
+
+_TWO_HOSTS = "more than one Host header"
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 class HeadReader:

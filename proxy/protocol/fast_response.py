@@ -46,12 +46,14 @@ class ResponseHead:
     __slots__ = (
         "chunked",
         "content_length",
+        "event_stream",
         "headers",
         "http_version",
-        "keep_alive",
+        "plain",
         "reason",
+        "session",
         "status",
-        "until_close",
+        "unbuffered",
     )
 
     def __init__(
@@ -62,8 +64,7 @@ class ResponseHead:
         headers: Headers,
         content_length: int | None,
         chunked: bool,
-        until_close: bool,
-        keep_alive: bool,
+        flags: int = 0,
     ) -> None:
         self.status = status
         self.reason = reason
@@ -72,25 +73,63 @@ class ResponseHead:
         """Lower-case names, values without surrounding whitespace (as h11 gives them)."""
         self.content_length = content_length
         self.chunked = chunked
-        self.until_close = until_close
-        """No length and not chunked: the body ends when the backend closes."""
-        self.keep_alive = keep_alive
-        """The backend connection may carry another request after this response."""
+        self.event_stream = bool(flags & _EVENT_STREAM)
+        """Its (first) Content-Type is text/event-stream."""
+        self.session = bool(flags & _SESSION_ID)
+        """It carries an Mcp-Session-Id."""
+        self.unbuffered = bool(flags & _UNBUFFERED)
+        """It carries an X-Accel-Buffering of its own."""
+        self.plain: bytes | None = None
+        """The header lines as received (each with its CRLF), when none is one a proxy
+        removes or rewrites (hop-by-hop ones other than Transfer-Encoding: chunked, Via)
+        and the head came whole at the start of one read: the client can be sent them
+        as they are. None otherwise."""
 
 
 Event = ResponseHead | bytes | None
+
+
+# Header names the reader looks at beyond lower-casing and stripping them.
+_TRANSFER_ENCODING: Final = b"transfer-encoding"
+_CONTENT_LENGTH: Final = b"content-length"
+_CONTENT_TYPE: Final = b"content-type"
+_SESSION: Final = b"mcp-session-id"
+_ACCEL: Final = b"x-accel-buffering"
+_REWRITTEN: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"via",
+    }
+)
+_SPECIAL: Final = _REWRITTEN | {
+    _TRANSFER_ENCODING,
+    _CONTENT_LENGTH,
+    _CONTENT_TYPE,
+    _SESSION,
+    _ACCEL,
+}
 
 
 class ResponseReader:
     __slots__ = (
         "_chunked",
         "_events",
+        "_flags",
         "_head_only",
         "_headers",
         "_length",
         "_parser",
+        "_pristine",
         "_reason",
         "_until_close",
+        "_version",
         "complete",
         "final",
         "keep_alive",
@@ -107,6 +146,11 @@ class ResponseReader:
         self._length: int | None = None
         self._until_close = False
         self._head_only = False
+        self._flags = 0
+        self._pristine = True
+        """No byte of the current response has been fed yet."""
+        self._version = b""
+        """The backend's HTTP version, read once per connection."""
         self.complete = False
         """The final (non-1xx) response has ended."""
         self.final = False
@@ -117,10 +161,11 @@ class ResponseReader:
         """The backend switched protocols (101); ``trailing`` is the new protocol's."""
         self.trailing = b""
 
-    def start(self, *, head_only: bool = False) -> None:
+    def start(self, head_only: bool = False) -> None:
         """Expect the answer to a new request (``head_only``: to a HEAD request)."""
         self.complete = self.final = self.keep_alive = False
         self._head_only = head_only
+        self._pristine = True
 
     # -- llhttp callbacks --------------------------------------------------------------
 
@@ -131,6 +176,7 @@ class ResponseReader:
         self._headers = []
         self._chunked = False
         self._length = None
+        self._flags = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -138,43 +184,53 @@ class ResponseReader:
     def on_header(self, name: bytes, value: bytes) -> None:
         lowered = name.lower()
         value = value.strip(_OWS)
-        if lowered == b"transfer-encoding":
+        self._headers.append((lowered, value))
+        if lowered in _SPECIAL:
+            self._special(lowered, value)
+
+    def _special(self, name: bytes, value: bytes) -> None:
+        if name == _TRANSFER_ENCODING:
             if value.lower() != b"chunked":
                 raise Malformed("a transfer coding other than chunked")
+            if self._chunked:
+                self._flags |= _REWRITE
             self._chunked = True
-        elif lowered == b"content-length":
+        elif name == _CONTENT_LENGTH:
             self._length = int(value)  # llhttp has checked the digits and any repeat
-        self._headers.append((lowered, value))
+        elif name == _CONTENT_TYPE:
+            if not self._flags & _TYPED:
+                self._flags |= _TYPED
+                if value.split(b";", 1)[0].strip().lower() == b"text/event-stream":
+                    self._flags |= _EVENT_STREAM
+        elif name == _SESSION:
+            self._flags |= _SESSION_ID
+        elif name == _ACCEL:
+            self._flags |= _UNBUFFERED
+        else:
+            self._flags |= _REWRITE
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
-        final = status >= 200
-        head_only = self._head_only and final
         chunked = self._chunked
-        until_close = (
-            final
-            and not head_only
-            and status not in (204, 304)
-            and not chunked
-            and self._length is None
-        )
+        length = self._length
+        version = self._version
+        if not version:  # read once per connection
+            version = self._version = b"1.1" if parser.get_http_version() == "1.1" else b"1.0"
         head = ResponseHead(
-            status,
-            self._reason,
-            b"1.1" if parser.get_http_version() == "1.1" else b"1.0",
-            self._headers,
-            self._length,
-            chunked,
-            until_close,
-            bool(parser.should_keep_alive()),
+            status, self._reason, version, self._headers, length, chunked, self._flags
         )
         self._reason = b""
         self._events.append(head)
-        if final:
-            self.final = True
-            self._until_close = until_close
-            self.keep_alive = head.keep_alive and not until_close and not head_only
+        if status < 200:
+            return
+        head_only = self._head_only
+        until_close = (
+            not head_only and not chunked and length is None and status != 204 and status != 304
+        )
+        self.final = True
+        self._until_close = until_close
+        self.keep_alive = not until_close and not head_only and parser.should_keep_alive()
         if head_only:
             self._events.append(END)
             self.complete = True
@@ -203,8 +259,12 @@ class ResponseReader:
                 events.append(END)
                 return events
             raise Malformed("the backend closed the connection mid-response")
+        fresh = self._pristine
+        self._pristine = False
         try:
             self._parser.feed_data(data)
+            if fresh and events and type(events[0]) is ResponseHead:
+                self._find_plain(events[0], data)
         except httptools.HttpParserUpgrade as exc:
             # llhttp stops after a 101's head; what follows is the new protocol's.
             self.upgraded = self.complete = True
@@ -221,6 +281,21 @@ class ResponseReader:
         except httptools.HttpParserError as exc:
             raise Malformed(_llhttp_reason(exc)) from None
         return events
+
+    def _find_plain(self, head: ResponseHead, data: bytes) -> None:
+        """``head.plain``, where the head is the first thing in ``data`` and final."""
+        if head.status < 200 or self._flags & _REWRITE:
+            return
+        end = data.find(b"\r\n\r\n")
+        line_end = data.find(b"\r\n")
+        head.plain = data[line_end + 2 : end + 2]
+
+
+_REWRITE = 1
+_TYPED = 2
+_EVENT_STREAM = 4
+_SESSION_ID = 8
+_UNBUFFERED = 16
 
 
 def _llhttp_reason(exc: httptools.HttpParserError) -> str:

@@ -92,6 +92,7 @@ class RequestSide(ConnectionCore):
         info, consumed = parsed
         if info.command == "PROXY" and info.source is not None:
             self.peer = (unmap_ipv4(info.source[0]), info.source[1])
+            self.peer_ip = self.peer[0].encode("ascii")
         self._after_proxy_header(buf[consumed:])
 
     def _after_proxy_header(self, rest: bytes) -> None:
@@ -109,42 +110,48 @@ class RequestSide(ConnectionCore):
     # -- request heads ------------------------------------------------------------------
 
     def _read_head(self) -> None:
-        verdict = self.heads.read(self.buf)
-        if verdict is NEED_MORE:
+        buf = self.buf
+        verdict = self.heads.read(buf)
+        if type(verdict) is FastHead:
+            consumed = verdict.consumed
+            self.buf = buf[consumed:] if consumed < len(buf) else b""
+            self._request(verdict)
+        elif verdict is NEED_MORE:
             if self.state == IDLE:
                 self.state = HEAD
                 if not self.first:  # a first head's time runs from the accept
-                    self.deadline = self.env.now() + self.limits.header_timeout
-            return
-        if type(verdict) is Rejected:
+                    self._phase(self.env.now() + self.limits.header_timeout)
+        else:
+            assert isinstance(verdict, Rejected)
             self._refuse(verdict.status, verdict.reason, verdict.headers, log_only=True)
-            return
-        assert isinstance(verdict, FastHead)
-        self.buf = self.buf[verdict.consumed :]
-        self._request(verdict)
 
     def _request(self, head: FastHead) -> None:
-        x = self.x = Exchange(head.method, head.target, time.perf_counter())
-        self.head = head
         info = head.info
-        env = self.env
-        route = env.routes.match(info.path)
+        route = self.env.routes.match(info.path)
+        self.x = Exchange(head.method, head.target, time.perf_counter(), route)
+        self.head = head
         if route is None:
             self._refuse(404, "no route for this path")
             return
-        x.route = route
-        limits = self.limits
-        if limits.max_body_bytes and (info.content_length or 0) > limits.max_body_bytes:
-            self._refuse(413, "request body larger than max_body_bytes")
-            return
-        self.body = BodyReader(info.content_length, info.chunked, limits.max_body_bytes)
-        self.request_done = self.body.done
-        self.expect_continue = info.expect_continue
+        length = info.content_length
+        if length:
+            limit = self.limits.max_body_bytes
+            if limit and length > limit:
+                self._refuse(413, "request body larger than max_body_bytes")
+                return
+        else:
+            self.request_done = not info.chunked
+        if info.expect_continue:
+            self.expect_continue = True
         # HTTP/1.0 keep-alive is not offered (as h11 does not): such a client's
         # connection ends after its answer.
-        self.close_after = b"close" in info.connection_tokens or head.http_version != b"1.1"
-        self.state = ADMISSION
-        self._admit(_IP_CAP)
+        if head.http_version != b"1.1" or b"close" in info.connection_tokens:
+            self.close_after = True
+        if self.env.checking or route.auth == "required":
+            self.state = ADMISSION
+            self._admit(_IP_CAP)
+        else:
+            self._start_body()
 
     # -- admission ------------------------------------------------------------------------
 
@@ -265,11 +272,29 @@ class RequestSide(ConnectionCore):
 
     def _start_body(self) -> None:
         x = self.x
-        body = self.body
-        assert x is not None and x.route is not None and body is not None
-        if body.done:
+        head = self.head
+        assert x is not None and x.route is not None and head is not None
+        if self.request_done:
             self._after_body()
             return
+        info = head.info
+        length = info.content_length
+        buf = self.buf
+        if length and len(buf) >= length and not self.expect_continue:
+            # The whole body came with the head (the usual case): no reading to do.
+            if len(buf) > length:
+                body = buf[:length]
+                self.buf = buf[length:]
+            else:
+                body = buf
+                self.buf = b""
+            self.heads.body(body)
+            self.held = [body]
+            x.bytes_in = length
+            self.request_done = True
+            self._after_body()
+            return
+        self.body = BodyReader(length, info.chunked, self.limits.max_body_bytes)
         if self.expect_continue:
             if x.route.kind != "mcp":
                 # The client waits for the backend's 100 Continue: the head goes alone.
@@ -280,9 +305,9 @@ class RequestSide(ConnectionCore):
             self.expect_continue = False
         self.state = BODY
         self._phase(self.env.now() + self.limits.body_timeout)
-        if self.buf:
-            data, self.buf = self.buf, b""
-            self._body_in(data)
+        if buf:
+            self.buf = b""
+            self._body_in(buf)
 
     def _body_in(self, data: bytes) -> None:
         """Body bytes from the client: held in BODY, sent up while ``uploading``."""
@@ -305,7 +330,6 @@ class RequestSide(ConnectionCore):
         done = body.done
         if self.state == BODY:
             self.held += pieces
-            self.held_bytes = body.received
             if done:
                 self.request_done = True
                 self._after_body()
@@ -343,8 +367,10 @@ class RequestSide(ConnectionCore):
         """What is needed of the body is in hand: route MCP messages, then choose."""
         x = self.x
         assert x is not None and x.route is not None and self.head is not None
-        self.uploading = streaming
-        if self.request_done and self.body is not None and self.body.chunked:
+        if streaming:
+            self.uploading = True
+        body = self.body
+        if body is not None and self.request_done and body.chunked:
             self.heads.resync()
         if x.route.kind != "mcp":
             self._choose_backend()
@@ -415,8 +441,10 @@ class RequestSide(ConnectionCore):
         held = b""
         if self.held:
             body = self.body
-            assert body is not None
-            held = body.upstream(self.held, ending=self.request_done)
+            # Without a reader the whole Content-Length body came with the head.
+            held = (
+                self.held[0] if body is None else body.upstream(self.held, ending=self.request_done)
+            )
             self.held = []
         self._send_upstream_request(self.upstream_request(x.route, backend), held)
 
@@ -446,25 +474,41 @@ class RequestSide(ConnectionCore):
         x = self.x
         head = self.head
         assert x is not None and head is not None
-        env = self.env
-        x.upstream = backend.url
-        x.replica = backend.replica
+        policy = self.env.policy_for(route)
+        info = head.info
+        decision = x.mcp
+        target = route.upstream_target(
+            backend, info.target if decision is None or not decision.target else decision.target
+        )
+        plain = head.plain
+        if (
+            plain is not None
+            and policy.host_mode == "preserve"
+            and (x.identity is None or route.forward_credentials)
+            and (decision is None or decision.backend_session is None)
+        ):
+            # Nothing in the header lines is rewritten or removed: they go as they came,
+            # followed by what upstream_request_headers would add.
+            return b"%s %s HTTP/1.1\r\n%bx-forwarded-for: %s\r\nx-forwarded-proto: %s\r\n%b" % (
+                head.method,
+                target,
+                plain,
+                self.peer_ip,
+                policy.proto,
+                b"x-forwarded-host: %s\r\nvia: 1.1 %s\r\n\r\n" % (info.host, policy.via),
+            )
         headers = upstream_request_headers(
             head,
             head.info,
-            env.policy_for(route),
+            policy,
             client_ip=self.peer[0],
             backend_authority=backend.authority,
         )
         if x.identity is not None and not route.forward_credentials:
-            headers = strip_credentials(headers, False, env.auth_header())
-        target = head.info.target
-        decision = x.mcp
-        if decision is not None:
-            if decision.backend_session is not None:
-                with_session(headers, decision.backend_session)
-            target = decision.target or target
-        return answers.request_head(head.method, route.upstream_target(backend, target), headers)
+            headers = strip_credentials(headers, False, self.env.auth_header())
+        if decision is not None and decision.backend_session is not None:
+            with_session(headers, decision.backend_session)
+        return answers.request_head(head.method, target, headers)
 
     def mcp_response_headers(self, headers: list[tuple[bytes, bytes]], *, streaming: bool) -> None:
         """MCP response header changes: the backend's session id becomes the proxy's
@@ -476,7 +520,8 @@ class RequestSide(ConnectionCore):
         if decision is not None and decision.issue_session and tokens is not None:
             for i, (name, value) in enumerate(headers):
                 if name == SESSION_HEADER:
-                    token = tokens.issue(x.replica, value.decode("latin-1"))
+                    assert x.backend is not None
+                    token = tokens.issue(x.backend.replica, value.decode("latin-1"))
                     headers[i] = (name, token.encode("ascii"))
         if streaming and not any(name == b"x-accel-buffering" for name, _ in headers):
             headers.append((b"x-accel-buffering", b"no"))

@@ -104,9 +104,11 @@ class FakeTransport:
 class FakeEnv:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.routes = RouteTable.from_config(config.routes)
+        self.routes = RouteTable.from_config(config.routes, config.upstream)
         self.tokens = SessionTokens(Keyring({"k1": SESSION_KEY}, "k1"))
         self.draining = False
+        self.checking = True
+        self.via = b"switchboard"
         self.clock = 1000.0
         self.accounted: list[tuple[Exchange, bool]] = []
         self.kinds: dict[str, int] = {"http": 0, "sse": 0, "websocket": 0}
