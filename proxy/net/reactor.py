@@ -45,6 +45,10 @@ _ACCEPT_BATCH = 64
 # accept() failures that mean "out of resources right now", worth a pause, not a crash.
 _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _ACCEPT_BACKOFF = 0.1
+_ROUNDS_PER_CHECKPOINT = 4
+"""Batches handled between two Trio checkpoints while sockets keep being ready: each
+checkpoint is a trip through Trio's scheduler (and its own epoll), which the other tasks
+(deadlines, admission checks, the control plane) need only every millisecond or so."""
 _MAX_PENDING_REFUSALS = 256
 """Overload refusals lingering at once; past that, extra connections are closed unanswered
 so that refusals cannot exhaust descriptors in a flood."""
@@ -127,11 +131,15 @@ class Reactor:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep_time)
                 # Draining, the loop ends once only connections refused on arrival are left.
+                rounds = 0
                 while not self.stopping or len(self.connections) > self.refusing:
                     events = poll(0, _BATCH)
                     if events:
                         self.handle(events)
-                        await checkpoint()
+                        rounds += 1
+                        if rounds == _ROUNDS_PER_CHECKPOINT:
+                            rounds = 0
+                            await checkpoint()
                     else:
                         # No cancel scope per wait: deadlines are the timekeeper's, and
                         # whatever else must wake the loop writes to ``_waker``.

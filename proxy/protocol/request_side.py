@@ -128,7 +128,7 @@ class RequestSide(ConnectionCore):
     def _request(self, head: FastHead) -> None:
         info = head.info
         route = self.env.routes.match(info.path)
-        self.x = Exchange(head.method, head.target, time.perf_counter(), route)
+        x = self.x = Exchange(head.method, head.target, time.perf_counter(), route)
         self.head = head
         if route is None:
             self._refuse(404, "no route for this path")
@@ -150,8 +150,30 @@ class RequestSide(ConnectionCore):
         if self.env.checking or route.auth == "required":
             self.state = ADMISSION
             self._admit(_IP_CAP)
-        else:
+            return
+        if route.kind == "mcp" or not (self.request_done or self._body_in_hand(x, length)):
             self._start_body()
+            return
+        # The usual case: nothing to admit, the body (if any) came with the head.
+        self._choose_backend()
+
+    def _body_in_hand(self, x: Exchange, length: int | None) -> bool:
+        """Take a Content-Length body that came whole with the head; False when it did
+        not (the body is then read as it comes)."""
+        buf = self.buf
+        if not length or len(buf) < length or self.expect_continue:
+            return False
+        if len(buf) > length:
+            body = buf[:length]
+            self.buf = buf[length:]
+        else:
+            body = buf
+            self.buf = b""
+        self.heads.body(body)
+        self.held = [body]
+        x.bytes_in = length
+        self.request_done = True
+        return True
 
     # -- admission ------------------------------------------------------------------------
 
@@ -274,24 +296,9 @@ class RequestSide(ConnectionCore):
         x = self.x
         head = self.head
         assert x is not None and x.route is not None and head is not None
-        if self.request_done:
-            self._after_body()
-            return
         info = head.info
         length = info.content_length
-        buf = self.buf
-        if length and len(buf) >= length and not self.expect_continue:
-            # The whole body came with the head (the usual case): no reading to do.
-            if len(buf) > length:
-                body = buf[:length]
-                self.buf = buf[length:]
-            else:
-                body = buf
-                self.buf = b""
-            self.heads.body(body)
-            self.held = [body]
-            x.bytes_in = length
-            self.request_done = True
+        if self.request_done or self._body_in_hand(x, length):
             self._after_body()
             return
         self.body = BodyReader(length, info.chunked, self.limits.max_body_bytes)
@@ -305,6 +312,7 @@ class RequestSide(ConnectionCore):
             self.expect_continue = False
         self.state = BODY
         self._phase(self.env.now() + self.limits.body_timeout)
+        buf = self.buf
         if buf:
             self.buf = b""
             self._body_in(buf)
