@@ -31,25 +31,26 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from proxy.admin import AdminState, serve_admin
-from proxy.config import (
-    Config,
-    ConfigError,
-    effective_workers,
-    parse_hostport,
-    to_json,
-    with_session_key,
-)
+from proxy.config import Config, ConfigError, effective_workers, to_json, with_session_key
+from proxy.config_errors import Origins
 from proxy.metrics import MULTIPROC_ENV, mark_process_dead, metrics
 from proxy.net.database import watch_for_readiness
 from proxy.net.listener import bind_reuseport
 from proxy.observability import get_logger
 from proxy.sdnotify import Notifier, watchdog_loop
+from proxy.startup import (
+    DemoBackend,
+    StartupError,
+    bind_admin_socket,
+    cannot_listen,
+    check_free,
+    check_state_dir,
+)
 from proxy.worker import LIFELINE_FD_ENV, LISTEN_FDS_ENV, READY_FD_ENV, WORKER_ID_ENV
 
 _BACKOFF_START = 0.1
@@ -57,29 +58,6 @@ _BACKOFF_MAX = 30.0
 _STABLE_AFTER = 10.0
 _READY_TIMEOUT = 30.0
 _KILL_GRACE = 5.0
-
-
-def check_state_dir(config: Config) -> None:
-    """With a database, workers persist the snapshot and spill audit records under
-    database.state_dir: refuse to start (or reload) when it cannot be written, rather
-    than run without either."""
-    if not config.database.url:
-        return
-    path = Path(config.database.state_dir)
-    try:
-        (path / "audit").mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise StartupError(
-            f"database.state_dir {str(path)!r} is not writable ({exc.strerror or exc}); "
-            "create it for the service user, e.g. systemd StateDirectory=switchboard"
-        ) from None
-
-
-class StartupError(Exception):
-    """The proxy cannot start (address in use, a worker never became ready, ...)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -113,10 +91,16 @@ class Generation:
 
 class Supervisor:
     def __init__(
-        self, config: Config, *, reload_config: Callable[[], Config] | None = None
+        self,
+        config: Config,
+        *,
+        reload_config: Callable[[], Config] | None = None,
+        origins: Origins | None = None,
     ) -> None:
         self.config = config
         self.reload_config = reload_config
+        self.origins = origins or Origins()
+        """Where settings came from, for start-up messages."""
         self.log: Any = get_logger("switchboard.supervisor")
         self.notifier = Notifier.from_env()
         self.sockets: dict[tuple[str, int], socket.socket] = {}
@@ -124,7 +108,8 @@ class Supervisor:
         self.generations = 0
         self.stopping = False
         self.admin = AdminState(config=config)
-        self.demo_process: trio.Process | None = None
+        self.demo: DemoBackend | None = None
+        self.admin_socket: socket.socket | None = None
         self.metrics_dir = ""
         self._nursery: trio.Nursery | None = None
         self._lifelines: dict[int, int] = {}
@@ -154,12 +139,13 @@ class Supervisor:
                 key = (listen, index)
                 sock = self.sockets.get(key)
                 if sock is None:
+                    setting = self.origins.describe("server.listen")
+                    if not any(bound == listen for bound, _ in self.sockets):
+                        check_free(listen, setting)  # not our own: someone else's
                     try:
                         sock = bind_reuseport(listen, config.server.backlog)
                     except OSError as exc:
-                        raise StartupError(
-                            f"cannot listen on {listen}: {exc.strerror or exc}"
-                        ) from None
+                        raise cannot_listen(listen, setting, exc) from None
                     self.sockets[key] = sock
                 slot_sockets.append(sock)
             per_slot.append(slot_sockets)
@@ -350,47 +336,34 @@ class Supervisor:
         workers = len(self.current.slots) if self.current else 0
         return f"serving on {', '.join(self.config.server.listen)} with {workers} workers"
 
-    # -- demo backend -------------------------------------------------------------------
-
-    async def _start_demo(self) -> None:
-        host, port = parse_hostport(self.config.demo.listen)
-        self.demo_process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "proxy.demo", "--listen", self.config.demo.listen]
-        )
-        with trio.move_on_after(30):
-            while True:
-                try:
-                    stream = await trio.open_tcp_stream(host, port)
-                except OSError:
-                    if self.demo_process.poll() is not None:
-                        raise StartupError("the demo MCP backend exited at start") from None
-                    await trio.sleep(0.1)
-                    continue
-                await stream.aclose()
-                return
-        raise StartupError("the demo MCP backend did not start within 30 s")
-
-    async def _stop_demo(self) -> None:
-        process = self.demo_process
-        if process is None or process.returncode is not None:
-            return
-        process.terminate()
-        with trio.move_on_after(5):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-
     # -- main ---------------------------------------------------------------------------
 
     async def run(self, *, on_ready: Callable[[], None] | None = None) -> None:
         self.metrics_dir = tempfile.mkdtemp(prefix="switchboard-metrics-")
         os.environ[MULTIPROC_ENV] = self.metrics_dir
         try:
+            self._prepare()
             await self._run(on_ready)
         finally:
             for sock in self.sockets.values():
                 sock.close()
+            if self.admin_socket is not None:
+                self.admin_socket.close()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def _prepare(self) -> None:
+        """What the operator must fix, found before anything starts: an unwritable state
+        directory, an address already in use (StartupError naming it and its setting)."""
+        config = self.config
+        check_state_dir(config)
+        self._sockets_for(config)
+        if config.admin.listen:
+            setting = self.origins.describe("admin.listen")
+            self.admin_socket = bind_admin_socket(config.admin.listen, setting)
+        if config.demo.enabled:
+            setting = self.origins.describe("demo.listen")
+            check_free(config.demo.listen, setting, who="the demo backend")
+            self.demo = DemoBackend(config.demo.listen, setting)
 
     async def _run(self, on_ready: Callable[[], None] | None) -> None:
         m = metrics()
@@ -401,10 +374,11 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
-                    if self.config.admin.listen:
-                        await nursery.start(serve_admin, self.admin, self.metrics_dir)
-                    if self.config.demo.enabled:
-                        await self._start_demo()
+                    if self.admin_socket is not None:
+                        sock, self.admin_socket = self.admin_socket, None
+                        await nursery.start(serve_admin, self.admin, self.metrics_dir, sock)
+                    if self.demo is not None:
+                        await self.demo.start()
                     self.current = await self._start_generation(self.config)
                     self.admin.ready = True
                     nursery.start_soon(watchdog_loop, self.notifier)
@@ -448,4 +422,5 @@ class Supervisor:
         self.notifier.stopping()
         if self.current is not None:
             await self._drain(self.current)
-        await self._stop_demo()
+        if self.demo is not None:
+            await self.demo.stop()

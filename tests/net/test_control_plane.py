@@ -523,5 +523,8 @@ def test_unwritable_state_dir_is_refused_at_start(tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert result.returncode == 1
-    assert "database.state_dir '/proc/switchboard-state' is not writable" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "switchboard: database.state_dir '/proc/switchboard-state' is not writable"
+    )
+    assert len(result.stderr.splitlines()) == 1
