@@ -27,6 +27,7 @@ import trio
 
 from proxy import control
 from proxy.store import postgres as store
+from proxy.store.schema import LATEST_VERSION
 from tests.mcp.conftest import key_sections
 from tests.support.backends import HttpClient, poll_until, proxy_running
 from tests.support.mcp_servers import MCP_ACCEPT, MODERN_VERSION, McpBackend, modern_request
@@ -194,7 +195,7 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 async def test_cli_changes_reach_running_workers(
     tmp_path: Path, dsn: str, backend: McpBackend
 ) -> None:
-    assert cli("db", "migrate", "--dsn", dsn) == {"applied": [], "version": 3}
+    assert cli("db", "migrate", "--dsn", dsn) == {"applied": [], "version": LATEST_VERSION}
     sections = cp_sections(dsn, tmp_path / "state")
     async with proxy_running(tmp_path, [], sections=sections) as proxy:
         assert (await call(proxy.port)).status == 404
