@@ -58,6 +58,10 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     express: bool = True
     """Serve ordinary requests on plain routes through the llhttp express lane (h11
     remains the path for everything else); false sends every request through h11."""
+    standby_worker: bool = True
+    """Keep one worker process started and waiting, which takes the place of a worker
+    that dies within milliseconds; false: a dead worker's replacement starts from
+    scratch (seconds on a busy host)."""
 
 
 class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
