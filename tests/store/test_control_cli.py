@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import time
 from typing import Any
 
 import pytest
@@ -200,9 +199,7 @@ def test_no_dsn_is_a_usage_error() -> None:
 
 def test_unreachable_database_is_a_clear_error() -> None:
     port = free_port()
-    started = time.monotonic()
     result = cli("keys", "list", "--dsn", f"postgresql://sb:hunter2@127.0.0.1:{port}/switchboard")
-    assert time.monotonic() - started < 5
     assert result.code == 1
     assert result.err.startswith("switchboard: cannot connect to PostgreSQL at ")
     assert f"127.0.0.1:{port}/switchboard" in result.err
