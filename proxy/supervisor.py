@@ -194,13 +194,16 @@ class Supervisor:
         self, gen: Generation, slot: WorkerSlot, from_standby: bool
     ) -> tuple[WorkerProcess, bool]:
         """The slot's new worker, and whether it is the standby that took the slot."""
-        taken = await gen.spare.take(slot.index) if from_standby and gen.spare else None
-        if taken is None:
+        spare = gen.spare if from_standby else None
+        worker = spare.take(slot.index) if spare is not None else None
+        if spare is None or worker is None:
             return await self._spawn(gen, slot), False
-        worker, ready = taken
-        slot.worker = worker
-        if ready:
-            slot.ready.set()
+        slot.worker = worker  # before the wait: a retirement meanwhile must reach it
+        try:
+            if await worker.wait_for(READY_WORD):
+                slot.ready.set()
+        finally:
+            spare.settled()
         return worker, True
 
     async def _keep_worker(self, gen: Generation, slot: WorkerSlot) -> None:

@@ -171,22 +171,22 @@ class Spare:
             with contextlib.suppress(ProcessLookupError):
                 standby.process.send_signal(signum)
 
-    async def take(self, index: int) -> tuple[WorkerProcess, bool] | None:
-        """The standby, made the worker of slot ``index``, and whether it reported ready
-        (if not, it died or hangs: its slot's keeper handles it like any worker); None
-        when no standby is waiting."""
+    def take(self, index: int) -> WorkerProcess | None:
+        """The standby, told to become the worker of slot ``index`` (the caller waits
+        for it to report ready, then calls ``settled``); None when none is waiting. If it
+        died meanwhile, its exit is handled like any worker's."""
         standby, waiting = self.standby, self._waiting
         if standby is None or waiting is None:
             return None
         self.standby = self._waiting = None
         waiting.cancel()
-        try:
-            ready = standby.hand_over(index) and await standby.wait_for(READY_WORD)
-        finally:
-            # The next standby starts now, not while it competes with this take-over
-            # for the CPU.
-            self._settled.set()
-        return standby, ready
+        standby.hand_over(index)
+        return standby
+
+    def settled(self) -> None:
+        """The standby that took a slot serves (or failed to): the next one starts now,
+        not while it competes with the take-over for the CPU."""
+        self._settled.set()
 
     async def keep(self, finished: Callable[[], bool]) -> None:
         """One standby until ``finished()``: a new one as soon as one took a slot, after
