@@ -166,8 +166,13 @@ async def test_worker_killed_with_its_batch_in_flight(tmp_path: Path, backend: M
             },
         )
         async with proxy_running(tmp_path, [], workers=1, sections=sections) as proxy:
-            await wait_for_status(proxy.port, 200, key)
-            warm = _served(proxy)  # fewer than a batch: still in memory, lost with it
+            made = 1
+            while (await call(proxy.port, credential=key)).status != 200:
+                made += 1
+            # Every request made so far is in the log (the reader thread may lag): those
+            # on the route are the records the worker holds, fewer than a batch.
+            await poll_until(lambda: len(proxy.access_lines()) >= made, limit=30)
+            warm = _served(proxy)
             [victim] = proxy.worker_pids()
             async with paused(cluster):
                 for _ in range(batch - warm):
@@ -180,6 +185,7 @@ async def test_worker_killed_with_its_batch_in_flight(tmp_path: Path, backend: M
             await poll_until(lambda: victim not in proxy.worker_pids(), limit=30)
             direct = cluster.env.dsn(bouncer=False)
             await poll_until(lambda: _rows(direct)[0] >= batch, limit=60, interval=0.2)
-            await trio.sleep(1.0)
+            await trio.sleep(1.0)  # a late duplicate would show up now
             assert _rows(direct) == (batch, batch)
+            await poll_until(lambda: len(proxy.access_lines()) >= batch, limit=30)
             assert _served(proxy) == batch
