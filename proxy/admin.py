@@ -13,6 +13,7 @@ A deliberately tiny ASGI app: four fixed routes do not need a framework.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -116,15 +117,21 @@ def build_app(
 async def serve_admin(
     state: AdminState,
     metrics_dir: str,
+    sock: socket.socket | None = None,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Serve the admin endpoints on ``sock`` (bound by the caller, which hands it over:
+    hypercorn closes it), else on admin.listen."""
     from hypercorn.config import Config as HypercornConfig
     from hypercorn.trio import serve
 
-    host, port = parse_hostport(state.config.admin.listen)
     hc = HypercornConfig()
-    hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if sock is not None:
+        hc.bind = [f"fd://{sock.detach()}"]
+    else:
+        host, port = parse_hostport(state.config.admin.listen)
+        hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hc.accesslog = None
     hc.errorlog = None
     hc.graceful_timeout = 1.0

@@ -8,10 +8,44 @@ batches to PostgreSQL in the background, spilling to JSON-lines files on disk
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import os
 from collections import deque
 from collections.abc import Iterable
 
 import msgspec
+
+
+def _new_process_prefix() -> str:
+    return os.urandom(8).hex()
+
+
+_prefix = _new_process_prefix()
+_counter = itertools.count()
+
+
+def _after_fork() -> None:
+    global _prefix, _counter
+    _prefix, _counter = _new_process_prefix(), itertools.count()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def new_record_key() -> str:
+    """A fresh idempotency key: 32 hex digits (a UUID as PostgreSQL reads it), 64 random
+    bits drawn once per process then a counter, so keys never repeat across workers,
+    hosts and restarts (two processes share a prefix with odds of about n²/2⁶⁵) and
+    making one costs a counter step, not a random draw."""
+    return f"{_prefix}{next(_counter):016x}"
+
+
+def legacy_record_key(file_name: str, line: int) -> str:
+    """The key of a record read from a spill file written before records carried keys:
+    derived from the file's name and the line, so replaying that file twice still
+    inserts each of its records once."""
+    return hashlib.sha256(f"{file_name}:{line}".encode()).hexdigest()[:32]
 
 
 class UsageRecord(msgspec.Struct, frozen=True, array_like=True):
@@ -33,6 +67,10 @@ class UsageRecord(msgspec.Struct, frozen=True, array_like=True):
     bytes_in: int
     bytes_out: int
     duration_ms: float
+    key: str = msgspec.field(default_factory=new_record_key)
+    """The idempotency key, made with the record: ``usage_records.record_key`` is unique,
+    so a batch written twice (a retry after a lost commit reply, a replayed spill file)
+    inserts each record once."""
 
 
 def clean_text(value: str) -> str:
@@ -70,18 +108,25 @@ def encode_lines(records: Iterable[UsageRecord]) -> bytes:
     return bytes(out)
 
 
-def decode_lines(data: bytes) -> tuple[list[UsageRecord], int]:
+def decode_lines(data: bytes, file_name: str = "") -> tuple[list[UsageRecord], int]:
     """The records of a spill file and how many lines could not be decoded (a line torn
-    by a crash mid-write); blank lines are ignored."""
+    by a crash mid-write); blank lines are ignored. Lines written before records had
+    keys (their last element is a number, not the key string) get ``legacy_record_key``
+    of ``file_name`` and their line number."""
     records: list[UsageRecord] = []
     bad = 0
-    for line in data.splitlines():
-        if not line.strip():
+    for number, line in enumerate(data.splitlines()):
+        stripped = line.strip()
+        if not stripped:
             continue
         try:
-            records.append(_decoder.decode(line))
+            record = _decoder.decode(stripped)
         except msgspec.DecodeError:
             bad += 1
+            continue
+        if not stripped.endswith(b'"]'):
+            record = msgspec.structs.replace(record, key=legacy_record_key(file_name, number))
+        records.append(record)
     return records, bad
 
 

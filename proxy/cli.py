@@ -19,6 +19,8 @@ from proxy.config import (
     parse_route_flag,
     to_json,
 )
+from proxy.config_errors import Origins
+from proxy.startup import StartupError
 
 _DESCRIPTION = """\
 Switchboard: a connection proxy for MCP servers (HTTP/1.1, SSE, WebSocket).
@@ -160,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace, origins: Origins | None = None) -> Config:
+    """The config ``run``/``check-config`` use; ``origins`` is filled with where each
+    setting came from."""
     overrides: dict[str, dict[str, Any]] = {}
     if args.listen:
         overrides.setdefault("server", {})["listen"] = args.listen
@@ -168,7 +172,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         overrides.setdefault("server", {})["workers"] = args.workers
     if args.log_level:
         overrides.setdefault("log", {})["level"] = args.log_level
-    return load(args.config, overrides=overrides, routes=args.route)
+    return load(args.config, overrides=overrides, routes=args.route, origins=origins)
 
 
 def _print_ready(config: Config) -> None:
@@ -205,8 +209,9 @@ def main(argv: list[str] | None = None) -> None:
 
         demo_main(["--listen", args.listen])
         return
+    origins = Origins()
     try:
-        config = config_from_args(args)
+        config = config_from_args(args, origins)
     except ConfigError as exc:
         print(f"switchboard: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -221,12 +226,27 @@ def main(argv: list[str] | None = None) -> None:
         )
         raise SystemExit(2)
     from proxy.observability import configure_logging
-    from proxy.supervisor import StartupError, Supervisor
+    from proxy.supervisor import Supervisor
 
     configure_logging(config.log.level, role="supervisor")
+    supervisor = Supervisor(config, reload_config=lambda: config_from_args(args), origins=origins)
     try:
-        supervisor = Supervisor(config, reload_config=lambda: config_from_args(args))
         trio.run(lambda: supervisor.run(on_ready=lambda: _print_ready(config)))
-    except StartupError as exc:
-        print(f"switchboard: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+    except BaseException as exc:
+        error = startup_error(exc)
+        if error is None:
+            raise
+        print(f"switchboard: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def startup_error(exc: BaseException) -> StartupError | None:
+    """``exc`` if it is a StartupError, or the first of a group (Trio nurseries wrap
+    what their tasks raise) made only of StartupErrors; else None."""
+    if isinstance(exc, StartupError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        errors = [startup_error(inner) for inner in exc.exceptions]
+        if errors and all(e is not None for e in errors):
+            return errors[0]
+    return None

@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 
 from proxy.auth import HMAC_ALGORITHMS, PUBLIC_ALGORITHMS
+from proxy.config_errors import FLAG_FOR_KEY, Origins, enum_choices
 
 ENV_PREFIX = "SWITCHBOARD_"
 BUNDLED_CONFIG = Path(__file__).with_name("examples") / "default.toml"
@@ -54,6 +55,10 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     drain_retry_ms: int = 1000
     """The ``retry:`` hint (milliseconds) that ends SSE streams on a drain, telling clients
     when to reconnect (to another worker or host) and resume."""
+    standby_worker: bool = True
+    """Keep one worker process started and waiting, which takes the place of a worker
+    that dies within milliseconds; false: a dead worker's replacement starts from
+    scratch (seconds on a busy host)."""
 
 
 class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -534,7 +539,24 @@ def _msgspec_error(source: str, exc: msgspec.ValidationError) -> ConfigError:
     problem = problem.replace("`", "")
     if problem.startswith("Object contains unknown field"):
         problem = "unknown key " + problem.rsplit(" ", 1)[-1]
+    elif problem.startswith("Invalid enum value"):
+        choices = enum_choices(Config, key)
+        if choices:
+            problem += " (valid values: " + ", ".join(choices) + ")"
     return ConfigError(source, key or "(top level)", problem)
+
+
+def _attributed(exc: ConfigError, origins: Origins) -> ConfigError:
+    """``exc`` naming the environment variable or flag that set the key, when one did
+    (the file is named otherwise)."""
+    key = exc.key
+    if exc.problem.startswith("unknown key "):
+        name = exc.problem.rsplit(" ", 1)[-1]
+        key = f"{key}.{name}" if key and key != "(top level)" else name
+    origin = origins.origin_of(key)
+    if origin is None or origin == exc.source or origin == origins.file:
+        return exc
+    return ConfigError(origin, exc.key, exc.problem)
 
 
 def from_mapping(data: Mapping[str, Any], source: str) -> Config:
@@ -545,7 +567,7 @@ def from_mapping(data: Mapping[str, Any], source: str) -> Config:
     return validate(config, source)
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+def _env_overrides(environ: Mapping[str, str], origins: Origins) -> dict[str, dict[str, Any]]:
     """``SWITCHBOARD_LIMITS__MAX_BODY_BYTES=1048576`` -> {"limits": {"max_body_bytes": ...}}.
 
     Values are read as TOML values, so numbers, booleans and ``["a", "b"]`` lists work;
@@ -561,6 +583,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         except tomllib.TOMLDecodeError:
             value = raw
         out.setdefault(section, {})[key] = value
+        origins.record(f"{section}.{key}", f"environment variable {name}")
+        origins.record(section, f"environment variable {name}")
     return out
 
 
@@ -570,14 +594,18 @@ def load(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     routes: list[dict[str, Any]] | None = None,
+    origins: Origins | None = None,
 ) -> Config:
     """Read a TOML file (or the bundled default when ``path`` is None and no routes are
-    given on the command line), then apply environment and command-line overrides."""
+    given on the command line), then apply environment and command-line overrides.
+    ``origins``, when given, is filled with where each key's value came from; errors name
+    the environment variable or flag behind a bad value rather than the file."""
+    origins = Origins() if origins is None else origins
     data: dict[str, Any] = {}
     source = "command line"
     if path is not None or routes is None:
         file = Path(path) if path is not None else BUNDLED_CONFIG
-        source = str(file)
+        source = origins.file = str(file)
         try:
             data = tomllib.loads(file.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -586,20 +614,32 @@ def load(
             raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(source, "", f"not valid TOML: {exc}") from None
-    layers: list[Mapping[str, Mapping[str, Any]]] = [
-        _env_overrides(os.environ if environ is None else environ)
+        for section, values in data.items():
+            origins.record(section, source)
+            for key in values if isinstance(values, dict) else ():
+                origins.record(f"{section}.{key}", source)
+    layers: list[tuple[Mapping[str, Mapping[str, Any]], str | None]] = [
+        (_env_overrides(os.environ if environ is None else environ, origins), None)
     ]
     if overrides:
-        layers.append(overrides)
-    for layer in layers:
+        layers.append((overrides, "the command line"))
+    for layer, layer_origin in layers:
         for section, values in layer.items():
+            for key in values:
+                if layer_origin is not None:
+                    where = FLAG_FOR_KEY.get(f"{section}.{key}", layer_origin)
+                    origins.record(f"{section}.{key}", where)
             current = data.get(section)
             if current is not None and not isinstance(current, dict):
-                raise ConfigError(source, section, "must be a table")
+                blamed = origins.origin_of(section) if layer_origin is None else layer_origin
+                raise ConfigError(blamed or source, section, "must be a table")
             data[section] = {**(current or {}), **values}
     if routes is not None:
         data["routes"] = routes if path is None else [*data.get("routes", []), *routes]
-    return from_mapping(data, source)
+    try:
+        return from_mapping(data, source)
+    except ConfigError as exc:
+        raise _attributed(exc, origins) from None
 
 
 def parse_route_flag(value: str, kind: str = "http") -> dict[str, Any]:

@@ -19,6 +19,12 @@ from dataclasses import dataclass
 
 import msgspec
 
+from proxy.labels import (
+    HTTP_METHOD_LABELS,
+    MCP_METHOD_LABELS,
+    http_method_label,
+    mcp_method_label,
+)
 from proxy.protocol.jsonrpc import (
     INVALID_REQUEST,
     Envelope,
@@ -201,47 +207,18 @@ def with_session(headers: list[tuple[bytes, bytes]], backend_session: str) -> No
             headers[i] = (name, value)
 
 
-KNOWN_METHODS = frozenset(
-    {
-        "initialize",
-        "ping",
-        "server/discover",
-        "tools/list",
-        "tools/call",
-        "resources/list",
-        "resources/read",
-        "resources/templates/list",
-        "resources/subscribe",
-        "resources/unsubscribe",
-        "prompts/list",
-        "prompts/get",
-        "completion/complete",
-        "logging/setLevel",
-        "roots/list",
-        "sampling/createMessage",
-        "elicitation/create",
-        "tasks/get",
-        "tasks/list",
-        "tasks/cancel",
-        "tasks/result",
-    }
-)
+METHOD_LABELS = MCP_METHOD_LABELS | HTTP_METHOD_LABELS | {"stream"}
+"""Every value ``method_label`` can return."""
 
 
 def method_label(decision: McpDecision, http_method: bytes) -> str:
-    """A bounded metric label: the JSON-RPC method if it is a known one, else a class
-    (clients choose method strings; unbounded label values would grow without limit)."""
+    """A bounded metric label (``proxy.labels``): the JSON-RPC method if it is a known
+    one, else a class; without a JSON-RPC body, ``stream`` for GET or the HTTP method
+    (clients choose both strings: unbounded label values would grow without limit)."""
     envelope = decision.envelope
     if envelope is None:
-        return "stream" if http_method == b"GET" else http_method.decode("ascii", "replace")
-    if envelope.kind in ("response", "error"):
-        return "response"
-    method = envelope.method or ""
-    if method in KNOWN_METHODS:
-        return method
-    if method.startswith("notifications/"):
-        return "notification"
-    return "other"
+        return "stream" if http_method == b"GET" else http_method_label(http_method)
+    return mcp_method_label(envelope.method, is_response=envelope.kind in ("response", "error"))
 
 
 def rewrite_endpoint_block(block: bytes, rewrite: Callable[[bytes], bytes]) -> bytes:

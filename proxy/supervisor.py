@@ -7,9 +7,11 @@
   replaces it (a restarted worker, or the next generation on reload). This is what makes
   reloads and crashes lose nothing even without ``net.ipv4.tcp_migrate_req``.
 - **Workers** are exec'd (``python -m proxy.worker``), never forked from a running Trio
-  loop; each gets the config as JSON on stdin and reports ``ready`` on a pipe. One that
-  dies is restarted after a back-off (0.1 s, doubling up to 30 s while it keeps dying
-  within 10 s of its start).
+  loop; each gets the config as JSON on stdin and reports ``ready`` on a pipe
+  (``proxy.worker_process``). One that dies is replaced at once by the standby worker
+  (``proxy.standby``), started beforehand and waiting; a slot that keeps dying within
+  10 s of its start is restarted from scratch after a back-off (0.2 s, doubling up to
+  30 s).
 - **SIGHUP** reloads: the config is read again; if it is invalid the running generation
   keeps serving and the error is logged. Otherwise a new generation starts on the same
   sockets, and once all its workers are ready the old one is told to drain (SIGTERM).
@@ -26,73 +28,48 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from proxy.admin import AdminState, serve_admin
-from proxy.config import (
-    Config,
-    ConfigError,
-    effective_workers,
-    parse_hostport,
-    to_json,
-    with_session_key,
-)
+from proxy.config import Config, ConfigError, effective_workers, with_session_key
+from proxy.config_errors import Origins
 from proxy.metrics import MULTIPROC_ENV, mark_process_dead, metrics
 from proxy.net.database import watch_for_readiness
 from proxy.net.listener import bind_reuseport
 from proxy.observability import get_logger
 from proxy.sdnotify import Notifier, watchdog_loop
-from proxy.worker import (
-    HANDOVER_SIGNAL,
-    LIFELINE_FD_ENV,
-    LISTEN_FDS_ENV,
-    READY_FD_ENV,
-    WORKER_ID_ENV,
+from proxy.startup import (
+    DemoBackend,
+    StartupError,
+    bind_admin_socket,
+    cannot_listen,
+    check_free,
+    check_state_dir,
+)
+from proxy.worker import HANDOVER_SIGNAL
+from proxy.worker_process import (
+    BACKOFF_MAX,
+    BACKOFF_START,
+    READY_TIMEOUT,
+    READY_WORD,
+    Spare,
+    WorkerProcess,
 )
 
-_BACKOFF_START = 0.1
-_BACKOFF_MAX = 30.0
 _STABLE_AFTER = 10.0
-_READY_TIMEOUT = 30.0
 _KILL_GRACE = 5.0
-
-
-def check_state_dir(config: Config) -> None:
-    """With a database, workers persist the snapshot and spill audit records under
-    database.state_dir: refuse to start (or reload) when it cannot be written, rather
-    than run without either."""
-    if not config.database.url:
-        return
-    path = Path(config.database.state_dir)
-    try:
-        (path / "audit").mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise StartupError(
-            f"database.state_dir {str(path)!r} is not writable ({exc.strerror or exc}); "
-            "create it for the service user, e.g. systemd StateDirectory=switchboard"
-        ) from None
-
-
-class StartupError(Exception):
-    """The proxy cannot start (address in use, a worker never became ready, ...)."""
 
 
 @dataclass(slots=True, eq=False)
 class WorkerSlot:
     index: int
     sockets: list[socket.socket]
-    process: trio.Process | None = None
+    worker: WorkerProcess | None = None
     restarts: int = 0
     ready: trio.Event = field(default_factory=trio.Event)
     retired: bool = False
@@ -105,13 +82,21 @@ class Generation:
     slots: list[WorkerSlot]
     done: trio.Event = field(default_factory=trio.Event)
     """Set when every worker of this generation has exited for good."""
+    nursery: trio.Nursery | None = None
+    spare: Spare | None = None
+    """Its standby worker (server.standby_worker), once every worker is ready."""
+    retired: bool = False
 
     def retire(self, signum: int = signal.SIGTERM) -> None:
+        self.retired = True
         for slot in self.slots:
             slot.retired = True
-            if slot.process is not None and slot.process.returncode is None:
+            process = slot.worker.process if slot.worker is not None else None
+            if process is not None and process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    slot.process.send_signal(signum)
+                    process.send_signal(signum)
+        if self.spare is not None:
+            self.spare.send_signal(signum)
 
     def all_ready(self) -> bool:
         return all(slot.ready.is_set() for slot in self.slots)
@@ -119,10 +104,16 @@ class Generation:
 
 class Supervisor:
     def __init__(
-        self, config: Config, *, reload_config: Callable[[], Config] | None = None
+        self,
+        config: Config,
+        *,
+        reload_config: Callable[[], Config] | None = None,
+        origins: Origins | None = None,
     ) -> None:
         self.config = config
         self.reload_config = reload_config
+        self.origins = origins or Origins()
+        """Where settings came from, for start-up messages."""
         self.log: Any = get_logger("switchboard.supervisor")
         self.notifier = Notifier.from_env()
         self.sockets: dict[tuple[str, int], socket.socket] = {}
@@ -130,11 +121,10 @@ class Supervisor:
         self.generations = 0
         self.stopping = False
         self.admin = AdminState(config=config)
-        self.demo_process: trio.Process | None = None
+        self.demo: DemoBackend | None = None
+        self.admin_socket: socket.socket | None = None
         self.metrics_dir = ""
         self._nursery: trio.Nursery | None = None
-        self._lifelines: dict[int, int] = {}
-        """Worker pid -> write end of its lifeline pipe."""
         # Signs MCP session tokens when the config names no key; kept across reloads.
         self._session_secret = secrets.token_urlsafe(32)
         self.config = self._with_key(config)
@@ -160,12 +150,13 @@ class Supervisor:
                 key = (listen, index)
                 sock = self.sockets.get(key)
                 if sock is None:
+                    setting = self.origins.describe("server.listen")
+                    if not any(bound == listen for bound, _ in self.sockets):
+                        check_free(listen, setting)  # not our own: someone else's
                     try:
                         sock = bind_reuseport(listen, config.server.backlog)
                     except OSError as exc:
-                        raise StartupError(
-                            f"cannot listen on {listen}: {exc.strerror or exc}"
-                        ) from None
+                        raise cannot_listen(listen, setting, exc) from None
                     self.sockets[key] = sock
                 slot_sockets.append(sock)
             per_slot.append(slot_sockets)
@@ -186,82 +177,64 @@ class Supervisor:
 
     # -- workers ------------------------------------------------------------------------
 
-    async def _spawn(self, gen: Generation, slot: WorkerSlot) -> trio.Process:
-        read_fd, write_fd = os.pipe()
-        # The worker watches the read end of a pipe whose write end only this process
-        # holds: EOF tells it the supervisor is gone, however it died.
-        lifeline_read, lifeline_write = os.pipe()
-        listen_fds = [sock.fileno() for sock in slot.sockets]
-        env = dict(os.environ)
-        env[WORKER_ID_ENV] = str(slot.index)
-        env[READY_FD_ENV] = str(write_fd)
-        env[LIFELINE_FD_ENV] = str(lifeline_read)
-        env[LISTEN_FDS_ENV] = ",".join(map(str, listen_fds))
-        try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "proxy.worker"],
-                stdin=subprocess.PIPE,
-                pass_fds=(write_fd, lifeline_read, *listen_fds),
-                env=env,
-            )
-        except BaseException:
-            os.close(lifeline_write)
-            raise
-        finally:
-            os.close(write_fd)
-            os.close(lifeline_read)
-        self._lifelines[process.pid] = lifeline_write
-        slot.process = process
-        ready_pipe = trio.lowlevel.FdStream(read_fd)
-        try:
-            assert process.stdin is not None
-            await process.stdin.send_all(to_json(gen.config))
-            await process.stdin.aclose()
-            with trio.move_on_after(_READY_TIMEOUT):
-                line = await ready_pipe.receive_some(64)
-                if line.startswith(b"ready"):
-                    slot.ready.set()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the worker died at start; _keep_worker sees its exit
-        finally:
-            await ready_pipe.aclose()
-        return process
-
-    def _close_lifeline_of(self, process: trio.Process) -> None:
-        fd = self._lifelines.pop(process.pid, None)
-        if fd is not None:
-            os.close(fd)
+    async def _spawn(self, gen: Generation, slot: WorkerSlot) -> WorkerProcess:
+        worker = await WorkerProcess.launch(gen.config, {slot.index: slot.sockets})
+        slot.worker = worker
+        if await worker.wait_for(READY_WORD):
+            slot.ready.set()
+        return worker
 
     def _finished(self, slot: WorkerSlot) -> bool:
         # A method, not an inline test: both flags change while this task awaits.
         return slot.retired or self.stopping
 
+    def _generation_finished(self, gen: Generation) -> bool:
+        return gen.retired or self.stopping
+
+    async def _start_worker(
+        self, gen: Generation, slot: WorkerSlot, from_standby: bool
+    ) -> tuple[WorkerProcess, bool]:
+        """The slot's new worker, and whether it is the standby that took the slot."""
+        spare = gen.spare if from_standby else None
+        worker = spare.take(slot.index) if spare is not None else None
+        if spare is None or worker is None:
+            return await self._spawn(gen, slot), False
+        slot.worker = worker  # before the wait: a retirement meanwhile must reach it
+        try:
+            if await worker.wait_for(READY_WORD):
+                slot.ready.set()
+        finally:
+            spare.settled()
+        return worker, True
+
     async def _keep_worker(self, gen: Generation, slot: WorkerSlot) -> None:
-        backoff = _BACKOFF_START
+        backoff = BACKOFF_START
         m = metrics()
+        from_standby = False
         while not self._finished(slot):
             started = trio.current_time()
-            process = await self._spawn(gen, slot)
+            worker, from_standby = await self._start_worker(gen, slot, from_standby)
             if slot.ready.is_set():
                 m.workers.inc()
                 self.log.info(
                     "worker_started",
                     worker=slot.index,
-                    pid=process.pid,
+                    pid=worker.pid,
                     generation=gen.number,
                     restarts=slot.restarts,
+                    standby=from_standby,
                 )
-            code = await process.wait()
-            self._close_lifeline_of(process)
+            code = await worker.process.wait()
+            await worker.close()
             if slot.ready.is_set():
                 m.workers.dec()
             if self.metrics_dir:
-                mark_process_dead(process.pid, self.metrics_dir)
+                mark_process_dead(worker.pid, self.metrics_dir)
             if self._finished(slot):
                 self.log.info(
                     "worker_exited",
                     worker=slot.index,
-                    pid=process.pid,
+                    pid=worker.pid,
                     generation=gen.number,
                     code=code,
                 )
@@ -271,22 +244,27 @@ class Supervisor:
             m.worker_restarts.inc()
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             if trio.current_time() - started > _STABLE_AFTER:
-                backoff = _BACKOFF_START
+                backoff = BACKOFF_START
+            # The standby takes the slot at once, unless the slot keeps crashing (then
+            # the back-off paces its restarts, and the standby stays for the others).
+            from_standby = backoff == BACKOFF_START and gen.spare is not None and gen.spare.waiting
             self.log.error(
                 "worker_died",
                 worker=slot.index,
-                pid=process.pid,
+                pid=worker.pid,
                 how=how,
                 generation=gen.number,
-                restart_in_s=backoff,
+                restart_in_s=0 if from_standby else backoff,
                 restarts=slot.restarts,
             )
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, _BACKOFF_MAX)
+            if not from_standby:
+                await trio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _run_generation(self, gen: Generation) -> None:
         try:
             async with trio.open_nursery() as nursery:
+                gen.nursery = nursery
                 for slot in gen.slots:
                     nursery.start_soon(self._keep_worker, gen, slot)
         finally:
@@ -302,12 +280,15 @@ class Supervisor:
             self.generations, config, [WorkerSlot(i, socks) for i, socks in enumerate(per_slot)]
         )
         self._nursery.start_soon(self._run_generation, gen)
-        with trio.move_on_after(_READY_TIMEOUT):
+        with trio.move_on_after(READY_TIMEOUT):
             for slot in gen.slots:
                 await slot.ready.wait()
         if not gen.all_ready():
             gen.retire(signal.SIGKILL)
             raise StartupError(f"workers of generation {gen.number} did not become ready")
+        if config.server.standby_worker and gen.nursery is not None:
+            gen.spare = Spare(config, {slot.index: slot.sockets for slot in gen.slots}, self.log)
+            gen.nursery.start_soon(gen.spare.keep, lambda: self._generation_finished(gen))
         return gen
 
     async def _drain(self, gen: Generation, signum: int = signal.SIGTERM) -> None:
@@ -359,47 +340,34 @@ class Supervisor:
         workers = len(self.current.slots) if self.current else 0
         return f"serving on {', '.join(self.config.server.listen)} with {workers} workers"
 
-    # -- demo backend -------------------------------------------------------------------
-
-    async def _start_demo(self) -> None:
-        host, port = parse_hostport(self.config.demo.listen)
-        self.demo_process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "proxy.demo", "--listen", self.config.demo.listen]
-        )
-        with trio.move_on_after(30):
-            while True:
-                try:
-                    stream = await trio.open_tcp_stream(host, port)
-                except OSError:
-                    if self.demo_process.poll() is not None:
-                        raise StartupError("the demo MCP backend exited at start") from None
-                    await trio.sleep(0.1)
-                    continue
-                await stream.aclose()
-                return
-        raise StartupError("the demo MCP backend did not start within 30 s")
-
-    async def _stop_demo(self) -> None:
-        process = self.demo_process
-        if process is None or process.returncode is not None:
-            return
-        process.terminate()
-        with trio.move_on_after(5):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-
     # -- main ---------------------------------------------------------------------------
 
     async def run(self, *, on_ready: Callable[[], None] | None = None) -> None:
         self.metrics_dir = tempfile.mkdtemp(prefix="switchboard-metrics-")
         os.environ[MULTIPROC_ENV] = self.metrics_dir
         try:
+            self._prepare()
             await self._run(on_ready)
         finally:
             for sock in self.sockets.values():
                 sock.close()
+            if self.admin_socket is not None:
+                self.admin_socket.close()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def _prepare(self) -> None:
+        """What the operator must fix, found before anything starts: an unwritable state
+        directory, an address already in use (StartupError naming it and its setting)."""
+        config = self.config
+        check_state_dir(config)
+        self._sockets_for(config)
+        if config.admin.listen:
+            setting = self.origins.describe("admin.listen")
+            self.admin_socket = bind_admin_socket(config.admin.listen, setting)
+        if config.demo.enabled:
+            setting = self.origins.describe("demo.listen")
+            check_free(config.demo.listen, setting, who="the demo backend")
+            self.demo = DemoBackend(config.demo.listen, setting)
 
     async def _run(self, on_ready: Callable[[], None] | None) -> None:
         m = metrics()
@@ -410,10 +378,11 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
-                    if self.config.admin.listen:
-                        await nursery.start(serve_admin, self.admin, self.metrics_dir)
-                    if self.config.demo.enabled:
-                        await self._start_demo()
+                    if self.admin_socket is not None:
+                        sock, self.admin_socket = self.admin_socket, None
+                        await nursery.start(serve_admin, self.admin, self.metrics_dir, sock)
+                    if self.demo is not None:
+                        await self.demo.start()
                     self.current = await self._start_generation(self.config)
                     self.admin.ready = True
                     nursery.start_soon(watchdog_loop, self.notifier)
@@ -457,4 +426,5 @@ class Supervisor:
         self.notifier.stopping()
         if self.current is not None:
             await self._drain(self.current)
-        await self._stop_demo()
+        if self.demo is not None:
+            await self.demo.stop()

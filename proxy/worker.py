@@ -236,18 +236,34 @@ def _notify_ready(ctx: WorkerContext) -> None:
     os.close(int(fd))
 
 
-async def _main(config: Config, worker_id: int) -> None:
+async def _main(config: Config, worker_id: int | None) -> None:
+    """Serve as worker ``worker_id``; None: as a standby, until the supervisor hands it
+    the slot of a worker that died (``proxy.standby``)."""
     async with trio.open_nursery() as nursery:
         lifeline = os.environ.get(LIFELINE_FD_ENV)
         if lifeline is not None:
             nursery.start_soon(_watch_supervisor, int(lifeline))
+        if worker_id is None:
+            from proxy.standby import wait_for_slot
+
+            ready_fd = int(os.environ[READY_FD_ENV])
+            worker_id = await wait_for_slot(ready_fd, LISTEN_FDS_ENV, WORKER_ID_ENV)
+            if worker_id is None:
+                nursery.cancel_scope.cancel()
+                return
+            configure_logging(config.log.level, worker=worker_id, pid=os.getpid())
         await serve(config, worker_id=worker_id, on_ready=_notify_ready)
         nursery.cancel_scope.cancel()
 
 
 def main() -> None:
-    worker_id = int(os.environ.get(WORKER_ID_ENV, "0"))
+    from proxy.standby import STANDBY_ARG
+
     config = from_json(sys.stdin.buffer.read())
+    if STANDBY_ARG in sys.argv[1:]:
+        trio.run(_main, config, None)
+        return
+    worker_id = int(os.environ.get(WORKER_ID_ENV, "0"))
     configure_logging(config.log.level, worker=worker_id, pid=os.getpid())
     trio.run(_main, config, worker_id)
 

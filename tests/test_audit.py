@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import msgspec
 import pytest
 
@@ -12,6 +14,7 @@ from proxy.audit import (
     cleaned,
     decode_lines,
     encode_lines,
+    new_record_key,
 )
 
 
@@ -27,12 +30,46 @@ def rec(i: int, *, tool: str | None = "search", route: str = "/mcp") -> UsageRec
         bytes_in=i,
         bytes_out=2 * i,
         duration_ms=1.5,
+        key=f"{i:032x}",  # fixed, so two calls make equal records
     )
 
 
 def test_a_record_is_one_compact_json_array_line() -> None:
-    data = encode_lines([rec(1)])
-    assert data == (b'[1700000001.0,1,null,"/mcp","tools/call","search",200,1,2,1.5]\n')
+    data = encode_lines([msgspec.structs.replace(rec(1), key="0123456789abcdef0123456789abcdef")])
+    assert data == (
+        b'[1700000001.0,1,null,"/mcp","tools/call","search",200,1,2,1.5,'
+        b'"0123456789abcdef0123456789abcdef"]\n'
+    )
+
+
+def test_every_record_gets_its_own_key_when_it_is_made() -> None:
+    fields = msgspec.structs.asdict(rec(1))
+    del fields["key"]
+    keys = {UsageRecord(**fields).key for _ in range(10_000)}
+    assert len(keys) == 10_000
+    assert all(len(k) == 32 and int(k, 16) >= 0 for k in keys)
+    # Two processes draw different prefixes: a forked child gets its own.
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report a key, exit without running pytest's teardown
+        os.write(write, new_record_key().encode())
+        os._exit(0)
+    os.close(write)
+    child_key = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child_key[:16] != new_record_key()[:16]
+
+
+def test_lines_written_before_keys_existed_get_a_key_of_their_file_and_line() -> None:
+    old = b'[1700000001.0,1,null,"/mcp","tools/call","search",200,1,2,1.5]\n' * 2
+    first, bad = decode_lines(old, "audit-a.jsonl")
+    again, _ = decode_lines(old, "audit-a.jsonl")
+    other, _ = decode_lines(old, "audit-b.jsonl")
+    assert bad == 0
+    assert [r.key for r in first] == [r.key for r in again]  # a replay repeats them
+    assert len({r.key for r in first} | {r.key for r in other}) == 4
+    assert first[0] == msgspec.structs.replace(rec(1), key=first[0].key)
 
 
 def test_lines_round_trip_in_order() -> None:

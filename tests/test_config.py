@@ -181,9 +181,17 @@ def test_wrong_type_inside_a_route_names_the_route(tmp_path: Path) -> None:
     assert_names(exc, tmp_path / "switchboard.toml", "routes[0].prefix", "str")
 
 
-def test_bad_enum_value_names_the_key(tmp_path: Path) -> None:
+def test_bad_enum_value_names_the_key_and_the_valid_values(tmp_path: Path) -> None:
     exc = config_error(tmp_path, '[forwarding]\nhost = "sometimes"\n')
     assert_names(exc, tmp_path / "switchboard.toml", "forwarding.host", "sometimes")
+    assert exc.problem == "Invalid enum value 'sometimes' (valid values: preserve, rewrite)"
+    exc = config_error(tmp_path, ROUTE + 'kind = "grpc"\n')
+    assert exc.problem == "Invalid enum value 'grpc' (valid values: http, mcp)"
+    exc = config_error(tmp_path, "", environ={"SWITCHBOARD_LOG__LEVEL": "loud"})
+    assert str(exc) == (
+        "environment variable SWITCHBOARD_LOG__LEVEL: log.level: "
+        "Invalid enum value 'loud' (valid values: debug, info, warning, error)"
+    )
 
 
 def test_unknown_key_is_named(tmp_path: Path) -> None:
@@ -415,11 +423,24 @@ def test_unrelated_environment_variables_are_ignored(tmp_path: Path) -> None:
     assert load_text(tmp_path, "", environ=environ) == Config()
 
 
-def test_environment_errors_name_the_key(tmp_path: Path) -> None:
+def test_environment_errors_name_the_variable(tmp_path: Path) -> None:
     exc = config_error(tmp_path, "", environ={"SWITCHBOARD_SERVER__WORKERS": "many"})
-    assert_names(exc, tmp_path / "switchboard.toml", "server.workers", "int")
+    assert str(exc) == (
+        "environment variable SWITCHBOARD_SERVER__WORKERS: server.workers: Expected int, got str"
+    )
     exc = config_error(tmp_path, "", environ={"SWITCHBOARD_SERVER__NOPE": "1"})
-    assert_names(exc, tmp_path / "switchboard.toml", "server", "unknown key", "nope")
+    assert str(exc) == "environment variable SWITCHBOARD_SERVER__NOPE: server: unknown key nope"
+    # Semantic checks too, and a list value's element.
+    exc = config_error(tmp_path, "", environ={"SWITCHBOARD_SERVER__LISTEN": '["x"]'})
+    assert str(exc) == (
+        "environment variable SWITCHBOARD_SERVER__LISTEN: server.listen[0]: "
+        "expected HOST:PORT, got 'x'"
+    )
+    # A bad value in the file is still the file's, whatever else the environment sets.
+    exc = config_error(
+        tmp_path, "[server]\nworkers = -1\n", environ={"SWITCHBOARD_SERVER__BACKLOG": "5"}
+    )
+    assert_names(exc, tmp_path / "switchboard.toml", "server.workers", ">= 0")
 
 
 def test_environment_cannot_override_the_routes_list(tmp_path: Path) -> None:
@@ -446,7 +467,7 @@ def test_command_line_overrides_win_over_environment(tmp_path: Path) -> None:
 
 def test_command_line_override_errors_are_validated(tmp_path: Path) -> None:
     exc = config_error(tmp_path, "", overrides={"server": {"listen": ["bad"]}})
-    assert_names(exc, tmp_path / "switchboard.toml", "server.listen[0]", "HOST:PORT")
+    assert str(exc) == "--listen: server.listen[0]: expected HOST:PORT, got 'bad'"
 
 
 # -- parse_route_flag, parse_hostport, parse_backend_url ------------------------------------

@@ -150,6 +150,11 @@ def test_method_labels_stay_bounded() -> None:
     assert label(b'{"jsonrpc":"2.0","id":1,"method":"x/made-up-by-a-client"}') == "other"
     assert label(b'{"jsonrpc":"2.0","id":1,"result":{}}') == "response"
     assert method_label(McpDecision(Era.STATEFUL, None, None), b"GET") == "stream"
+    # Without a JSON-RPC body the HTTP method is the label, folded like any other.
+    assert method_label(McpDecision(Era.STATEFUL, None, None), b"DELETE") == "DELETE"
+    assert method_label(McpDecision(Era.STATEFUL, None, None), b"FOO1") == "other"
+    made_up = (f"FOO{i}".encode() for i in range(1000))
+    assert {method_label(McpDecision(Era.STATEFUL, None, None), m) for m in made_up} == {"other"}
 
 
 def test_endpoint_block_rewrite_touches_only_endpoint_events() -> None:

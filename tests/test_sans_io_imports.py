@@ -34,6 +34,7 @@ SANS_IO_FILES = (
             "snapshot.py",
             "conncaps.py",
             "audit.py",
+            "labels.py",
         )
     ),
 )

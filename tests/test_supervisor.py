@@ -1,8 +1,11 @@
 """The supervisor with real worker processes: crash recovery under load, clean stop.
 
-- SIGKILL one of two workers while 20+ keep-alive connections are busy: every request
-  on a connection owned by the surviving worker succeeds throughout, new connections
-  succeed, and the supervisor restarts the killed worker (new pid, ``worker_died`` log).
+- SIGKILL one of two workers while 20+ keep-alive connections are busy and new
+  connections keep arriving: every request on a connection owned by the surviving
+  worker succeeds throughout, new connections succeed, the standby takes the killed
+  worker's slot (``worker_died``, then ``worker_started`` with ``standby``), and every
+  new connection is answered within the documented bound of the kill — sooner than a
+  worker process can even start.
 - SIGTERM to the supervisor: in-flight requests finish, idle connections are closed,
   the process exits 0 and no worker is left.
 """
@@ -14,6 +17,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import h11
@@ -96,15 +100,27 @@ class _Load:
     ok_before_kill: int = 0
     ok_after_kill: int = 0
     failure: tuple[float, str] | None = None
-    """(time, error) of the request that failed; the loop stops there."""
+    """(time it failed, error) of the request that failed; the loop stops there."""
 
 
 @dataclass(eq=False)
 class _Fresh:
     """New connections opened while and after the worker dies."""
 
-    attempts: list[tuple[float, str | None]] = field(default_factory=list)
-    """(start time, error or None) per attempt."""
+    attempts: list[tuple[float, float, str | None]] = field(default_factory=list)
+    """(start time, end time, error or None) per attempt."""
+
+
+TAKEOVER_BOUND = 1.0
+"""docs/operations.md: a dead worker's new connections are served within 1 s."""
+SCHEDULING_MARGIN = 2.0
+"""Added for the assertion: this test's own tasks (the load) and the proxy share a busy
+2-core machine, so a connection's answer can be late for reasons of its own. The
+comparison with a worker's start time below is what tells the two designs apart."""
+
+
+def _wall(line: dict[str, object]) -> float:
+    return datetime.fromisoformat(str(line["ts"]).replace("Z", "+00:00")).timestamp()
 
 
 async def test_sigkill_worker_under_load(tmp_path: Path, backend: HttpBackend) -> None:
@@ -125,6 +141,8 @@ async def test_sigkill_worker_under_load(tmp_path: Path, backend: HttpBackend) -
                     owner = _owner(proxy, client, original)
                     assert owner is not None
                     loads.append(_Load(client, owner))
+                await poll_until(lambda: proxy.standby_pid() is not None, limit=30)
+                standby = proxy.standby_pid()
                 victim, survivor = original[0], original[1]
                 print(
                     "connections per worker:",
@@ -144,7 +162,7 @@ async def test_sigkill_worker_under_load(tmp_path: Path, backend: HttpBackend) -
                         try:
                             await _checked_get(entry.client, seed)
                         except CONNECTION_LOST as exc:
-                            entry.failure = (started, repr(exc))
+                            entry.failure = (trio.current_time(), repr(exc))
                             return
                         if started > killed_at:
                             entry.ok_after_kill += 1
@@ -162,7 +180,7 @@ async def test_sigkill_worker_under_load(tmp_path: Path, backend: HttpBackend) -
                             await client.aclose()
                     except CONNECTION_LOST as exc:
                         error = repr(exc)
-                    fresh.attempts.append((started, error))
+                    fresh.attempts.append((started, trio.current_time(), error))
 
                 async def open_fresh(nursery: trio.Nursery) -> None:
                     # One new connection every 20 ms, each in its own task, so one that
@@ -176,7 +194,8 @@ async def test_sigkill_worker_under_load(tmp_path: Path, backend: HttpBackend) -
                 async with trio.open_nursery() as nursery:
                     for entry in loads:
                         nursery.start_soon(load, entry)
-                    await trio.sleep(0.5)
+                    await poll_until(lambda: all(x.ok_before_kill for x in loads), limit=30)
+                    killed_wall = time.time()
                     os.kill(victim, signal.SIGKILL)
                     killed_at = trio.current_time()
                     nursery.start_soon(open_fresh, nursery)
@@ -202,7 +221,21 @@ async def test_sigkill_worker_under_load(tmp_path: Path, backend: HttpBackend) -
                         limit=10,
                     )
                     ready_at = trio.current_time()
-                    await trio.sleep(0.5)  # keep the load on with the new worker serving
+                    # Keep the load on until a new standby is ready: how long a worker
+                    # process takes to start under this load, for the comparison below.
+                    next_standby = await wait_for_line(
+                        proxy,
+                        lambda line: (
+                            line.get("event") == "standby_ready" and _wall(line) > killed_wall
+                        ),
+                        limit=60,
+                    )
+                    spawned = psutil.Process(next_standby["pid"]).create_time()
+                    standby_start = _wall(next_standby) - spawned
+                    await poll_until(
+                        lambda: all(x.ok_after_kill >= 3 for x in loads if x.owner == survivor),
+                        limit=30,
+                    )
                     stop.set()
 
                 # The replacement serves too: open connections until one lands on it.
@@ -232,11 +265,16 @@ async def test_sigkill_worker_under_load(tmp_path: Path, backend: HttpBackend) -
         f"ready: {(ready_at - killed_at) * 1000:.0f} ms; "
         f"survivor requests after kill: {sum(x.ok_after_kill for x in survivors)}; "
         f"fresh connections: {len(fresh.attempts)} "
-        f"({sum(e is not None for _, e in fresh.attempts)} failed)"
+        f"({sum(e is not None for _, _, e in fresh.attempts)} failed)"
     )
-    for started, error in fresh.attempts:
+    for started, _, error in fresh.attempts:
         if error is not None:
             print(f"  fresh connection started {(started - killed_at) * 1000:+.1f} ms: {error}")
+    waits = [end - max(start, killed_at) for start, end, e in fresh.attempts if e is None]
+    print(
+        f"max wait of a new connection after the kill: {max(waits) * 1000:.0f} ms "
+        f"(over {len(waits)}); a standby took {standby_start:.2f} s to start under this load"
+    )
     # Every request on the surviving worker's connections succeeded, before and after.
     for entry in survivors:
         assert entry.failure is None, f"survivor connection failed: {entry.failure}"
@@ -245,7 +283,7 @@ async def test_sigkill_worker_under_load(tmp_path: Path, backend: HttpBackend) -
     # The killed worker's connections really were cut (the kill hit live connections).
     for entry in victims:
         assert entry.failure is not None
-        assert entry.failure[0] >= killed_at - 0.5
+        assert entry.failure[0] >= killed_at
     # New connections succeed. The only failures allowed are the connect race: attempts
     # started before the victim was observed gone. Such a connection may already have been
     # accepted by the dying worker (SO_REUSEPORT hashed it there), and is cut when the
@@ -253,9 +291,15 @@ async def test_sigkill_worker_under_load(tmp_path: Path, backend: HttpBackend) -
     # becomes a zombie, so once the victim is observed gone no attempt may fail. (A
     # connection merely queued on the dead worker's listening socket must then be served
     # by its replacement, or never have been hashed there: either way it must succeed.)
-    late_failures = [(t, e) for t, e in fresh.attempts if e is not None and t >= dead_at]
+    late_failures = [(t, e) for t, _, e in fresh.attempts if e is not None and t >= dead_at]
     assert late_failures == []
-    assert sum(1 for t, e in fresh.attempts if e is None and t >= dead_at) >= 10
+    assert sum(1 for t, _, e in fresh.attempts if e is None and t >= dead_at) >= 10
+    # The standby took the slot: every new connection was answered within the bound,
+    # and sooner than a new worker process could have started.
+    assert started_again["pid"] == standby
+    assert started_again["standby"] is True
+    assert max(waits) <= TAKEOVER_BOUND + SCHEDULING_MARGIN
+    assert max(waits) < standby_start
     assert on_replacement, "no new connection was served by the restarted worker"
     assert died["pid"] == victim
     assert died["how"] == "signal SIGKILL"
@@ -265,19 +309,29 @@ async def test_sigkill_worker_under_load(tmp_path: Path, backend: HttpBackend) -
 
 async def test_sigterm_stops_cleanly(tmp_path: Path, backend: HttpBackend) -> None:
     size = 300_000
+    half_sent = trio.Event()
+    idle_closed = trio.Event()
+    order: list[str] = []
 
     async def slow_body() -> AsyncIterator[bytes]:
-        for chunk in pattern_chunks(size, seed=4, chunk_size=30_000):
+        # Half the body (more than socket buffers hold: the proxy is relaying it), then
+        # nothing more until the drain has closed the idle connection: a drain that
+        # waited for idle keep-alive connections would never see this request end.
+        for n, chunk in enumerate(pattern_chunks(size, seed=4, chunk_size=30_000)):
+            if n == 5:
+                half_sent.set()
+                await idle_closed.wait()
             yield chunk
-            await trio.sleep(0.1)  # ~1 s in flight
 
+    # The default drain_timeout (30 s) is far beyond the time the work takes: a drain
+    # that ended at its deadline, not with the work, would log drain_deadline_passed.
     async with proxy_running(tmp_path, [backend_route(backend.port)]) as proxy:
         workers = proxy.worker_pids()
         assert len(workers) == 2
         idle = await HttpClient.connect(proxy.port)
         busy = await HttpClient.connect(proxy.port)
         try:
-            with trio.fail_after(20):
+            with trio.fail_after(60):
                 await _checked_get(idle, 1)  # then left idle (kept alive)
                 async with trio.open_nursery() as nursery:
                     result: list[int] = []
@@ -286,26 +340,30 @@ async def test_sigterm_stops_cleanly(tmp_path: Path, backend: HttpBackend) -> No
                         response = await busy.request("POST", "/echo", body=slow_body())
                         assert response.sha256 == pattern_sha256(size, seed=4)
                         result.append(response.status)
+                        order.append("in-flight request answered")
+
+                    async def watch_idle() -> None:
+                        # The idle connection is closed by the drain, without a response.
+                        assert await idle.stream.receive_some(1024) == b""
+                        order.append("idle connection closed")
+                        idle_closed.set()
 
                     nursery.start_soon(in_flight)
-                    await trio.sleep(0.3)
+                    nursery.start_soon(watch_idle)
+                    await half_sent.wait()
                     proxy.process.send_signal(signal.SIGTERM)
-                    stopped_at = time.monotonic()
-                    code = await trio.to_thread.run_sync(proxy.process.wait, 15)
-                    took = time.monotonic() - stopped_at
-                # The idle connection was closed by the drain, without a response.
-                assert await idle.stream.receive_some(1024) == b""
+                    code = await trio.to_thread.run_sync(proxy.process.wait, 45)
                 # Every worker exited (a zombie would be an exited, unreaped process).
                 await poll_until(lambda: all(_is_gone(pid) for pid in workers), limit=5)
         finally:
             await idle.aclose()
             await busy.aclose()
     events = [line.get("event") for line in proxy.lines]
-    print(f"SIGTERM -> supervisor exit: {took:.2f} s")
     assert code == 0
     assert result == [200]  # the in-flight request was finished, not cut
-    assert took < 5  # idle keep-alive connections did not hold the drain
+    assert order == ["idle connection closed", "in-flight request answered"]
     assert events.count("worker_draining") == 2
     assert events.count("worker_stopped") == 2
     assert "stopped" in events
     assert "worker_died" not in events
+    assert "drain_deadline_passed" not in events

@@ -1,201 +1,53 @@
 """Usage records to PostgreSQL in the background, through disk while it is down.
 
 ``AuditSink.record()`` only appends to an in-memory ``AuditBuffer``; the ``run()`` task
-writes batches with one COPY each (``proxy.store.postgres.write_usage``). A batch that
-cannot be written, and the oldest records when the buffer is over ``max_buffer``, go to
-a spill file instead; once PostgreSQL takes writes again every spill file in
-``spill_dir`` is replayed, whichever process wrote it. ``close()`` is the final flush.
+takes batches from it every ``flush_interval`` (sooner when ``batch_size`` records
+wait), writes each to a journal file it holds locked, then to PostgreSQL
+(``proxy.store.postgres.write_usage``), and removes the file once the transaction
+committed. A batch that cannot be written is sealed as a spill file instead, and so are
+the oldest records when the buffer is over ``max_buffer``; once PostgreSQL takes writes
+again every spill file in ``spill_dir`` is replayed, whichever process wrote it (file
+formats and claiming: ``proxy.net.audit_files``). ``close()`` is the final flush.
 
-Delivery is at-least-once: a record is removed from disk only after the COPY holding it
-committed, so a crash (or a commit whose reply was lost, or a write abandoned at
-shutdown) between the commit and the unlink replays it again. Duplicates are possible
-after such a failure; a lost record is not (short of SIGKILL with records in memory).
-
-Spill files, in a directory shared by every worker and by later processes:
-
-- ``audit-<tag>-<time_ns>-<seq>.tmp``: being written; renamed once complete and fsync'd.
-- ``audit-<tag>-<time_ns>-<seq>.jsonl``: sealed, never modified again; JSON lines.
-- ``<sealed name>.replaying-<tag>``: claimed by the worker with that tag, which holds an
-  exclusive ``flock`` on it for as long as it works on it.
-
-To claim a file a worker opens it, takes ``flock(LOCK_EX | LOCK_NB)``, checks the name
-still points at the locked inode, and renames it to ``.replaying-<own tag>`` while
-holding the lock. A held lock means another worker is on the file; a ``.replaying-``
-file whose lock is free belonged to a process that died (the kernel drops the lock with
-it) and is claimed like a sealed one. So two workers never replay one file, and one that
-crashes mid-replay leaves a file the next scan picks up. After a committed COPY the file
-is unlinked; after a failed one it is renamed back to ``.jsonl``.
+Each record carries an idempotency key and ``usage_records.record_key`` is unique, so a
+batch written twice — retried after its commit reply was lost, replayed after a crash
+between the commit and the unlink, or committed by an abandoned write at shutdown —
+inserts each record once: exactly once in PostgreSQL. What can be lost is what exists
+only in this process's memory when it is killed (SIGKILL, OOM): the records not yet
+taken into a batch. A batch being written is in its journal file, which the next scan
+of any worker replays once this process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import itertools
-import os
-import string
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from proxy.audit import AuditBuffer, UsageRecord, decode_lines, encode_lines
+from proxy.audit import AuditBuffer, UsageRecord
+from proxy.net.audit_files import (
+    PREFIX,
+    Claim,
+    claim_file,
+    finish_claim,
+    journal_file,
+    release_claim,
+    replay_candidates,
+    safe_tag,
+    seal_claim,
+    write_spill_file,
+)
 from proxy.net.database import Database
 from proxy.store.postgres import StoreUnavailable, write_usage
 
-PREFIX = "audit-"
-SEALED = ".jsonl"
-TEMP = ".tmp"
-CLAIMED = ".replaying-"
-STALE_TEMP_SECONDS = 60.0
-"""A ``.tmp`` file this old lost its writer (a write takes milliseconds): replay it."""
-
 REPLAY_FILES_PER_FLUSH = 50
 """A long outage leaves many files: replay them a slice at a time between flushes."""
-
-_TAG_CHARS = frozenset(string.ascii_letters + string.digits + "_-")
-
-
-def safe_tag(tag: str) -> str:
-    """``tag`` usable inside a spill file name (no dots, slashes or spaces)."""
-    return "".join(c if c in _TAG_CHARS else "_" for c in tag) or "worker"
-
-
-# --- spill files (blocking: called through trio.to_thread) -------------------------------
-
-
-@dataclass
-class Claim:
-    """A spill file this process holds locked under its ``.replaying-`` name."""
-
-    fd: int
-    path: Path
-    sealed: Path
-    """The name to give it back under."""
-    records: list[UsageRecord]
-    bad_lines: int
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_spill_file(directory: Path, stem: str, records: Sequence[UsageRecord]) -> Path:
-    """Write ``records`` to ``<stem>.jsonl`` atomically and durably (temp file, fsync,
-    rename, fsync of the directory), so a replayer never sees half a file."""
-    temp = directory / (stem + TEMP)
-    final = directory / (stem + SEALED)
-    data = encode_lines(records)
-    try:
-        with open(temp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temp, final)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(directory)
-    return final
-
-
-def _sealed_name(path: Path) -> Path:
-    name = path.name
-    if CLAIMED in name:
-        name = name[: name.index(CLAIMED)]
-    elif name.endswith(TEMP):
-        name = name[: -len(TEMP)] + SEALED
-    return path.with_name(name)
-
-
-def replay_candidates(directory: Path, now: float) -> list[Path]:
-    """Files that may be claimable: sealed ones, claimed ones (free only if their owner
-    died: ``claim_file`` finds out), and temp files old enough to be abandoned."""
-    found: list[Path] = []
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            name = entry.name
-            if not name.startswith(PREFIX) or not entry.is_file(follow_symlinks=False):
-                continue
-            if name.endswith(SEALED) or CLAIMED in name:
-                found.append(Path(entry.path))
-            elif name.endswith(TEMP):
-                try:
-                    age = now - entry.stat(follow_symlinks=False).st_mtime
-                except FileNotFoundError:
-                    continue
-                if age > STALE_TEMP_SECONDS:
-                    found.append(Path(entry.path))
-    return sorted(found)
-
-
-def _read_all(fd: int) -> bytes:
-    chunks: list[bytes] = []
-    os.lseek(fd, 0, os.SEEK_SET)
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def claim_file(path: Path, tag: str) -> Claim | None:
-    """Lock ``path``, rename it to ``.replaying-<tag>`` and read it; None when another
-    live worker holds it or it is gone (see the module docstring)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        # Between open and lock another worker may have claimed, replayed and unlinked
-        # this inode, or renamed it: the lock is only ours to use if the name still
-        # points at it.
-        held = os.fstat(fd)
-        try:
-            current = os.stat(path)
-        except FileNotFoundError:
-            os.close(fd)
-            return None
-        if (current.st_dev, current.st_ino) != (held.st_dev, held.st_ino):
-            os.close(fd)
-            return None
-        sealed = _sealed_name(path)
-        claimed = sealed.with_name(sealed.name + CLAIMED + tag)
-        os.rename(path, claimed)
-        records, bad = decode_lines(_read_all(fd))
-    except BaseException:
-        # Leaves at most an unlocked .replaying- file, which the next scan reclaims.
-        os.close(fd)
-        raise
-    return Claim(fd=fd, path=claimed, sealed=sealed, records=records, bad_lines=bad)
-
-
-def finish_claim(claim: Claim) -> None:
-    """The records are in PostgreSQL: remove the file (still locked while unlinked)."""
-    try:
-        claim.path.unlink()
-    finally:
-        os.close(claim.fd)
-
-
-def release_claim(claim: Claim) -> None:
-    """The records are not in PostgreSQL: give the file back under its sealed name."""
-    try:
-        os.rename(claim.path, claim.sealed)
-    finally:
-        os.close(claim.fd)
-
 
 # --- the sink ------------------------------------------------------------------------------
 
@@ -313,11 +165,12 @@ class AuditSink:
     # --- the loops ---
 
     async def _write_loop(self) -> None:
+        # A flush at once: what a dead worker left (its journal) is replayed on start.
         while True:
+            await self._flush()
             with trio.move_on_after(self.flush_interval):
                 await self._batch_ready.wait()
             self._batch_ready = trio.Event()
-            await self._flush()
 
     async def _overflow_loop(self) -> None:
         while True:
@@ -383,19 +236,59 @@ class AuditSink:
         return None
 
     async def _write_batch(self, batch: list[UsageRecord]) -> None:
+        claim = await self._journal(batch)
         try:
             error = await self._db_write(batch)
         except BaseException:
-            # Cancelled (close() or shutdown): the batch goes back for the final flush.
-            # An abandoned thread may still commit it: a duplicate, never a loss.
-            self._buffer.restore(batch)
+            # Cancelled (close() or shutdown). An abandoned thread may still commit the
+            # batch: the keys make a later replay of it insert nothing twice.
+            with trio.CancelScope(shield=True):
+                if claim is None or not await self._seal(claim, "write abandoned"):
+                    self._buffer.restore(batch)  # for the final flush
             raise
         if error is None:
+            if claim is not None:
+                with trio.CancelScope(shield=True):
+                    await self._settle(finish_claim, claim)
             self._count("written", len(batch))
-        elif self._down:
-            await self._spill([*batch, *self._buffer.take_all()], error)
-        else:
-            await self._spill(batch, error)
+            return
+        rest = self._buffer.take_all() if self._down else []
+        if claim is None or not await self._seal(claim, error):
+            rest = [*batch, *rest]
+        await self._spill(rest, error)
+
+    async def _journal(self, batch: list[UsageRecord]) -> Claim | None:
+        """The batch in a locked journal file before it is sent; None (sent without one,
+        as if the process could not die) when the disk refuses."""
+        stem = f"{PREFIX}{self.tag}-{time.time_ns()}-{next(self._seq):06d}"
+        try:
+            # Shielded: a cancelled write would leave it unknown whether the file exists.
+            with trio.CancelScope(shield=True):
+                claim = await trio.to_thread.run_sync(
+                    journal_file, self.spill_dir, stem, self.tag, batch
+                )
+        except OSError as exc:
+            self.log.error("audit_journal_failed", records=len(batch), error=str(exc))
+            return None
+        return claim
+
+    async def _seal(self, claim: Claim, reason: str) -> bool:
+        """A journaled batch that was not written becomes a spill file; False when even
+        that fails (the caller keeps the records)."""
+        try:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(seal_claim, claim)
+        except OSError as exc:
+            self.log.error("audit_spill_failed", records=len(claim.records), error=str(exc))
+            with contextlib.suppress(OSError):
+                claim.path.unlink()  # the records stay in memory: never both
+            return False
+        self._count("spilled", len(claim.records))
+        self.log.warning(
+            "audit_spilled", records=len(claim.records), path=str(claim.sealed), reason=reason
+        )
+        self._replay_due = True
+        return True
 
     async def _spill(self, records: list[UsageRecord], reason: str) -> bool:
         """Records to a new spill file; on failure they go back to the buffer."""

@@ -22,6 +22,7 @@ from proxy.admission import connection_cap, rate_buckets
 from proxy.audit import UsageRecord
 from proxy.auth import AuthFailure, Identity, authenticate, check_access
 from proxy.config import Config
+from proxy.labels import status_label
 from proxy.mcp_routing import method_label
 from proxy.metrics import LIMIT_BY_STATUS, RequestMetrics, metrics
 from proxy.net.upstream import UpstreamPool
@@ -149,9 +150,8 @@ class WorkerContext:
         if isinstance(result, Identity):
             result = check_access(result, route.tenants) or result
         if isinstance(result, AuthFailure):
-            self.counts.auth_failures[str(result.status)] = (
-                self.counts.auth_failures.get(str(result.status), 0) + 1
-            )
+            label = status_label(result.status)
+            self.counts.auth_failures[label] = self.counts.auth_failures.get(label, 0) + 1
         return result
 
     def auth_header(self) -> bytes:
@@ -185,7 +185,7 @@ class WorkerContext:
         elapsed = 0.0 if refused_early else time.perf_counter() - x.started
         latency = None if x.streamed else elapsed
         code = x.status
-        status = _STATUS_TEXT.get(code) or str(code)
+        status = status_label(code)
         counts = self.counts
         counts.count_request(prefix, status, latency, x.bytes_in, x.bytes_out)
         if x.refused and code in LIMIT_BY_STATUS:
@@ -279,10 +279,6 @@ class WorkerContext:
         family = metrics().upstream_connections
         for pool in self.pools.values():
             pool.write_gauges(family)
-
-
-_STATUS_TEXT = {code: str(code) for code in range(100, 600)}
-"""Label values of the statuses, made once."""
 
 
 def usage_record(x: Exchange, elapsed: float) -> UsageRecord:

@@ -12,7 +12,6 @@ connection attempt per call instead of a pool that keeps reconnecting in the bac
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -131,13 +130,25 @@ class Database:
         self._drop_pool()
 
 
+READY_PROBE_TIMEOUT = 1.0
+"""Seconds the readiness probe waits for PostgreSQL: a hung server (frozen, or a dead
+link behind a live PgBouncer) counts as down this soon, not after the workers' longer
+call timeout."""
+
+
 async def watch_for_readiness(
     get_config: Callable[[], DatabaseConfig], set_degraded: Callable[[str | None], None]
 ) -> None:
     """The supervisor's own check of the control-plane database, for ``/ready``: degraded
-    once PostgreSQL has been unreachable for ``ready_grace`` seconds (workers keep serving
-    their snapshot either way; the point is to let a load balancer prefer healthy hosts)."""
+    once PostgreSQL has not answered for ``ready_grace`` seconds (workers keep serving
+    their snapshot either way; the point is to let a load balancer prefer healthy hosts).
+
+    A probe (``SELECT version FROM config_version``) every ``poll_interval``, each given
+    ``READY_PROBE_TIMEOUT``: /ready turns 503 at most ``ready_grace + poll_interval +
+    READY_PROBE_TIMEOUT`` seconds after PostgreSQL stops answering, and never sooner than
+    ``ready_grace`` after the last answer."""
     db: Database | None = None
+    last_answer = time.monotonic()
     while True:
         config = get_config()
         if not config.url or not config.ready_grace:
@@ -146,19 +157,25 @@ async def watch_for_readiness(
             if db is None or db.dsn != config.url:
                 if db is not None:
                     db.close()
+                probe_timeout = min(config.connect_timeout, READY_PROBE_TIMEOUT)
                 db = Database(
                     config.url,
                     pool_size=1,
-                    connect_timeout=config.connect_timeout,
-                    call_timeout=config.connect_timeout + config.statement_timeout,
+                    connect_timeout=probe_timeout,
+                    call_timeout=probe_timeout,
                 )
-            # Schema problems are the workers' to report; reachability is what counts here.
-            with contextlib.suppress(store.StoreError):
+                last_answer = time.monotonic()
+            try:
                 await db.run(store.current_version)
-            down_since = db.down_since
-            if down_since is not None and time.monotonic() - down_since >= config.ready_grace:
-                seconds = round(time.monotonic() - down_since)
-                set_degraded(f"PostgreSQL unreachable for {seconds} s")
-            else:
+                answered = True
+            except store.StoreUnavailable:
+                answered = False
+            except store.StoreError:
+                answered = True  # schema problems are the workers' to report
+            now = time.monotonic()
+            if answered:
+                last_answer = now
                 set_degraded(None)
+            elif now - last_answer >= config.ready_grace:
+                set_degraded(f"PostgreSQL has not answered for {round(now - last_answer)} s")
         await trio.sleep(config.poll_interval)

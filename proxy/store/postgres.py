@@ -432,36 +432,63 @@ def remove_route(conn: psycopg.Connection[Any], prefix: str) -> None:
 
 # --- usage/audit records ------------------------------------------------------------------
 
-_USAGE_COPY = (
-    "COPY usage_records (ts, key_id, tenant_id, route, method, tool, status, bytes_in,"
-    " bytes_out, duration_ms) FROM STDIN"
+_USAGE_COLUMNS = (
+    "ts, key_id, tenant_id, route, method, tool, status, bytes_in, bytes_out, duration_ms,"
+    " record_key"
 )
+# Per transaction (ON COMMIT DROP), so it is safe under PgBouncer's transaction pooling.
+_USAGE_BATCH_TABLE = """
+CREATE TEMP TABLE usage_batch (
+    ts timestamptz, key_id bigint, tenant_id bigint, route text, method text, tool text,
+    status integer, bytes_in bigint, bytes_out bigint, duration_ms double precision,
+    record_key uuid
+) ON COMMIT DROP
+"""
 
 
 def write_usage(conn: psycopg.Connection[Any], records: Sequence[UsageRecord]) -> int:
-    """Insert a batch of usage records with one COPY in one transaction (all or none);
-    return how many. COPY needs no prepared statement, so it is fine through PgBouncer."""
+    """Insert a batch of usage records in one transaction (all or none); return how many
+    were new. Writing the same records again inserts nothing: they go into a temporary
+    table with one COPY, then into usage_records with ``ON CONFLICT (record_key) DO
+    NOTHING``. ``synchronous_commit`` is on for this transaction whatever the server's
+    default, so a commit PostgreSQL acknowledged survives its crash. COPY needs no
+    prepared statement, so all of it is fine through PgBouncer."""
     if not records:
         return 0
     try:
-        with conn.transaction(), conn.cursor() as cur, cur.copy(_USAGE_COPY) as copy:
-            for r in records:
-                # Text is cleaned here, where PostgreSQL would reject it: one NUL in a tool
-                # name must not make the whole batch (and its spill file) fail forever.
-                copy.write_row(
-                    (
-                        datetime.fromtimestamp(r.ts, UTC),
-                        r.key_id,
-                        r.tenant_id,
-                        clean_text(r.route),
-                        clean_text(r.method),
-                        None if r.tool is None else clean_text(r.tool),
-                        r.status,
-                        r.bytes_in,
-                        r.bytes_out,
-                        r.duration_ms,
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute("SET LOCAL synchronous_commit = on")
+            cur.execute(_USAGE_BATCH_TABLE)
+            with cur.copy(f"COPY usage_batch ({_USAGE_COLUMNS}) FROM STDIN") as copy:
+                for r in records:
+                    # Text is cleaned here, where PostgreSQL would reject it: one NUL in a
+                    # tool name must not make the whole batch (and its spill file) fail
+                    # forever.
+                    copy.write_row(
+                        (
+                            datetime.fromtimestamp(r.ts, UTC),
+                            r.key_id,
+                            r.tenant_id,
+                            clean_text(r.route),
+                            clean_text(r.method),
+                            None if r.tool is None else clean_text(r.tool),
+                            r.status,
+                            r.bytes_in,
+                            r.bytes_out,
+                            r.duration_ms,
+                            r.key,
+                        )
                     )
-                )
+            cur.execute(
+                f"INSERT INTO usage_records ({_USAGE_COLUMNS})"
+                f" SELECT {_USAGE_COLUMNS} FROM usage_batch"
+                " ON CONFLICT (record_key) DO NOTHING"
+            )
+            inserted = cur.rowcount
     except errors.UndefinedTable:
         raise _missing_schema() from None
-    return len(records)
+    except errors.UndefinedColumn:
+        raise SchemaMissing(
+            "the database schema is older than this version: run 'switchboard db migrate'"
+        ) from None
+    return max(inserted, 0)

@@ -30,6 +30,17 @@ RECV_SIZE: Final = 65536
 BACKOFF_MIN: Final = 0.05
 BACKOFF_MAX: Final = 2.0
 
+
+def next_delay(delay: float) -> float:
+    """The reconnect back-off after ``delay``: doubled, up to BACKOFF_MAX."""
+    return min(delay * 2, BACKOFF_MAX)
+
+
+def jittered(delay: float) -> float:
+    """Half to all of ``delay``: many workers do not reconnect in lockstep."""
+    return random.uniform(delay / 2, delay)
+
+
 Arg = bytes | str | int | float
 
 
@@ -167,9 +178,8 @@ class RedisClient:
                 ready()
             if self._reached_up:
                 delay = BACKOFF_MIN  # a connection that worked earns a quick first retry
-            # Jitter (half to full delay) keeps many workers from reconnecting in lockstep.
-            await trio.sleep(random.uniform(delay / 2, delay))
-            delay = min(delay * 2, BACKOFF_MAX)
+            await trio.sleep(jittered(delay))
+            delay = next_delay(delay)
 
     # -- connection internals -------------------------------------------------------
 

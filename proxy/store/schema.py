@@ -149,6 +149,21 @@ MIGRATIONS: tuple[Migration, ...] = (
             FOR EACH STATEMENT EXECUTE FUNCTION bump_config_version();
         """,
     ),
+    Migration(
+        4,
+        "usage_records.record_key: one row per record, however often a batch is written",
+        """
+        -- The idempotency key each record gets when the worker makes it. A batch written
+        -- again (retried after its commit reply was lost, or replayed from a spill file)
+        -- inserts only what is not there yet (INSERT ... ON CONFLICT DO NOTHING). Rows
+        -- written before this migration keep a NULL key (NULLs never conflict); the
+        -- CHECK, NOT VALID, holds for every new row without rewriting the old ones.
+        ALTER TABLE usage_records ADD COLUMN record_key uuid;
+        CREATE UNIQUE INDEX usage_records_record_key ON usage_records (record_key);
+        ALTER TABLE usage_records ADD CONSTRAINT usage_records_record_key_given
+            CHECK (record_key IS NOT NULL) NOT VALID;
+        """,
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

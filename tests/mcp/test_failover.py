@@ -5,11 +5,12 @@ Active checks: two replicas of the SDK demo server, each in its own process, beh
 with raw httpx (initialize, notifications/initialized, then tools/call ``add`` over and
 over); which replica a session lives on is read from its proxy token (signed, not
 encrypted: ``v1.<kid>.<payload>.<mac>``, the payload naming the replica id). Replica A is
-killed with SIGKILL mid-run. Within a bounded detection window, every new session goes to
-B; every request of a session on A gets 404 "Session not found" (and the session works
-again on B after re-initializing); no request of a session on B ever fails.
-``switchboard_backend_up`` of A drops to 0 and both workers log ``backend_health``
-state=down.
+killed with SIGKILL mid-run. Both workers take A out (each logs ``backend_health``
+state=down, ``switchboard_backend_up`` of A drops to 0); from then on — an event the
+test watches for, not a clock — every new session goes to B, every request of a session
+on A gets 404 "Session not found" (and the session works again on B after
+re-initializing), and no request a worker starts after its own "down" reaches A. No
+request of a session on B ever fails.
 
 Passive ejection: no active checks, ``eject_after = 2``: two 502s from a backend with
 nothing listening take it out of rotation; every later request goes to the live one.
@@ -45,15 +46,15 @@ from tests.support.proxy_process import ProxyProcess, free_port
 VERSION = "2025-11-25"
 PREFIX = "/mcp"
 INTERVAL = 0.5
-WINDOW = 3.0
-"""Seconds after the kill within which the proxy must have noticed: each worker probes
-every INTERVAL, a probe of a dead loopback port fails at once (connection refused) and
-``fall = 1`` takes the replica out on that first failure, so ~2 x INTERVAL is the
-expected worst case; 3 s (6 intervals) leaves room for a loaded 2-core machine."""
+GUARD = 60.0
+"""How long the test waits for what must happen (A taken out, calls made): a guard
+against a hang, not a measure of speed."""
 A_SESSIONS = 2
 B_SESSIONS = 3
 CHECKS_AFTER_WINDOW = 3
-"""Requests each A session sends with its old token after the window (all must be 404)."""
+"""Requests each A session sends with its old token once both workers took A out (all
+must be 404)."""
+NEW_SESSIONS_AFTER = 5
 CALLS_AFTER_REINIT = 3
 PAUSE = 0.1
 REPLICA_START_LIMIT = 40.0
@@ -329,12 +330,14 @@ class Session:
 @dataclass(eq=False)
 class Run:
     kill_at: float | None = None
+    taken_out_at: float | None = None
+    """When the test had seen both workers log A "down": the end of the window."""
     stop: trio.Event = field(default_factory=trio.Event)
     probes: list[tuple[Outcome, Outcome | None]] = field(default_factory=list)
     """New sessions opened after the kill: (initialize, its first call)."""
 
     def after_window(self, outcome: Outcome) -> bool:
-        return self.kill_at is not None and outcome.sent_at >= self.kill_at + WINDOW
+        return self.taken_out_at is not None and outcome.sent_at >= self.taken_out_at
 
 
 async def drive_session(client: McpClient, session: Session, run: Run, replica_a: str) -> None:
@@ -394,7 +397,9 @@ async def test_killed_replica_fails_over_to_survivor(
         "backends": [a.url, b.url],
         "health.path": "/healthz",
         "health.interval": INTERVAL,
-        "health.timeout": 0.5,
+        # A dead loopback port refuses at once; a live replica slow to answer on a busy
+        # machine must not count as down (fall = 1).
+        "health.timeout": 10.0,
         "health.rise": 1,
         "health.fall": 1,
     }
@@ -408,7 +413,7 @@ async def test_killed_replica_fails_over_to_survivor(
 
             async def watch_metrics() -> None:
                 await poll_until(lambda: run.kill_at is not None, limit=30)
-                with trio.move_on_after(WINDOW + 10):  # never seen: the assertions say so
+                with trio.move_on_after(GUARD):  # never seen: the assertions say so
                     while True:
                         up = await backend_up(proxy)
                         if up.get(a.url) == 0.0:
@@ -421,24 +426,35 @@ async def test_killed_replica_fails_over_to_survivor(
                 for session in sessions:
                     nursery.start_soon(drive_session, client, session, run, a.id)
                 nursery.start_soon(watch_metrics)
-                await trio.sleep(1.0)  # every session runs on its replica
+                # Every session runs on its replica before the kill.
+                await poll_until(
+                    lambda: all(any(o.ok for _, o in s.calls) for s in sessions), limit=GUARD
+                )
 
                 a.process.kill()  # SIGKILL: no goodbye, its sockets are reset
                 run.kill_at = trio.current_time()
                 wall_kill = time.time()
                 nursery.start_soon(probe_new_sessions, client, run)
 
-                await trio.sleep(WINDOW)
+                await poll_until(
+                    lambda: len({x["pid"] for x in health_lines(proxy, a.url, "down")}) == 2,
+                    limit=GUARD,
+                )
+                run.taken_out_at = trio.current_time()
                 a_sessions = [s for s in sessions if s.replica == a.id]
                 await poll_until(
-                    lambda: all(
-                        sum(g == 1 for g, _ in s.calls) >= CALLS_AFTER_REINIT
-                        or (s.reinit is not None and not s.reinit.ok)
-                        for s in a_sessions
+                    lambda: (
+                        all(
+                            sum(g == 1 for g, _ in s.calls) >= CALLS_AFTER_REINIT
+                            or (s.reinit is not None and not s.reinit.ok)
+                            for s in a_sessions
+                        )
+                        and sum(run.after_window(init) for init, _ in run.probes)
+                        >= NEW_SESSIONS_AFTER
+                        and all(any(run.after_window(o) for _, o in s.calls) for s in sessions)
                     ),
-                    limit=15,
+                    limit=GUARD,
                 )
-                await trio.sleep(0.5)
                 run.stop.set()
         finally:
             await client.aclose()
@@ -491,7 +507,7 @@ async def test_killed_replica_fails_over_to_survivor(
 
     # -- new sessions after the kill ------------------------------------------------------
     late = [(init, call) for init, call in run.probes if run.after_window(init)]
-    assert len(late) >= 5, f"only {len(late)} new sessions after the window"
+    assert len(late) >= NEW_SESSIONS_AFTER, f"only {len(late)} new sessions after the window"
     for init, call in run.probes:
         if run.after_window(init):
             assert init.ok and init.replica == b.id, f"new session after the window: {init}"
@@ -504,16 +520,22 @@ async def test_killed_replica_fails_over_to_survivor(
 
     # -- what the operator sees -----------------------------------------------------------
     assert metrics_down_at, "switchboard_backend_up of A never became 0"
-    assert metrics_down_at[0] - kill_at <= WINDOW, metrics_down_at[0] - kill_at
     assert final_up == {a.url: 0.0, b.url: 1.0}, final_up
     downs = health_lines(proxy, a.url, "down")
     assert len({line["pid"] for line in downs}) == 2, downs
     for line in downs:
         assert line["level"] == "warning", line
-        assert 0 <= wall(line) - wall_kill <= WINDOW, (line, wall_kill)
+        assert wall(line) >= wall_kill, (line, wall_kill)
     assert not health_lines(proxy, b.url, "down"), "B was taken out"
-    # After the window nothing more reached A.
-    late_to_a = [x for x in access if x.get("upstream") == a.url and wall(x) >= wall_kill + WINDOW]
+    # Once a worker took A out, no request it started went to A (the access line is
+    # written at the end: its start is its time less its duration; 1 ms for rounding).
+    down_at = {line["pid"]: wall(line) for line in downs}
+    late_to_a = [
+        x
+        for x in access
+        if x.get("upstream") == a.url
+        and wall(x) - x["duration_ms"] / 1000 > down_at[x["pid"]] + 0.001
+    ]
     assert not late_to_a, late_to_a
     # The access log names the same replicas the tokens carry.
     for line in access:

@@ -164,8 +164,7 @@ async def test_a_database_that_never_answers_counts_as_down(nursery: trio.Nurser
         call_timeout=0.5,
         on_state_change=states.append,
     )
-    started = trio.current_time()
-    with pytest.raises(store.StoreUnavailable, match="did not answer"):
+    # "did not answer": the call's own timeout gave up, not the (longer) connect timeout.
+    with pytest.raises(store.StoreUnavailable, match=r"did not answer within 0\.5 s"):
         await db.run(store.current_version)
-    assert trio.current_time() - started < 2.0
     assert states == [False] and db.down_since is not None

@@ -196,22 +196,22 @@ async def test_client_close_propagates(tmp_path: Path, ws_backend: WebSocketEcho
     async with proxy_running(
         tmp_path, [backend_route(ws_backend.port, "/ws")], sections=SECTIONS
     ) as proxy:
-        with trio.fail_after(10):
+        # aclose returns before its disconnect_timeout only when the backend's close reply
+        # came back through the proxy; that timeout is beyond this guard, so without the
+        # reply the test fails.
+        with trio.fail_after(30):
             async with trio_websocket.open_websocket_url(
-                _url(proxy, "/ws/client-close"), disconnect_timeout=5
+                _url(proxy, "/ws/client-close"), disconnect_timeout=600
             ) as ws:
                 await ws.send_message("before close")
                 assert await ws.get_message() == "before close"
                 started = time.monotonic()
                 await ws.aclose(code=1000, reason="client done")
-                # aclose returns early only when the backend's close reply came back
-                # through the proxy (otherwise it waits for disconnect_timeout).
                 close_took = time.monotonic() - started
                 assert ws.closed is not None
                 assert ws.closed.code == 1000
             access = await _tunnel_access_line(proxy, "/ws/client-close")
     print(f"client-initiated close handshake through the proxy: {close_took * 1000:.1f} ms")
-    assert close_took < 1.0
     assert await _wait_closes(ws_backend, 1) == [WsClose("client", 1000, "client done")]
     assert access["status"] == 101
     assert access["error"] is None

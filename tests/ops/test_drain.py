@@ -5,7 +5,8 @@
   supervisor: every slow request gets its 200 and its whole body; every stream gets
   ``retry: 1000`` (the default ``drain_retry_ms``) as a block of its own right after a
   complete event, then the chunked terminator and the connection's end; the supervisor
-  exits 0 well before ``drain_timeout`` (10 s). Once all streams are open, the backend
+  exits 0 when the work is done, not at ``drain_timeout`` (set far beyond: the test's
+  guard would give up first). Once all streams are open, the backend
   sends an event per second on each, in two halves 200 ms apart and with the streams'
   phases spread, so at the SIGTERM some streams are mid-event: those must wait for the
   event's end (at least one such stream is required).
@@ -55,7 +56,11 @@ OPEN_LIMIT = 25.0
 SLOW_REQUESTS = 10
 SLOW_DELAY = 2.0
 SLOW_SIZE = 200_000
-DRAIN_TIMEOUT = 10.0
+DRAIN_TIMEOUT = 300.0
+"""Far beyond what any drain here takes, so a drain that ended at its deadline rather than
+with the work would outlast EXIT_GUARD: the test fails then, with no clock bound on how
+fast a busy machine must be."""
+EXIT_GUARD = 60.0
 DEFAULT_RETRY_MS = 1000
 EVENT_INTERVAL = 1.0
 EVENT_SPLIT = 0.2
@@ -216,7 +221,7 @@ async def test_sigterm_with_1000_streams_and_slow_requests(
                 sigterm_sent[0] = True
                 gate.set()
                 started = time.monotonic()
-                code = await trio.to_thread.run_sync(proxy.process.wait, DRAIN_TIMEOUT + 10)
+                code = await trio.to_thread.run_sync(proxy.process.wait, EXIT_GUARD)
                 took = time.monotonic() - started
             # (the nursery ends once every stream and slow request has ended)
         drain_lines = _events(proxy, "worker_draining"), _events(proxy, "worker_stopped")
@@ -228,7 +233,6 @@ async def test_sigterm_with_1000_streams_and_slow_requests(
         f"(slow requests answered {SLOW_DELAY} s after SIGTERM)"
     )
     assert code == 0
-    assert took < DRAIN_TIMEOUT  # the drain ended when the work did, not at the deadline
     assert drain_lines == (2, 2)
     assert _events(proxy, "drain_deadline_passed") == 0
 
@@ -306,12 +310,11 @@ async def test_sigterm_closes_websockets_with_1001(
                 go.set()
                 proxy.process.send_signal(signal.SIGTERM)
                 started = time.monotonic()
-                code = await trio.to_thread.run_sync(proxy.process.wait, DRAIN_TIMEOUT + 10)
+                code = await trio.to_thread.run_sync(proxy.process.wait, EXIT_GUARD)
                 took = time.monotonic() - started
     print(f"SIGTERM -> supervisor exit with {count} WebSockets open: {took:.2f} s")
     assert closes == [1001] * count
     assert code == 0
-    assert took < DRAIN_TIMEOUT
     await poll_until(lambda: len(ws_backend.closes) == count, limit=5)
     # The client's answer to the 1001 went through the tunnel to the backend.
     assert [(c.initiator, c.code) for c in ws_backend.closes] == [("client", 1001)] * count

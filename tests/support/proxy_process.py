@@ -111,14 +111,38 @@ class ProxyProcess:
         raise TimeoutError("no matching log line")
 
     def worker_pids(self) -> list[int]:
+        """The worker processes: ``proxy.worker`` children, without the standby (started
+        with ``--standby``) until the supervisor reports it took a worker's slot."""
+        started = {
+            line.get("pid") for line in list(self.lines) if line.get("event") == "worker_started"
+        }
         pids = []
         for child in psutil.Process(self.process.pid).children():
             try:
-                if "proxy.worker" in " ".join(child.cmdline()):
-                    pids.append(child.pid)
+                cmdline = child.cmdline()
             except psutil.NoSuchProcess:  # includes ZombieProcess: died, not yet reaped
                 continue
+            if "proxy.worker" not in cmdline:
+                continue
+            if "--standby" in cmdline and child.pid not in started:
+                continue
+            pids.append(child.pid)
         return sorted(pids)
+
+    def standby_pid(self) -> int | None:
+        """The standby waiting to take a dead worker's slot, once the supervisor reports
+        it ready."""
+        lines = list(self.lines)
+        started = {line.get("pid") for line in lines if line.get("event") == "worker_started"}
+        waiting = [
+            line["pid"]
+            for line in lines
+            if line.get("event") == "standby_ready" and line["pid"] not in started
+        ]
+        for pid in reversed(waiting):
+            if psutil.pid_exists(pid):
+                return int(pid)
+        return None
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.process.poll() is None:

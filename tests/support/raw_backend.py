@@ -35,8 +35,9 @@ from tests.support.proxy_process import ProxyProcess
 
 Behaviour = Literal["ok", "hang", "slow_headers", "scripted"]
 BACKEND_BODY = b"backend says hello\n"
-WAIT = 5.0
-"""Default seconds to wait for something another task or thread does."""
+WAIT = 30.0
+"""Default seconds to wait for something another task or thread does: a guard, not a
+measure of speed."""
 
 
 @dataclass(eq=False)
