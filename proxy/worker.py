@@ -177,6 +177,7 @@ async def serve(
             ctx.update_checking()
             await control.start(background)
             checks.sync()
+            ctx.report_pools()  # the pools' series exist from the start
             background.start_soon(_flush_forever, ctx)
             reactor = Reactor(ctx, Admission(ctx))
             for sock in socks:

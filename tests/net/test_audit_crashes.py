@@ -186,6 +186,8 @@ async def test_worker_killed_with_its_batch_in_flight(tmp_path: Path, backend: M
             direct = cluster.env.dsn(bouncer=False)
             await poll_until(lambda: _rows(direct)[0] >= batch, limit=60, interval=0.2)
             await trio.sleep(1.0)  # a late duplicate would show up now
+            # One row per request answered: ``warm`` before the pause, the rest during it
+            # (each call above was answered 200). The killed worker's last access lines
+            # are not counted: access lines are written in batches, and a batch still in
+            # the process is lost with it (docs/operations.md).
             assert _rows(direct) == (batch, batch)
-            await poll_until(lambda: len(proxy.access_lines()) >= batch, limit=30)
-            assert _served(proxy) == batch
