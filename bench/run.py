@@ -37,7 +37,7 @@ from bench.workloads import WORKLOADS, Settings, iter_names
 
 PROFILES: dict[str, tuple[str, Settings]] = {
     "quick": (
-        "post,sdk,hold,soak",
+        "post,mcp,sdk,hold,soak",
         Settings(
             rounds=2,
             duration=2,
@@ -50,7 +50,7 @@ PROFILES: dict[str, tuple[str, Settings]] = {
         ),
     ),
     "full": (
-        "post,sdk,hold,soak",
+        "post,mcp,sdk,hold,soak",
         Settings(
             rounds=3,
             duration=4,
@@ -169,7 +169,12 @@ def settings_for(args: argparse.Namespace, nofile: int) -> tuple[str, Settings]:
     return args.workloads or workloads, s
 
 
-TOOLS_NEEDED = {"post": ("wrk", "haproxy"), "sdk": ("wrk", "haproxy"), "hold": ("haproxy",)}
+TOOLS_NEEDED = {
+    "post": ("wrk", "haproxy"),
+    "mcp": ("wrk", "haproxy"),
+    "sdk": ("wrk", "haproxy"),
+    "hold": ("haproxy",),
+}
 """External programs per workload; the soak runs Switchboard alone."""
 
 

@@ -57,16 +57,19 @@ def _tail(path: Path) -> str:
 
 
 @contextmanager
-def responder(tmp: Path, result: str) -> Iterator[Target]:
-    """HAProxy answering every request with ``result`` (JSON) itself."""
+def responder(tmp: Path, result: str, content_type: str = "application/json") -> Iterator[Target]:
+    """HAProxy answering every request with ``result`` itself (from a file, so that any
+    bytes, newlines included, are answered exactly; with a Content-Length)."""
     port = free_port()
     cfg = tmp / f"responder-{port}.cfg"
+    body = tmp / f"responder-{port}.body"
+    body.write_text(result)
     cfg.write_text(
         "global\n  maxconn 4000\n  nbthread 1\n"
         "defaults\n  mode http\n  timeout client 60s\n  timeout server 60s\n"
         "  timeout connect 5s\n  timeout http-keep-alive 60s\n"
         f"frontend backend\n  bind 127.0.0.1:{port}\n"
-        f"  http-request return status 200 content-type application/json string '{result}'\n"
+        f"  http-request return status 200 content-type {content_type} file {body}\n"
     )
     process = _haproxy(cfg)
     try:

@@ -3,11 +3,15 @@ the ratios the targets table needs.
 
 1. ``post``: a small JSON-RPC POST (tools/call-sized, keep-alive) with wrk at several
    concurrencies, against the backend directly, Switchboard and HAProxy, interleaved.
-2. ``sdk``: the same through the official mcp SDK server (a valid 2026-07-28 tools/call
+2. ``mcp``: an SDK-shaped MCP request (a valid 2026-07-28 ``tools/call`` with the
+   headers an SDK client sends, ``Accept: application/json, text/event-stream``) through
+   an ``mcp`` route, answered by a fast backend with plain JSON and, separately, with a
+   one-event SSE response: what MCP routing costs the proxy per request.
+3. ``sdk``: the same through the official mcp SDK server (a valid 2026-07-28 tools/call
    of the demo backend's ``echo`` tool), checked once per target before measuring.
-3. ``hold``: N idle SSE streams / WebSockets held through each target: RSS per
+4. ``hold``: N idle SSE streams / WebSockets held through each target: RSS per
    connection, kernel socket memory, time to open, broadcast delay.
-4. ``soak``: the largest number of SSE streams the box allows held through Switchboard
+5. ``soak``: the largest number of SSE streams the box allows held through Switchboard
    for a fixed time with periodic events; drops and missed events must be zero.
 """
 
@@ -68,6 +72,16 @@ SDK_HEADERS = {
     "Mcp-Method": "tools/call",
     "Mcp-Name": "echo",
 }
+MCP_RESULT = (
+    '{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":'
+    '"hello from the benchmark"}],"resultType":"complete"}}'
+)
+MCP_ANSWERS = {
+    "json": ("application/json", MCP_RESULT),
+    "sse": ("text/event-stream", f"event: message\ndata: {MCP_RESULT}\n\n"),
+}
+"""The fast backend's answer to the SDK-shaped request, by kind: plain JSON, or one SSE
+event (what an SDK server streams for a call with nothing to report on the way)."""
 TARGET_ORDER = ("direct", "switchboard", "haproxy")
 
 
@@ -246,6 +260,59 @@ def post(tmp: Path, s: Settings) -> JSON:
         "duration_s": s.duration,
         "concurrency": by_c,
     }
+
+
+def mcp(tmp: Path, s: Settings) -> JSON:
+    """Workload 2: SDK-shaped MCP requests through an ``mcp`` route, the backend answering
+    at once with JSON, then with one SSE event."""
+    script = wrk.write_script(tmp / "mcp.lua", wrk.Request(SDK_BODY, SDK_HEADERS))
+    c = max(s.post_concurrency)
+    by_kind: JSON = {}
+    for kind, (content_type, answer) in MCP_ANSWERS.items():
+        with ExitStack() as stack:
+            direct = stack.enter_context(responder(tmp, answer, content_type))
+            targets = _three_targets(stack, tmp, direct, s, route_kind="mcp")
+            checks = {t.name: check_mcp(t.port, kind) for t in targets}
+            progress(f"mcp ({kind} answer): the call answered 200 through every target")
+            _warm_up(script, targets, c)
+            runs = _wrk_rounds(
+                f"mcp-{kind}",
+                script,
+                targets,
+                connections=c,
+                rounds=s.rounds,
+                duration=s.duration,
+                backend=direct.server,
+            )
+        by_kind[kind] = {"checks": checks, "summary": _summarize_wrk(runs), "runs": runs}
+    return {
+        "description": "SDK-shaped 2026-07-28 tools/call (Accept: application/json, "
+        "text/event-stream; MCP-Protocol-Version, Mcp-Method, Mcp-Name) through an mcp "
+        "route, wrk + Lua; backend: HAProxy answering with http-request return (JSON, or "
+        "one SSE event)",
+        "concurrency": c,
+        "rounds": s.rounds,
+        "duration_s": s.duration,
+        "answers": by_kind,
+    }
+
+
+def check_mcp(port: int, kind: str) -> JSON:
+    """One SDK-shaped call through ``port``; raises unless it is 200 with the answer."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/mcp",
+        data=SDK_BODY.encode(),
+        headers=SDK_HEADERS,
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        status = response.status
+        content_type = response.headers.get("content-type", "")
+        body = response.read()
+    expected_type, answer = MCP_ANSWERS[kind]
+    if status != 200 or not content_type.startswith(expected_type) or body != answer.encode():
+        raise RuntimeError(f"{kind} call through port {port} failed: {status} {body[:200]!r}")
+    return {"status": status, "content_type": content_type, "bytes": len(body)}
 
 
 def check_sdk(port: int) -> JSON:
@@ -591,6 +658,7 @@ def soak(tmp: Path, s: Settings) -> JSON:
 
 WORKLOADS: dict[str, Callable[[Path, Settings], JSON]] = {
     "post": post,
+    "mcp": mcp,
     "sdk": sdk,
     "hold": hold,
     "soak": soak,

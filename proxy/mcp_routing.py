@@ -34,12 +34,13 @@ from proxy.protocol.jsonrpc import (
     error_body,
 )
 from proxy.protocol.mcp import (
+    ORIGIN_HEADER,
     SESSION_HEADER,
     EndpointRewriteError,
     Era,
+    McpHeaders,
     check_header_body_agreement,
     detect_era,
-    first_header,
     legacy_session_token,
     restore_message_target,
 )
@@ -117,13 +118,15 @@ def _origin_matches(origin: bytes, pattern: bytes) -> bool:
 
 
 def check_origin(
-    headers: Sequence[tuple[bytes, bytes]], allowed: frozenset[bytes], host: bytes = b""
+    headers: Sequence[tuple[bytes, bytes]] | McpHeaders,
+    allowed: frozenset[bytes],
+    host: bytes = b"",
 ) -> None:
     """Refuse a browser request from an origin not allowed (the DNS-rebinding defence
     the spec asks servers to apply). Requests without Origin pass. With no list
     configured, same-origin requests (Origin's authority equals Host) and loopback
     origins pass, as the reference SDK does on loopback."""
-    origin = first_header(headers, b"origin")
+    origin = McpHeaders.of(headers).first(ORIGIN_HEADER)
     if origin is None:
         return
     if allowed:
@@ -150,7 +153,7 @@ def _verify(tokens: SessionTokens, token: str, request_id: RequestId | None) -> 
 def decide(
     method: bytes,
     target: bytes,
-    headers: Sequence[tuple[bytes, bytes]],
+    headers: Sequence[tuple[bytes, bytes]] | McpHeaders,
     body: bytes | None,
     tokens: SessionTokens,
 ) -> McpDecision:
@@ -162,6 +165,7 @@ def decide(
         except JsonRpcDecodeError as exc:
             raise McpRefusal(400, exc.code, exc.message, exc.id) from None
     request_id = envelope.id if envelope is not None else None
+    headers = McpHeaders.of(headers)
     era = detect_era(method, headers, envelope, target).era
     if era is Era.STATELESS:
         if method != b"POST":
@@ -192,7 +196,7 @@ def decide(
             claims.backend_session,
             target=restore_message_target(target, claims.backend_session),
         )
-    session = first_header(headers, SESSION_HEADER)
+    session = headers.first(SESSION_HEADER)
     if session is None:
         return McpDecision(era, envelope, None, issue_session=True)
     claims = _verify(tokens, session.decode("latin-1"), request_id)

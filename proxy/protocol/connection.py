@@ -304,7 +304,7 @@ class Connection(RequestSide):
         if up.reader.complete:
             if framing == CHUNKED:
                 out.append(LAST_CHUNK)
-            self.t.send_client(out[0] if len(out) == 1 else b"".join(out))
+            self.t.send_client(b"".join(out))
             self.upstream_done = True
             self._exchange_done()
             return

@@ -24,7 +24,7 @@ is slow in Python, splitting and validating the header lines. The differential t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import h11
 import httptools
@@ -40,6 +40,7 @@ from proxy.protocol.http1 import (
     inspect_request,
     protocol_error_status,
 )
+from proxy.protocol.mcp import MCP_HEADER_NAMES, McpHeaders
 
 # Methods taken on the fast path. CONNECT changes what follows the head and the others
 # are rare enough that h11 may as well parse them.
@@ -56,8 +57,9 @@ _MAX_LENGTH_DIGITS = 20
 # An Upgrade proposal or an Expect: 100-continue needs the reference path's handling
 # (the WebSocket handshake checks, the 100's bookkeeping): such heads take the h11 path.
 # Hop-by-hop headers, X-Forwarded-* and Via are ones a proxy rewrites or removes.
-_HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _REWRITTEN, _FALLBACK = range(6)
+_HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _REWRITTEN, _FALLBACK, _MCP = range(7)
 _SPECIAL: dict[bytes, int] = {
+    **dict.fromkeys(MCP_HEADER_NAMES, _MCP),
     **dict.fromkeys(
         (*HOP_BY_HOP, b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via"),
         _REWRITTEN,
@@ -89,6 +91,8 @@ class FastHead:
     """The header lines as received (each with its CRLF), when none of them is one a
     proxy rewrites or removes (hop-by-hop, X-Forwarded-*, Via): the backend can be sent
     them as they are. None otherwise, and for heads parsed by h11."""
+    mcp_headers: McpHeaders = field(default_factory=McpHeaders)
+    """The headers the MCP rules read, gathered while the head was parsed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +134,7 @@ class _Collector:
         "host",
         "hosts",
         "length",
+        "mcp",
         "odd",
         "rewritten",
     )
@@ -149,6 +154,8 @@ class _Collector:
         """Why the head must take the h11 path, if it must."""
         self.rewritten = False
         """A header the proxy rewrites or removes is present."""
+        self.mcp: dict[bytes, list[bytes]] | None = None
+        """The headers MCP rules read, every copy (None: none was seen)."""
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # llhttp has checked that the name is a token (RFC 9110 tchar); it drops leading
@@ -173,6 +180,10 @@ class _Collector:
                 self.length = int(value)
         elif kind == _REWRITTEN:
             self.rewritten = True
+        elif kind == _MCP:
+            if self.mcp is None:
+                self.mcp = {}
+            self.mcp.setdefault(name, []).append(value)
         elif kind == _TRANSFER_ENCODING:
             # h11 lower-cases the value and answers 501 for anything but one "chunked";
             # only the canonical spelling is taken here.
@@ -250,9 +261,10 @@ def _parse(
         return Fallback("method")
     if version != b"HTTP/1.1":
         return Fallback("version")
-    if not target.startswith(b"/") or not target.isascii() or target.find(b"\t") != -1:
-        # Absolute-form and asterisk-form need inspect_request's target handling; a tab
-        # or a byte above 0x7e is outside h11's target grammar (vchar only).
+    if target[0] != 0x2F or not target.isascii():
+        # Absolute-form and asterisk-form need inspect_request's target handling; a byte
+        # above 0x7e is outside h11's target grammar (vchar only; llhttp refuses the
+        # control bytes, a tab included).
         return Fallback("target")
 
     collector.reset()
@@ -281,7 +293,7 @@ def _parse(
         return Rejected(400, "both Content-Length and Transfer-Encoding")
     query_at = target.find(b"?")
     raw_path = target if query_at == -1 else target[:query_at]
-    if raw_path.find(b".") != -1 or raw_path.find(b"\\") != -1 or raw_path.find(b"%2") != -1:
+    if raw_path.translate(None, _PATH_BYTES):  # a dot, a backslash or a %-escape in it
         try:
             _check_path(raw_path)
         except RequestRejected as exc:
@@ -297,10 +309,24 @@ def _parse(
         _connection_tokens(connection) if connection else _NO_TOKENS,
     )
     plain = None if collector.rewritten else head[line_end + 2 : end + 2]
-    return FastHead(method, target, b"1.1", collector.headers, consumed, info, plain)
+    mcp = collector.mcp
+    return FastHead(
+        method,
+        target,
+        b"1.1",
+        collector.headers,
+        consumed,
+        info,
+        plain,
+        _NO_MCP_HEADERS if mcp is None else McpHeaders(mcp),
+    )
 
 
 _TWO_HOSTS = "more than one Host header"
+_NO_MCP_HEADERS = McpHeaders()
+# Every byte but the three that can form a dot-segment or a backslash path (``.``, ``\``,
+# ``%``): what is left after deleting these tells whether _check_path must look.
+_PATH_BYTES = bytes(b for b in range(256) if b not in b".\\%")
 _NO_TOKENS: frozenset[bytes] = frozenset()
 
 
@@ -404,13 +430,15 @@ class HeadReader:
             info = inspect_request(event)
         except RequestRejected as exc:
             return self._h11_done(Rejected(exc.status, exc.reason, exc.headers))
+        headers = list(event.headers)
         head = FastHead(
             method=event.method,
             target=event.target,
             http_version=event.http_version,
-            headers=list(event.headers),
+            headers=headers,
             consumed=consumed,
             info=info,
+            mcp_headers=McpHeaders.of(headers),
         )
         return self._h11_done(head)
 

@@ -111,6 +111,39 @@ def first_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes |
     return None
 
 
+ORIGIN_HEADER: Final = b"origin"
+MCP_HEADER_NAMES: Final = frozenset(
+    {VERSION_HEADER, METHOD_HEADER, NAME_HEADER, SESSION_HEADER, ORIGIN_HEADER}
+)
+"""The request headers the MCP rules read."""
+
+
+class McpHeaders:
+    """The request headers the MCP rules read (``MCP_HEADER_NAMES``), every copy of each
+    in order, gathered in one pass over a head's headers (the request-head parser
+    gathers them while it reads the head). The rules take either this or a header list."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: dict[bytes, list[bytes]] | None = None) -> None:
+        self.values: dict[bytes, list[bytes]] = values if values is not None else {}
+
+    @classmethod
+    def of(cls, headers: Sequence[tuple[bytes, bytes]] | McpHeaders) -> McpHeaders:
+        if isinstance(headers, McpHeaders):
+            return headers
+        values: dict[bytes, list[bytes]] = {}
+        for key, value in headers:
+            name = key.lower()
+            if name in MCP_HEADER_NAMES:
+                values.setdefault(name, []).append(value)
+        return cls(values)
+
+    def first(self, name: bytes) -> bytes | None:
+        found = self.values.get(name)
+        return found[0] if found else None
+
+
 def _has_legacy_session(target: bytes) -> bool:
     try:
         return _target_session(target)[1] is not None
@@ -120,7 +153,7 @@ def _has_legacy_session(target: bytes) -> bool:
 
 def detect_era(
     http_method: bytes,
-    headers: Sequence[tuple[bytes, bytes]],
+    headers: Sequence[tuple[bytes, bytes]] | McpHeaders,
     envelope: Envelope | None = None,
     target: bytes = b"/",
 ) -> EraGuess:
@@ -135,7 +168,8 @@ def detect_era(
     else STATEFUL at the header's version, initialize's offer, or 2025-03-26. These are
     guesses from one request; a route configured for one era should not ask.
     """
-    version = first_header(headers, VERSION_HEADER)
+    mcp_headers = McpHeaders.of(headers)
+    version = mcp_headers.first(VERSION_HEADER)
     if version is not None:
         claimed = version.decode("latin-1")
         if claimed not in HANDSHAKE_VERSIONS:
@@ -145,7 +179,7 @@ def detect_era(
     else:
         claimed = None
     legacy = _has_legacy_session(target) or (http_method == b"GET" and claimed is None)
-    if legacy and first_header(headers, SESSION_HEADER) is None:
+    if legacy and mcp_headers.first(SESSION_HEADER) is None:
         return EraGuess(Era.LEGACY_SSE, claimed)
     if claimed is None and envelope is not None and envelope.method == "initialize":
         claimed = envelope.offered_version
@@ -172,17 +206,15 @@ def _mismatch(message: str) -> HeaderMismatch:
     return HeaderMismatch(HEADER_MISMATCH, f"Header mismatch: {message}")
 
 
-def _routing_headers(
-    headers: Sequence[tuple[bytes, bytes]],
-) -> dict[bytes, str] | HeaderMismatch:
+def _routing_headers(headers: McpHeaders) -> dict[bytes, str] | HeaderMismatch:
     found: dict[bytes, str] = {}
-    for key, raw in headers:
-        name = key.lower()
+    for name, raws in headers.values.items():
         if name not in _ROUTING_HEADERS:
             continue
-        if name in found:
+        if len(raws) > 1:
             # First-copy and last-copy readers would disagree about which one counts.
             return _mismatch(f"{name.decode()} header appears more than once")
+        raw = raws[0]
         value = raw.decode("latin-1")
         if not (raw.isascii() and value.isprintable()):  # 0x20-0x7E, the spec's safe set
             return _mismatch(f"{name.decode()} header contains invalid characters")
@@ -191,7 +223,7 @@ def _routing_headers(
 
 
 def check_header_body_agreement(
-    headers: Sequence[tuple[bytes, bytes]], envelope: Envelope
+    headers: Sequence[tuple[bytes, bytes]] | McpHeaders, envelope: Envelope
 ) -> HeaderMismatch | None:
     """For a 2026-07-28 POST: None when headers and body agree, else what to answer.
 
@@ -203,7 +235,7 @@ def check_header_body_agreement(
     Mcp-Method is rejected (requirements are undefined for them). Responses: -32600,
     clients must not post them. Values are compared exactly (they are case-sensitive).
     """
-    found = _routing_headers(headers)
+    found = _routing_headers(McpHeaders.of(headers))
     if isinstance(found, HeaderMismatch):
         return found
     if envelope.kind == "response" or envelope.kind == "error":

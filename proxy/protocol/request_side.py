@@ -385,11 +385,11 @@ class RequestSide(ConnectionCore):
             return
         head = self.head
         try:
-            check_origin(head.headers, x.route.allowed_origins, head.info.host)
+            check_origin(head.mcp_headers, x.route.allowed_origins, head.info.host)
             decision = decide(
                 head.method,
                 head.info.target,
-                head.headers,
+                head.mcp_headers,
                 b"".join(self.held) if head.method == b"POST" else None,
                 self._tokens(),
             )

