@@ -376,9 +376,17 @@ class Connection(RequestSide):
             self.stream = StreamRelay(self, can_add=framing == CHUNKED)
             self._enter_kind("sse")
             self.state = STREAM
+            self._hold_lightly()
         else:
             self.state = RESPONSE
         return True
+
+    def _hold_lightly(self) -> None:
+        """A stream or a tunnel may be held for hours, silent nearly all of it: what it
+        no longer needs goes now (the request head, the head parser's state), so that
+        a held connection costs little more than its sockets."""
+        self.head = None
+        self.heads.idle()
 
     def _hand_over(self, events: list[ResponseHead | bytes | None]) -> None:
         if self.state == STREAM:
@@ -406,6 +414,9 @@ class Connection(RequestSide):
         self.tunnel = Tunnel(self)
         self._enter_kind("websocket")
         self.state = TUNNEL
+        self._hold_lightly()
+        assert self.up is not None
+        self.up.reader.spent()  # what follows the 101 is not HTTP
         return True
 
     def _upstream_failed_early(self, up: Upstream, *, reset: bool, before_write: bool) -> None:

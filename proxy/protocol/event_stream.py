@@ -46,6 +46,7 @@ class StreamRelay:
         "_finish_by",
         "_last_data",
         "_pending",
+        "_target",
         "_tracker",
         "c",
         "can_add",
@@ -61,9 +62,12 @@ class StreamRelay:
         self.can_add = can_add
         """Bytes can be added only where the proxy frames the body itself (chunked)."""
         mcp = x.mcp
-        self._endpoint_block: bytearray | None = (
-            bytearray() if mcp is not None and mcp.legacy_stream else None
-        )
+        legacy = mcp is not None and mcp.legacy_stream
+        self._endpoint_block: bytearray | None = bytearray() if legacy else None
+        head = c.head
+        self._target = head.info.target if legacy and head is not None else b""
+        """The request's target, for the legacy ``endpoint`` rewrite (the request head
+        itself is let go of while the stream lasts)."""
         # The SSE answer to a POSTed request ends, for the client, with the response to
         # that request: clients close the stream right after it (the reference SDK does),
         # often before the backend's end of body has arrived.
@@ -277,12 +281,12 @@ class StreamRelay:
         c = self.c
         x = c.x
         tokens = c.env.tokens
-        assert x is not None and c.head is not None
+        assert x is not None
         route = x.route
         backend = x.backend
         if tokens is None or route is None or backend is None:
             raise EndpointRewriteError("no session keys for this route")
-        target = route.upstream_target(backend, c.head.info.target)
+        target = route.upstream_target(backend, self._target)
         sse_path = target.partition(b"?")[0].decode("latin-1") or "/"
         endpoint = parse_endpoint_event(value, sse_path=sse_path)
         token = tokens.issue(backend.replica, endpoint.session_id)

@@ -391,6 +391,12 @@ class HeadReader:
         through h11): start the next head on a fresh parser."""
         self._parser = None
 
+    def idle(self) -> None:
+        """No head is due for long (a held stream): let go of the parser and of what
+        the last head left behind; the next head gets a fresh parser."""
+        self._parser = None
+        self._collector.reset()
+
     def _early_line_check(self, data: bytes) -> NeedMore | Rejected:
         if self._line_checked or not data or data[0] < 0x21:
             return NEED_MORE

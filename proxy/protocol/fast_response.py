@@ -87,6 +87,9 @@ class ResponseHead:
 
 
 Event = ResponseHead | bytes | None
+_NO_HEADERS: Headers = []
+"""The reader's header list between a head and the next message (never appended to:
+``on_message_begin`` starts each message with a new one)."""
 
 
 # Header names the reader looks at beyond lower-casing and stripping them.
@@ -161,6 +164,12 @@ class ResponseReader:
         """The backend switched protocols (101); ``trailing`` is the new protocol's."""
         self.trailing = b""
 
+    def spent(self) -> None:
+        """The connection switched protocols: no response is read on it again, so the
+        parser is let go of (a held tunnel keeps only what it needs)."""
+        self._parser = _SPENT_PARSER
+        self._headers = []
+
     def start(self, head_only: bool = False) -> None:
         """Expect the answer to a new request (``head_only``: to a HEAD request)."""
         self.complete = self.final = self.keep_alive = False
@@ -222,6 +231,7 @@ class ResponseReader:
         )
         self._reason = b""
         self._events.append(head)
+        self._headers = _NO_HEADERS  # the head has them; a held stream need not
         if status < 200:
             return
         head_only = self._head_only
@@ -290,6 +300,9 @@ class ResponseReader:
         line_end = data.find(b"\r\n")
         head.plain = data[line_end + 2 : end + 2]
 
+
+_SPENT_PARSER = httptools.HttpResponseParser(None)
+"""Stands in for the parser of a reader whose connection switched protocols."""
 
 _REWRITE = 1
 _TYPED = 2
