@@ -564,9 +564,19 @@ class World:
             self.c.upstream_data(data)
 
     def advance(self, seconds: float) -> None:
+        """Move the clock on and call ``timer`` as the worker's timekeeper does: again and
+        again while the deadline has passed. A machine whose ``timer`` leaves its
+        deadline in the past, unchanged, would be called for ever (the worker with it),
+        which fails the test."""
         self.env.clock += seconds
-        if self.env.clock >= self.c.deadline:
+        while self.env.clock >= self.c.deadline:
+            before = (self.c.state, self.c.deadline)
             self.c.timer()
+            if (self.c.state, self.c.deadline) == before:
+                raise AssertionError(
+                    f"timer() in {self.state} left the deadline {self.c.deadline} in the "
+                    f"past (now {self.env.clock}): it would be called for ever"
+                )
 
     @property
     def accounted(self) -> list[Exchange]:
