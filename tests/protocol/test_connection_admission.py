@@ -52,6 +52,15 @@ def test_a_rate_check_is_asked_and_an_allowed_request_goes_on(bytewise: bool) ->
     assert w.state == "IDLE"
 
 
+def test_a_request_admitted_before_its_body_waits_for_it() -> None:
+    w = world(rate_limited=True)
+    w.feed(b"POST /x HTTP/1.1\r\nHost: a.example\r\nContent-Length: 5\r\n\r\n")
+    w.c.admitted(ALLOWED)
+    assert w.state == "BODY" and w.t.upstreams == []
+    w.feed(b"hello")
+    assert backend_request(w.t.up.sent).body == b"hello"
+
+
 def test_a_request_over_its_rate_gets_429_with_retry_after(bytewise: bool) -> None:
     w = world(rate_limited=True)
     w.feed(GET, byte_at_a_time=bytewise)

@@ -112,11 +112,15 @@ def test_a_header_not_complete_in_time_closes_the_connection(bytewise: bool) -> 
 
 
 def test_after_the_header_the_request_head_has_its_own_time() -> None:
-    w = World(proxy_header=True, trusted=True)
-    w.advance(2.0)
-    w.feed(V1)
-    assert w.state == "IDLE"
-    assert w.c.deadline == w.env.clock + w.env.config.limits.header_timeout
+    for rest, state in ((b"", "IDLE"), (GET[:5], "HEAD")):
+        w = World(proxy_header=True, trusted=True)
+        w.advance(2.0)
+        w.feed(V1 + rest)
+        assert w.state == state
+        timeout = w.env.config.limits.header_timeout
+        assert w.c.deadline == w.env.clock + timeout
+        w.advance(timeout)
+        assert w.state == "CLOSED" if state == "IDLE" else "LINGER"
 
 
 def test_a_client_closing_before_its_header_leaves_nothing_behind() -> None:

@@ -174,7 +174,7 @@ def test_a_2025_client_leaving_a_post_stream_lets_the_request_finish_upstream(
     w.answer(SSE_HEAD + chunk(b"data: progress\n\n"), byte_at_a_time=bytewise)
     w.c.client_closed()
     sent = bytes(w.t.client_out)
-    assert w.state == "STREAM" and w.t.up.finished is None
+    assert w.state == "STREAM" and not w.t.up.finished
     w.answer(chunk(RESULT_7) + b"0\r\n\r\n", byte_at_a_time=bytewise)
     # Read and dropped: nothing more goes to the client that left.
     assert w.t.client_out == sent
@@ -258,10 +258,9 @@ def test_a_legacy_endpoint_event_is_rewritten_with_a_session_token(bytewise: boo
 def test_a_client_not_reading_a_stream_pauses_the_backend() -> None:
     w = streaming(call_2026())
     w.c.client_backlog(True)
-    assert w.t.up.paused
     w.c.client_backlog(False)
-    assert not w.t.up.paused
     w.c.client_backlog(True)
+    assert w.t.up.pauses == [True, False, True]
     w.advance(w.env.config.limits.send_timeout)
     assert w.state == "CLOSED"
     assert w.accounted[0].error == "client stopped reading (send_timeout)"

@@ -189,10 +189,8 @@ def test_invalid_upgrades_never_reach_a_backend(bytewise: bool) -> None:
 def test_backpressure_in_a_tunnel_pauses_the_other_side() -> None:
     w = tunnel()
     w.c.client_backlog(True)
-    assert w.t.up.paused
     w.c.client_backlog(False)
-    assert not w.t.up.paused
+    assert w.t.up.pauses == [True, False]
     w.c.upstream_backlog(True)
-    assert w.t.client_paused
     w.c.upstream_backlog(False)
-    assert not w.t.client_paused
+    assert w.t.client_pauses == [True, False]

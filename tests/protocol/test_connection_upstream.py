@@ -159,6 +159,24 @@ def test_a_pooled_connection_found_closed_is_retried_once_on_a_fresh_one(bytewis
     assert client_answer(w.t.take_client()).status == 502
 
 
+def test_a_pooled_connection_reset_before_answering_is_retried_on_a_fresh_one() -> None:
+    w = World(routes_config())
+    kept_alive(w, ONE)
+    w.c.upstream_closed(reset=True)
+    assert w.state == "UPSTREAM" and not w.t.up.reused
+    w.answer(ok())
+    assert client_answer(w.t.take_client()).status == 200
+
+
+def test_an_early_timer_call_changes_nothing() -> None:
+    w = World(routes_config())
+    w.feed(GET)
+    before = (w.state, w.c.deadline)
+    w.c.timer()
+    assert (w.state, w.c.deadline) == before
+    assert w.t.client_out == b"" and w.t.up.finished is None
+
+
 def test_a_pooled_connection_broken_before_the_request_was_written_is_retried_fresh() -> None:
     # The usual stale keep-alive connection: the write fails because the backend
     # closed it while it sat in the pool. That says nothing about the backend's health
@@ -205,7 +223,7 @@ def test_a_half_closing_client_still_gets_its_answer_then_the_connection_ends(
         w = World(routes_config())
         w.feed(request, byte_at_a_time=bytewise)
         w.c.client_closed()
-        assert w.state == "UPSTREAM" and w.t.up.finished is None
+        assert w.state == "UPSTREAM" and not w.t.up.finished
         w.answer(JSON_RESULT, byte_at_a_time=bytewise)
         answer = client_answer(w.t.take_client())
         assert (answer.status, answer.header(b"connection")) == (200, b"close")

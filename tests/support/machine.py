@@ -42,6 +42,8 @@ class FakeUpstream:
         self.sent = bytearray()
         self.shut = False
         self.paused = False
+        self.pauses: list[bool] = []
+        """Every pause (True) and resume (False) asked, in order."""
         self.finished: dict[str, Any] | None = None
         """How the machine gave it back (reusable, ok, failure)."""
 
@@ -52,6 +54,8 @@ class FakeTransport:
         self.client_shut = False
         self.client_closed = False
         self.client_paused = False
+        self.client_pauses: list[bool] = []
+        """Every pause (True) and resume (False) of client reads asked, in order."""
         self.upstreams: list[FakeUpstream] = []
         self.pooled: list[FakeUpstream] = []
         """Idle connections ``open_upstream`` hands out before making new ones."""
@@ -90,6 +94,7 @@ class FakeTransport:
 
     def pause_client(self, paused: bool) -> None:
         self.client_paused = paused
+        self.client_pauses.append(paused)
 
     def open_upstream(self, backend: Backend, *, fresh: bool) -> FakeUpstream:
         if self.pooled and not fresh and self.pooled[-1].backend == backend:
@@ -108,6 +113,7 @@ class FakeTransport:
 
     def pause_upstream(self, up: FakeUpstream, paused: bool) -> None:
         up.paused = paused
+        up.pauses.append(paused)
 
     def finish_upstream(
         self, up: FakeUpstream, *, reusable: bool, ok: bool | None, failure: str | None
