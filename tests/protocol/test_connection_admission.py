@@ -9,16 +9,9 @@ import json
 from proxy.auth import Identity
 from proxy.protocol.exchange import Check
 from proxy.ratelimit import RATE_LIMITED, Decision
-from tests.support.machine import (
-    World,
-    backend_request,
-    call_2026,
-    cap_refusal,
-    client_answer,
-    lease,
-    ok,
-    routes_config,
-)
+from tests.support.machine import World, cap_refusal, lease
+from tests.support.machine_traffic import call_2026, ok, routes_config
+from tests.support.wire import backend_request, client_answer
 
 GET = b"GET /x HTTP/1.1\r\nHost: a.example\r\n\r\n"
 PRIVATE = b"GET /private HTTP/1.1\r\nHost: a.example\r\nAuthorization: Bearer %s\r\n\r\n"

@@ -6,16 +6,9 @@ from __future__ import annotations
 
 import json
 
-from tests.support.machine import (
-    World,
-    backend_request,
-    backend_requests,
-    client_answer,
-    client_answers,
-    mcp_post,
-    ok,
-    routes_config,
-)
+from tests.support.machine import World
+from tests.support.machine_traffic import mcp_post, ok, routes_config
+from tests.support.wire import backend_request, backend_requests, client_answer, client_answers
 
 HEAD = b"POST /x HTTP/1.1\r\nHost: a.example\r\nContent-Length: %d\r\n\r\n"
 CHUNKED = b"POST /x HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n"

@@ -10,17 +10,9 @@ import pytest
 
 from proxy.protocol.connection_core import LINGER_BYTES, LINGER_SECONDS
 from proxy.ratelimit import Decision
-from tests.support.machine import (
-    SSE_HEAD,
-    World,
-    call_2026,
-    chunk,
-    client_answer,
-    client_answers,
-    lease,
-    ok,
-    routes_config,
-)
+from tests.support.machine import World, lease
+from tests.support.machine_traffic import SSE_HEAD, call_2026, chunk, ok, routes_config
+from tests.support.wire import client_answer, client_answers
 
 GET = b"GET /one HTTP/1.1\r\nHost: a.example\r\n\r\n"
 PARTIAL = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"

@@ -5,16 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.machine import (
-    SSE_HEAD,
-    World,
-    call_2025,
-    call_2026,
-    chunk,
-    client_answer,
-    make_config,
-    routes_config,
-)
+from tests.support.machine import World, make_config
+from tests.support.machine_traffic import SSE_HEAD, call_2025, call_2026, chunk, routes_config
+from tests.support.wire import client_answer
 
 GET_STREAM = b"GET /one HTTP/1.1\r\nHost: a.example\r\nAccept: text/event-stream\r\n\r\n"
 LEGACY_OPEN = b"GET /mcp/sse HTTP/1.1\r\nHost: proxy.example\r\nAccept: text/event-stream\r\n\r\n"

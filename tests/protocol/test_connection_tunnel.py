@@ -4,7 +4,9 @@ EOF half-closes the other; a drain closes the client with 1001 at a frame bounda
 from __future__ import annotations
 
 from proxy.protocol.ws_frames import GOING_AWAY, close_frame
-from tests.support.machine import World, backend_request, client_answer, ok, routes_config
+from tests.support.machine import World
+from tests.support.machine_traffic import ok, routes_config
+from tests.support.wire import backend_request, client_answer
 
 UPGRADE = (
     b"GET /one/ws HTTP/1.1\r\nHost: a.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

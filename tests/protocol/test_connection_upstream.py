@@ -5,15 +5,9 @@ response head: connecting, the response timeout, a backend that fails before ans
 from __future__ import annotations
 
 from proxy.protocol.exchange import Exchange
-from tests.support.machine import (
-    World,
-    backend_request,
-    call_2025,
-    call_2026,
-    client_answer,
-    ok,
-    routes_config,
-)
+from tests.support.machine import World
+from tests.support.machine_traffic import call_2025, call_2026, ok, routes_config
+from tests.support.wire import backend_request, client_answer
 
 GET = b"GET /x HTTP/1.1\r\nHost: a.example\r\n\r\n"
 ONE = b"GET /one HTTP/1.1\r\nHost: a.example\r\n\r\n"

@@ -4,21 +4,16 @@ environment with a hand-driven clock. No sockets, no event loop.
 
 Every machine made here notes each event it is given as (state before, event, state
 after), so that ``tests/protocol/test_connection_states.py`` can check that the tests
-enter and leave every state. ``client_answers`` and ``backend_requests`` read what the
-machine wrote with h11, the reference parser, so that a test can compare what a client
-or a backend would make of it rather than exact bytes (which differ, legitimately, when
-the input came in pieces: a chunked body is re-chunked as it arrives).
+enter and leave every state. ``tests.support.wire`` reads what the machine wrote, and
+``tests.support.machine_traffic`` has the requests and answers tests send through it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
-
-import h11
 
 from proxy.auth import AuthFailure, Identity, authenticate, check_access
 from proxy.config import Config, from_mapping
@@ -215,101 +210,6 @@ def make_config(
     return from_mapping(data, "test")
 
 
-JWT_AUTH = {"jwt_algorithms": ["HS256"], "jwt_secret": "s" * 32}
-"""Auth configured so that routes may require it (FakeEnv.identities does the checking)."""
-ROUTES: tuple[dict[str, Any], ...] = (
-    {"prefix": "/", "backends": ["http://10.0.0.1:80", "http://10.0.0.2:80"]},
-    {"prefix": "/one", "backends": ["http://10.0.9.1:80"]},
-    {"prefix": "/slow", "backends": ["http://10.0.2.1:80"], "response_timeout": 7},
-    {"prefix": "/mcp", "kind": "mcp", "backends": ["http://10.0.1.1:80", "http://10.0.1.2:80"]},
-    {
-        "prefix": "/private",
-        "auth": "required",
-        "tenants": ["acme"],
-        "backends": ["http://10.0.3.1:80"],
-    },
-    {"prefix": "/tools", "kind": "mcp", "auth": "required", "backends": ["http://10.0.4.1:80"]},
-)
-"""``/`` and ``/mcp`` have two replicas each; ``/one`` has one; ``/slow`` has its own
-response_timeout (7 s); ``/private`` and ``/tools`` need credentials."""
-
-
-def routes_config(**sections: Mapping[str, Any]) -> Config:
-    """``ROUTES`` with ``sections`` (limits, upstream...) on top of the defaults."""
-    return make_config(ROUTES, **{"auth": JWT_AUTH, **sections})
-
-
-def mcp_post(body: bytes, *headers: bytes, target: bytes = b"/mcp") -> bytes:
-    """A POST the way MCP SDK clients send one (Content-Length, both media types)."""
-    extra = b"".join(header + b"\r\n" for header in headers)
-    return (
-        b"POST %s HTTP/1.1\r\nHost: proxy.example\r\nContent-Type: application/json\r\n"
-        b"Accept: application/json, text/event-stream\r\n%sContent-Length: %d\r\n\r\n%s"
-        % (target, extra, len(body), body)
-    )
-
-
-def call_2026(request_id: int = 7, tool: bytes = b"echo", *headers: bytes) -> bytes:
-    """A 2026-07-28 tools/call: stateless, closing its stream cancels it."""
-    body = (
-        b'{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"%s","arguments":{},'
-        b'"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}' % (request_id, tool)
-    )
-    return mcp_post(
-        body,
-        b"MCP-Protocol-Version: 2026-07-28",
-        b"Mcp-Method: tools/call",
-        b"Mcp-Name: " + tool,
-        *headers,
-    )
-
-
-def call_2025(token: str, request_id: int = 7, tool: bytes = b"echo") -> bytes:
-    """A 2025-11-25 tools/call in the session ``token`` (leaving is no cancellation)."""
-    body = b'{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"%s"}}' % (
-        request_id,
-        tool,
-    )
-    return mcp_post(body, b"MCP-Protocol-Version: 2025-11-25", b"Mcp-Session-Id: " + token.encode())
-
-
-INITIALIZE = mcp_post(
-    b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25",'
-    b'"capabilities":{},"clientInfo":{"name":"t","version":"1"}}}'
-)
-"""A 2025-11-25 initialize: no session yet, the backend's session id becomes a token."""
-
-
-def ok(body: bytes = b"hello", *headers: bytes, status: bytes = b"200 OK") -> bytes:
-    """A backend's response with a Content-Length body."""
-    extra = b"".join(header + b"\r\n" for header in headers)
-    return b"HTTP/1.1 %s\r\n%bContent-Length: %d\r\n\r\n%s" % (status, extra, len(body), body)
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-def dechunk(data: bytes) -> bytes:
-    """The data of a chunked body's chunks (that it is well framed is checked)."""
-    out = b""
-    while data:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line, 16)
-        out += data[:size]
-        assert data[size : size + 2] == b"\r\n", "chunk not ended by CRLF"
-        data = data[size + 2 :]
-        if not size:
-            assert not data, f"bytes after the last chunk: {data!r}"
-    return out
-
-
-SSE_HEAD = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-)
-"""A backend's event stream head (its events follow as chunks)."""
-
-
 Transition = tuple[str, str, str]
 """(state before, event, state after), states by name."""
 _observers: list[set[Transition]] = []
@@ -407,131 +307,6 @@ class RecordingConnection(Connection):
 
     def abandon(self) -> None:
         self._run("abandon", partial(Connection.abandon, self))
-
-
-@dataclass
-class Answer:
-    """A response as a client reads it."""
-
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes = b""
-    complete: bool = False
-    """The body ended as its framing says (a cut connection leaves it False)."""
-    informational: list[int] = field(default_factory=list)
-    """1xx statuses before it."""
-
-    def header(self, name: bytes) -> bytes | None:
-        values = [value for key, value in self.headers if key == name]
-        return b", ".join(values) if values else None
-
-
-def client_answers(
-    data: bytes, methods: Sequence[bytes] = (b"GET",), *, eof: bool = False
-) -> list[Answer]:
-    """The responses in ``data`` (what the machine wrote to the client), read by an h11
-    client that sent requests of ``methods`` in turn; ``eof``: the connection ended
-    after ``data``. Reading stops at the first response that is not complete; bytes
-    after the last expected response fail the test."""
-    conn = h11.Connection(h11.CLIENT)
-    conn.receive_data(data)
-    if eof:
-        conn.receive_data(b"")
-    out: list[Answer] = []
-    for method in methods:
-        if out:
-            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                break
-            conn.start_next_cycle()
-        conn.send(h11.Request(method=method, target="/", headers=[(b"host", b"example")]))
-        conn.send(h11.EndOfMessage())
-        answer: Answer | None = None
-        informational: list[int] = []
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError:
-                break  # cut short: the answer stays incomplete
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                break
-            if isinstance(event, h11.InformationalResponse):
-                informational.append(event.status_code)
-            elif isinstance(event, h11.Response):
-                answer = Answer(event.status_code, list(event.headers), b"", False, informational)
-            elif isinstance(event, h11.Data):
-                assert answer is not None
-                answer.body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                assert answer is not None
-                answer.complete = True
-                break
-            else:
-                break
-        if answer is None:
-            break
-        out.append(answer)
-        if not answer.complete:
-            break
-    if len(out) == len(methods) and out[-1].complete:
-        left = conn.trailing_data[0]
-        assert not left, f"bytes after the last answer: {left!r}"
-    return out
-
-
-def client_answer(data: bytes, method: bytes = b"GET", *, eof: bool = False) -> Answer:
-    """The one response in ``data``."""
-    answers = client_answers(data, (method,), eof=eof)
-    assert len(answers) == 1, f"no response in {data!r}"
-    return answers[0]
-
-
-@dataclass
-class Sent:
-    """A request as a backend reads it."""
-
-    method: bytes
-    target: bytes
-    headers: list[tuple[bytes, bytes]]
-    body: bytes = b""
-    complete: bool = False
-
-    def header(self, name: bytes) -> bytes | None:
-        values = [value for key, value in self.headers if key == name]
-        return b", ".join(values) if values else None
-
-
-def backend_requests(data: bytes | bytearray) -> list[Sent]:
-    """The requests in ``data`` (what the machine wrote to a backend), read by h11."""
-    conn = h11.Connection(h11.SERVER)
-    conn.receive_data(bytes(data))
-    out: list[Sent] = []
-    while True:
-        if out and out[-1].complete:
-            if conn.their_state is not h11.DONE:
-                break
-            # The backend's half of the cycle: a response, so h11 reads the next request.
-            conn.send(h11.Response(status_code=204, headers=[]))
-            conn.send(h11.EndOfMessage())
-            conn.start_next_cycle()
-        event = conn.next_event()
-        if event is h11.NEED_DATA or event is h11.PAUSED:
-            break
-        if isinstance(event, h11.Request):
-            out.append(Sent(event.method, event.target, list(event.headers)))
-        elif isinstance(event, h11.Data):
-            out[-1].body += event.data
-        elif isinstance(event, h11.EndOfMessage):
-            out[-1].complete = True
-        else:
-            break
-    return out
-
-
-def backend_request(data: bytes | bytearray) -> Sent:
-    """The one request in ``data``."""
-    requests = backend_requests(data)
-    assert len(requests) == 1, f"not one request in {bytes(data)!r}"
-    return requests[0]
 
 
 class World:
