@@ -54,6 +54,17 @@ def test_a_request_admitted_before_its_body_waits_for_it() -> None:
     assert backend_request(w.t.up.sent).body == b"hello"
 
 
+def test_a_body_that_filled_the_read_ahead_during_admission_is_read_on() -> None:
+    w = world(rate_limited=True)
+    size = 3 << 20
+    w.feed(b"POST /x HTTP/1.1\r\nHost: a.example\r\nContent-Length: %d\r\n\r\n" % size)
+    w.feed(b"a" * ((1 << 20) + 10))
+    assert w.t.client_pauses == [True]  # read-ahead is bounded while the check waits
+    w.c.admitted(ALLOWED)
+    # What was read ahead went up: reading the client must resume, or the upload stalls.
+    assert not w.t.client_paused
+
+
 def test_a_request_over_its_rate_gets_429_with_retry_after(bytewise: bool) -> None:
     w = world(rate_limited=True)
     w.feed(GET, byte_at_a_time=bytewise)

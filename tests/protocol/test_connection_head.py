@@ -85,6 +85,17 @@ def test_an_untrusted_peer_keeps_its_address_and_may_start_like_proxy(bytewise: 
     assert w.env.proxy_refusals == []
 
 
+def test_an_untrusted_peer_stalling_after_p_is_timed_like_any_head() -> None:
+    # "P" may start "POST" as well as "PROXY": an untrusted client that sends it and
+    # stalls has sent part of a request head, not a PROXY header.
+    w = World(proxy_header=True, trusted=False)
+    w.feed(b"P")
+    w.advance(w.env.config.proxy_protocol.timeout)
+    assert w.env.proxy_refusals == []
+    w.advance(w.env.config.limits.header_timeout)
+    assert client_answer(w.t.take_client()).status == 408
+
+
 def test_a_malformed_header_from_a_trusted_peer_is_refused(bytewise: bool) -> None:
     w = World(proxy_header=True, trusted=True)
     w.feed(b"PROXY TCP4 203.0.113.999 10.0.0.1 1 2\r\n" + GET, byte_at_a_time=bytewise)

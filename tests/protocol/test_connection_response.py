@@ -123,6 +123,18 @@ def test_hop_by_hop_headers_are_removed_and_via_added(bytewise: bool) -> None:
     assert answer.header(b"via") == b"1.0 other, 1.1 switchboard"
 
 
+def test_a_complete_answer_followed_by_stray_bytes_still_reaches_the_client(
+    bytewise: bool,
+) -> None:
+    # Whatever the backend sends after its answer ends, the answer itself was whole;
+    # only its connection cannot be trusted again.
+    w = world()
+    w.answer(ok(b"whole") + b"stray", byte_at_a_time=bytewise)
+    answer = client_answer(w.t.take_client())
+    assert (answer.status, answer.body, answer.complete) == (200, b"whole", True)
+    assert w.accounted[0].status == 200
+
+
 def test_a_backend_going_silent_mid_body_cuts_the_client_and_records_504(
     bytewise: bool,
 ) -> None:
@@ -245,6 +257,17 @@ def test_a_client_not_reading_pauses_the_backend_then_is_cut_at_send_timeout() -
     assert w.state == "CLOSED"
     [x] = w.accounted
     assert (x.status, x.error) == (200, "client stopped reading (send_timeout)")
+
+
+def test_a_client_still_not_reading_holds_back_the_next_pipelined_answer() -> None:
+    w = world(GET + GET)
+    w.answer(PARTIAL)
+    w.c.client_backlog(True)
+    w.answer(b"defghij")  # the last read of the first answer, already on its way
+    assert w.state == "UPSTREAM"
+    w.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    # The client's buffer is still full: the next backend is not read meanwhile.
+    assert w.t.up.paused
 
 
 def test_disposition_says_whether_both_connections_go_on() -> None:

@@ -96,6 +96,16 @@ def test_a_refused_connect_is_retried_once_on_another_replica(bytewise: bool) ->
     assert [x.status for x in w.accounted] == [200]
 
 
+def test_a_refused_connect_is_retried_elsewhere_for_a_streamed_body_too() -> None:
+    # No byte reached the refusing backend, however large the body.
+    w = World(routes_config())
+    w.t.connect_now = False
+    w.feed(b"POST /x HTTP/1.1\r\nHost: a.example\r\nContent-Length: 200000\r\n\r\n" + b"a" * 1000)
+    w.c.upstream_closed(reset=True, before_write=True)
+    assert len(w.t.upstreams) == 2 and w.state == "UPSTREAM"
+    assert w.t.up.sent.endswith(b"a" * 1000)
+
+
 def test_a_second_refusal_is_not_retried_again() -> None:
     w = World(routes_config())
     w.feed(GET)
