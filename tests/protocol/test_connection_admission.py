@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from proxy.auth import Identity
 from proxy.protocol.exchange import Check
 from proxy.ratelimit import RATE_LIMITED, Decision
 from tests.support.machine import World, cap_refusal, lease
 from tests.support.machine_traffic import call_2026, ok, routes_config
 from tests.support.wire import backend_request, client_answer
+
+pytestmark = pytest.mark.usefixtures("both_ways")
 
 GET = b"GET /x HTTP/1.1\r\nHost: a.example\r\n\r\n"
 PRIVATE = b"GET /private HTTP/1.1\r\nHost: a.example\r\nAuthorization: Bearer %s\r\n\r\n"
@@ -58,7 +62,7 @@ def test_a_body_that_filled_the_read_ahead_during_admission_is_read_on() -> None
     w = world(rate_limited=True)
     size = 3 << 20
     w.feed(b"POST /x HTTP/1.1\r\nHost: a.example\r\nContent-Length: %d\r\n\r\n" % size)
-    w.feed(b"a" * ((1 << 20) + 10))
+    w.feed(b"a" * ((1 << 20) + 10), byte_at_a_time=False)  # a volume, not a framing, test
     assert w.t.client_pauses == [True]  # read-ahead is bounded while the check waits
     w.c.admitted(ALLOWED)
     # What was read ahead went up: reading the client must resume, or the upload stalls.

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.support.machine import World
 from tests.support.machine_traffic import mcp_post, ok, routes_config
 from tests.support.wire import backend_request, backend_requests, client_answer, client_answers
+
+pytestmark = pytest.mark.usefixtures("both_ways")
 
 HEAD = b"POST /x HTTP/1.1\r\nHost: a.example\r\nContent-Length: %d\r\n\r\n"
 CHUNKED = b"POST /x HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n"

@@ -7,10 +7,14 @@ from __future__ import annotations
 import ipaddress
 import struct
 
+import pytest
+
 from proxy.protocol.proxy_header import V2_SIGNATURE
 from tests.support.machine import World, make_config
 from tests.support.machine_traffic import ok, routes_config
 from tests.support.wire import backend_request, client_answer
+
+pytestmark = pytest.mark.usefixtures("both_ways")
 
 GET = b"GET /x HTTP/1.1\r\nHost: a.example\r\n\r\n"
 V1 = b"PROXY TCP4 203.0.113.9 10.0.0.1 51000 80\r\n"

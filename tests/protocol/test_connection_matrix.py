@@ -21,6 +21,8 @@ from tests.protocol.test_connection_tunnel import UPGRADE
 from tests.support.machine import Transition, World
 from tests.support.machine_traffic import SSE_HEAD, call_2026, chunk, ok, routes_config
 
+pytestmark = pytest.mark.usefixtures("both_ways")
+
 ANY_REQUEST_PROGRESS = {"IDLE", "HEAD", "ADMISSION", "BODY", "UPSTREAM", "LINGER"}
 TRANSITIONS: dict[str, dict[str, set[str]]] = {
     "PROXY": {

@@ -3,9 +3,13 @@ the exchange honestly: an answer cut short is never made to look complete."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.support.machine import World
 from tests.support.machine_traffic import ok, routes_config
 from tests.support.wire import client_answer, client_answers
+
+pytestmark = pytest.mark.usefixtures("both_ways")
 
 GET = b"GET /one HTTP/1.1\r\nHost: a.example\r\n\r\n"
 GET_10 = b"GET /one HTTP/1.0\r\nHost: a.example\r\n\r\n"

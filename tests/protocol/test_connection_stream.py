@@ -9,6 +9,8 @@ from tests.support.machine import World, make_config
 from tests.support.machine_traffic import SSE_HEAD, call_2025, call_2026, chunk, routes_config
 from tests.support.wire import client_answer
 
+pytestmark = pytest.mark.usefixtures("both_ways")
+
 GET_STREAM = b"GET /one HTTP/1.1\r\nHost: a.example\r\nAccept: text/event-stream\r\n\r\n"
 LEGACY_OPEN = b"GET /mcp/sse HTTP/1.1\r\nHost: proxy.example\r\nAccept: text/event-stream\r\n\r\n"
 RESULT_7 = b'data: {"jsonrpc":"2.0","id":7,"result":{}}\n\n'

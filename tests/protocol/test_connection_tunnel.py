@@ -3,10 +3,14 @@ EOF half-closes the other; a drain closes the client with 1001 at a frame bounda
 
 from __future__ import annotations
 
+import pytest
+
 from proxy.protocol.ws_frames import GOING_AWAY, close_frame
 from tests.support.machine import World
 from tests.support.machine_traffic import ok, routes_config
 from tests.support.wire import backend_request, client_answer
+
+pytestmark = pytest.mark.usefixtures("both_ways")
 
 UPGRADE = (
     b"GET /one/ws HTTP/1.1\r\nHost: a.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

@@ -4,10 +4,14 @@ response head: connecting, the response timeout, a backend that fails before ans
 
 from __future__ import annotations
 
+import pytest
+
 from proxy.protocol.exchange import Exchange
 from tests.support.machine import World
 from tests.support.machine_traffic import call_2025, call_2026, ok, routes_config
 from tests.support.wire import backend_request, client_answer
+
+pytestmark = pytest.mark.usefixtures("both_ways")
 
 GET = b"GET /x HTTP/1.1\r\nHost: a.example\r\n\r\n"
 ONE = b"GET /one HTTP/1.1\r\nHost: a.example\r\n\r\n"

@@ -330,14 +330,24 @@ class World:
             trusted=trusted,
         )
 
-    def feed(self, data: bytes, *, byte_at_a_time: bool = False) -> None:
+    byte_at_a_time = False
+    """How ``feed`` and ``answer`` deliver bytes unless told: set for a whole test run
+    (tests/protocol/conftest.py runs each machine test both ways)."""
+
+    def feed(self, data: bytes, *, byte_at_a_time: bool | None = None) -> None:
+        """Bytes from the client: in one event, or one event per byte."""
+        if byte_at_a_time is None:
+            byte_at_a_time = World.byte_at_a_time
         if byte_at_a_time:
             for i in range(len(data)):
                 self.c.client_data(data[i : i + 1])
         else:
             self.c.client_data(data)
 
-    def answer(self, data: bytes, *, byte_at_a_time: bool = False) -> None:
+    def answer(self, data: bytes, *, byte_at_a_time: bool | None = None) -> None:
+        """Bytes from the backend: in one event, or one event per byte."""
+        if byte_at_a_time is None:
+            byte_at_a_time = World.byte_at_a_time
         if byte_at_a_time:
             for i in range(len(data)):
                 self.c.upstream_data(data[i : i + 1])
