@@ -4,11 +4,13 @@ response head: connecting, the response timeout, a backend that fails before ans
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from proxy.protocol.exchange import Exchange
 from tests.support.machine import World
-from tests.support.machine_traffic import call_2025, call_2026, ok, routes_config
+from tests.support.machine_traffic import call_2025, call_2026, mcp_post, ok, routes_config
 from tests.support.wire import backend_request, client_answer
 
 pytestmark = pytest.mark.usefixtures("both_ways")
@@ -247,3 +249,61 @@ def test_a_client_resetting_while_waiting_ends_the_exchange_as_499() -> None:
     assert w.state == "CLOSED"
     assert w.t.up.finished == {"reusable": False, "ok": None, "failure": None}
     assert outcome(w.accounted[0]) == (499, "client reset the connection")
+
+
+# -- choosing a backend --------------------------------------------------------------------
+
+INITIALIZE = (
+    b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25",'
+    b'"capabilities":{},"clientInfo":{"name":"t","version":"1"}}}'
+)
+
+
+def test_an_mcp_session_becomes_a_token_that_leads_back_to_its_replica() -> None:
+    w = World(routes_config())
+    w.feed(mcp_post(INITIALIZE))
+    replica = w.t.up.backend
+    w.answer(ok(b'{"jsonrpc":"2.0","id":1,"result":{}}', b"Mcp-Session-Id: backend-sid-9"))
+    token = client_answer(w.t.take_client(), b"POST").header(b"mcp-session-id")
+    assert token is not None and b"backend-sid-9" not in token
+    claims = w.env.tokens.verify(token.decode())
+    assert (claims.replica, claims.backend_session) == (replica.replica, "backend-sid-9")
+    # The route round-robins, yet the session's next request goes to its replica, with
+    # the backend's own session id restored.
+    for _ in range(2):
+        w.feed(call_2025(token.decode()))
+        assert w.t.up.backend == replica
+        assert backend_request(w.t.up.sent).header(b"mcp-session-id") == b"backend-sid-9"
+        w.answer(JSON_RESULT)
+
+
+def test_a_session_whose_replica_is_gone_gets_404() -> None:
+    w = World(routes_config())
+    token = session_token(w)
+    route = w.env.routes.match("/mcp")
+    assert route is not None
+    w.env.unusable.add(route.backends[0])
+    w.feed(call_2025(token))
+    answer = client_answer(w.t.take_client(), b"POST")
+    assert answer.status == 404 and b"Session not found" in answer.body
+    assert w.t.upstreams == []
+
+
+def test_a_route_with_no_healthy_backend_gets_503_with_retry_after() -> None:
+    w = World(routes_config())
+    route = w.env.routes.match("/x")
+    assert route is not None
+    w.env.unusable.update(route.backends)
+    w.feed(GET)
+    answer = client_answer(w.t.take_client())
+    assert (answer.status, answer.header(b"retry-after")) == (503, b"1")
+    assert w.t.upstreams == [] and w.accounted[0].error == "no healthy backend for this route"
+
+
+def test_an_mcp_request_from_a_foreign_origin_is_refused_before_any_backend() -> None:
+    w = World(routes_config())
+    w.feed(call_2026(3, b"echo", b"Origin: http://evil.example"))
+    answer = client_answer(w.t.take_client(), b"POST")
+    assert answer.status == 403
+    assert json.loads(answer.body)["error"]["message"] == "Origin not allowed"
+    assert w.t.upstreams == []
