@@ -179,6 +179,19 @@ def test_a_2025_client_leaving_a_post_stream_lets_the_request_finish_upstream(
     assert x.error == "client closed the stream (request left to finish upstream)"
 
 
+def test_a_2025_post_stream_finishes_upstream_however_its_client_left() -> None:
+    # A client that closes with unread bytes in its buffer resets instead of closing:
+    # its leaving is no cancellation either, and the backend must not see a disconnect.
+    w = World(routes_config())
+    w.feed(call_2025(token(w)))
+    w.answer(SSE_HEAD + chunk(b"data: progress\n\n"))
+    w.c.client_closed(reset=True)
+    assert w.t.up.finished is None
+    w.answer(chunk(RESULT_7) + b"0\r\n\r\n")
+    assert w.state == "CLOSED"
+    assert w.t.up.finished == {"reusable": True, "ok": True, "failure": None}
+
+
 def test_a_request_left_to_finish_upstream_gets_the_response_timeout() -> None:
     w = World(routes_config())
     w.feed(call_2025(token(w)))
