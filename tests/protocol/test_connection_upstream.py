@@ -228,8 +228,8 @@ def test_a_half_closing_client_still_gets_its_answer_then_the_connection_ends(
     bytewise: bool,
 ) -> None:
     # 2025-11-25 and plain HTTP: a FIN may only be a half-close, and no cancellation.
-    w = World(routes_config())
-    for request in (call_2025(session_token(w)), GET):
+    token = session_token(World(routes_config()))
+    for request in (call_2025(token), GET):
         w = World(routes_config())
         w.feed(request, byte_at_a_time=bytewise)
         w.c.client_closed()
