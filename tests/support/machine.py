@@ -1,17 +1,24 @@
 """An in-memory world for the connection machine (``proxy.protocol.connection``): a fake
 transport that records what the machine asks for, fake backend connections, and an
 environment with a hand-driven clock. No sockets, no event loop.
+
+Every machine made here notes each event it is given as (state before, event, state
+after), so that ``tests/protocol/test_connection_states.py`` can check that the tests
+enter and leave every state. ``tests.support.wire`` reads what the machine wrote, and
+``tests.support.machine_traffic`` has the requests and answers tests send through it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from proxy.auth import AuthFailure, Identity, authenticate, check_access
 from proxy.config import Config, from_mapping
 from proxy.conncaps import CapDecision, Lease
-from proxy.protocol.connection import Connection
+from proxy.protocol.connection import STATE_NAMES, Connection
 from proxy.protocol.exchange import Check, Exchange
 from proxy.protocol.fast_response import ResponseReader
 from proxy.protocol.http1 import ForwardingPolicy
@@ -30,6 +37,8 @@ class FakeUpstream:
         self.sent = bytearray()
         self.shut = False
         self.paused = False
+        self.pauses: list[bool] = []
+        """Every pause (True) and resume (False) asked, in order."""
         self.finished: dict[str, Any] | None = None
         """How the machine gave it back (reusable, ok, failure)."""
 
@@ -40,6 +49,8 @@ class FakeTransport:
         self.client_shut = False
         self.client_closed = False
         self.client_paused = False
+        self.client_pauses: list[bool] = []
+        """Every pause (True) and resume (False) of client reads asked, in order."""
         self.upstreams: list[FakeUpstream] = []
         self.pooled: list[FakeUpstream] = []
         """Idle connections ``open_upstream`` hands out before making new ones."""
@@ -57,6 +68,15 @@ class FakeTransport:
         self.client_out.clear()
         return data
 
+    def repool(self, up: FakeUpstream) -> None:
+        """Pool a connection the machine gave back as reusable, as the worker would: the
+        next ``open_upstream`` to its backend gets it, marked as reused."""
+        assert up.finished is not None and up.finished["reusable"]
+        up.finished = None
+        up.reused = True
+        up.sent.clear()
+        self.pooled.append(up)
+
     def send_client(self, data: bytes) -> None:
         assert not self.client_shut and not self.client_closed, "write after close"
         self.client_out += data
@@ -69,6 +89,7 @@ class FakeTransport:
 
     def pause_client(self, paused: bool) -> None:
         self.client_paused = paused
+        self.client_pauses.append(paused)
 
     def open_upstream(self, backend: Backend, *, fresh: bool) -> FakeUpstream:
         if self.pooled and not fresh and self.pooled[-1].backend == backend:
@@ -87,6 +108,7 @@ class FakeTransport:
 
     def pause_upstream(self, up: FakeUpstream, paused: bool) -> None:
         up.paused = paused
+        up.pauses.append(paused)
 
     def finish_upstream(
         self, up: FakeUpstream, *, reusable: bool, ok: bool | None, failure: str | None
@@ -188,6 +210,105 @@ def make_config(
     return from_mapping(data, "test")
 
 
+Transition = tuple[str, str, str]
+"""(state before, event, state after), states by name."""
+_observers: list[set[Transition]] = []
+
+
+@contextmanager
+def observing() -> Iterator[set[Transition]]:
+    """Collect the transitions of every machine made here while the block runs."""
+    seen: set[Transition] = set()
+    _observers.append(seen)
+    try:
+        yield seen
+    finally:
+        _observers.remove(seen)
+
+
+class RecordingConnection(Connection):
+    """The machine, noting each event it is given from outside as (state before, event,
+    state after) in ``transitions`` and in every ``observing`` set. Only the outermost
+    call counts: the machine may call its own event methods (a backend's close is fed to
+    the response reader as the body's end), which is no event from outside."""
+
+    def __init__(
+        self,
+        env: Any,
+        transport: Any,
+        peer: tuple[str, int],
+        *,
+        proxy_header: bool = False,
+        trusted: bool = False,
+    ) -> None:
+        self.transitions: list[Transition] = []
+        self._depth = 0
+        super().__init__(env, transport, peer, proxy_header=proxy_header, trusted=trusted)
+        self._note("-", "open")
+
+    def _note(self, before: str, event: str) -> None:
+        transition = (before, event, STATE_NAMES[self.state])
+        self.transitions.append(transition)
+        for seen in _observers:
+            seen.add(transition)
+
+    def _run(self, event: str, call: Callable[[], None]) -> None:
+        if self._depth:
+            call()
+            return
+        before = STATE_NAMES[self.state]
+        self._depth = 1
+        try:
+            call()
+        finally:
+            self._depth = 0
+        self._note(before, event)
+
+    def client_data(self, data: bytes) -> None:
+        self._run("client_data", partial(Connection.client_data, self, data))
+
+    def client_closed(self, *, reset: bool = False) -> None:
+        name = "client_closed(reset)" if reset else "client_closed"
+        self._run(name, partial(Connection.client_closed, self, reset=reset))
+
+    def upstream_connected(self) -> None:
+        self._run("upstream_connected", partial(Connection.upstream_connected, self))
+
+    def upstream_data(self, data: bytes) -> None:
+        self._run("upstream_data", partial(Connection.upstream_data, self, data))
+
+    def upstream_closed(self, *, reset: bool = False, before_write: bool = False) -> None:
+        name = "upstream_closed"
+        if reset:
+            name += "(reset)"
+        if before_write:
+            name += "(before_write)"
+        call = partial(Connection.upstream_closed, self, reset=reset, before_write=before_write)
+        self._run(name, call)
+
+    def client_backlog(self, blocked: bool) -> None:
+        self._run(f"client_backlog({blocked})", partial(Connection.client_backlog, self, blocked))
+
+    def upstream_backlog(self, blocked: bool) -> None:
+        call = partial(Connection.upstream_backlog, self, blocked)
+        self._run(f"upstream_backlog({blocked})", call)
+
+    def timer(self) -> None:
+        self._run("timer", partial(Connection.timer, self))
+
+    def drain(self) -> None:
+        self._run("drain", partial(Connection.drain, self))
+
+    def admitted(self, result: object) -> None:
+        self._run("admitted", partial(Connection.admitted, self, result))
+
+    def refuse_new(self, shutting_down: bool) -> None:
+        self._run("refuse_new", partial(Connection.refuse_new, self, shutting_down))
+
+    def abandon(self) -> None:
+        self._run("abandon", partial(Connection.abandon, self))
+
+
 class World:
     """A machine with its fakes."""
 
@@ -201,16 +322,32 @@ class World:
     ) -> None:
         self.env = FakeEnv(config or make_config())
         self.t = FakeTransport()
-        self.c = Connection(self.env, self.t, peer, proxy_header=proxy_header, trusted=trusted)  # type: ignore[arg-type]
+        self.c = RecordingConnection(
+            self.env,
+            self.t,
+            peer,
+            proxy_header=proxy_header,
+            trusted=trusted,
+        )
 
-    def feed(self, data: bytes, *, byte_at_a_time: bool = False) -> None:
+    byte_at_a_time = False
+    """How ``feed`` and ``answer`` deliver bytes unless told: set for a whole test run
+    (tests/protocol/conftest.py runs each machine test both ways)."""
+
+    def feed(self, data: bytes, *, byte_at_a_time: bool | None = None) -> None:
+        """Bytes from the client: in one event, or one event per byte."""
+        if byte_at_a_time is None:
+            byte_at_a_time = World.byte_at_a_time
         if byte_at_a_time:
             for i in range(len(data)):
                 self.c.client_data(data[i : i + 1])
         else:
             self.c.client_data(data)
 
-    def answer(self, data: bytes, *, byte_at_a_time: bool = False) -> None:
+    def answer(self, data: bytes, *, byte_at_a_time: bool | None = None) -> None:
+        """Bytes from the backend: in one event, or one event per byte."""
+        if byte_at_a_time is None:
+            byte_at_a_time = World.byte_at_a_time
         if byte_at_a_time:
             for i in range(len(data)):
                 self.c.upstream_data(data[i : i + 1])
@@ -218,13 +355,27 @@ class World:
             self.c.upstream_data(data)
 
     def advance(self, seconds: float) -> None:
+        """Move the clock on and call ``timer`` as the worker's timekeeper does: again and
+        again while the deadline has passed. A machine whose ``timer`` leaves its
+        deadline in the past, unchanged, would be called for ever (the worker with it),
+        which fails the test."""
         self.env.clock += seconds
-        if self.env.clock >= self.c.deadline:
+        while self.env.clock >= self.c.deadline:
+            before = (self.c.state, self.c.deadline)
             self.c.timer()
+            if (self.c.state, self.c.deadline) == before:
+                raise AssertionError(
+                    f"timer() in {self.state} left the deadline {self.c.deadline} in the "
+                    f"past (now {self.env.clock}): it would be called for ever"
+                )
 
     @property
     def accounted(self) -> list[Exchange]:
         return [x for x, _ in self.env.accounted]
+
+    @property
+    def state(self) -> str:
+        return STATE_NAMES[self.c.state]
 
 
 def lease(scope: str) -> Lease:
