@@ -38,6 +38,13 @@ class BodyReader:
     def chunked(self) -> bool:
         return self._chunks is not None
 
+    @property
+    def checked(self) -> bool:
+        """Some of the body was found well framed: a whole chunk (chunked), any bytes
+        (Content-Length)."""
+        chunks = self._chunks
+        return self.received > 0 if chunks is None else chunks.chunks > 0 or self.done
+
     def feed(self, data: bytes) -> tuple[list[bytes], bytes]:
         """(body bytes in ``data``, what follows the body). BodyRejected on a framing
         error or a body over ``max_bytes``."""

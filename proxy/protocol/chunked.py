@@ -43,7 +43,15 @@ class ChunkedDecoder:
     """Decodes one chunked body: ``feed`` returns the data it completed, ``done`` says
     the body has ended, ``consumed`` how many bytes of the last ``feed`` it used."""
 
-    __slots__ = ("_left", "_line", "_state", "_trailer_bytes", "consumed", "max_trailer_bytes")
+    __slots__ = (
+        "_left",
+        "_line",
+        "_state",
+        "_trailer_bytes",
+        "chunks",
+        "consumed",
+        "max_trailer_bytes",
+    )
 
     def __init__(self, max_trailer_bytes: int = 16384) -> None:
         self._state = _SIZE
@@ -54,6 +62,8 @@ class ChunkedDecoder:
         self._trailer_bytes = 0
         self.max_trailer_bytes = max_trailer_bytes
         self.consumed = 0
+        self.chunks = 0
+        """Chunks read whole, their closing CRLF included."""
 
     @property
     def done(self) -> bool:
@@ -100,6 +110,7 @@ class ChunkedDecoder:
             if line:
                 raise ChunkedError("chunk data longer than its size")
             self._state = _SIZE
+            self.chunks += 1
         elif state == _SIZE:
             self._size_line(line)
         else:  # _TRAILER

@@ -94,19 +94,33 @@ class Connection(RequestSide):
             if self.linger_bytes > LINGER_BYTES:
                 self._closed()
         elif state != CLOSED:
-            # The next request, pipelined: kept until this exchange is over.
+            # Pipelined (or read ahead while a check is pending): kept until wanted.
             self.buf += data
-            if len(self.buf) > PIPELINE_LIMIT:
+            if len(self.buf) > PIPELINE_LIMIT and not self.reading_paused:
+                self.reading_paused = True
                 self.t.pause_client(True)
 
     def client_closed(self, *, reset: bool = False) -> None:
-        """The client sent its FIN (``reset``: its connection broke or was reset)."""
+        """The client sent its FIN (``reset``: its connection broke or was reset; told
+        again each time a write to it fails)."""
         state = self.state
+        again = self.client_reset if reset else self.client_eof
         self.client_eof = True
+        if reset:
+            self.client_reset = True
         if state == CLOSED:
             return
         if state == LINGER or (state <= HEAD and not self.buf):
             self._closed()
+            return
+        if state == STREAM:
+            assert self.stream is not None
+            if not again and not self.stream.left:
+                self.stream.client_left()
+            return
+        if state == UPSTREAM and self._left_to_finish():
+            # A 2025-11-25 (or legacy) request: the client leaving is no cancellation.
+            # The answer is read (and dropped, the writes failing) to its end.
             return
         if reset:
             self._client_gone("client reset the connection")
@@ -116,9 +130,6 @@ class Connection(RequestSide):
             self._client_gone("client closed the connection inside the request body", 400)
         elif state == ADMISSION:
             self._client_gone("client closed the connection")
-        elif state == STREAM:
-            assert self.stream is not None
-            self.stream.client_left()
         elif state == TUNNEL:
             assert self.tunnel is not None
             self.tunnel.client_eof()
@@ -132,9 +143,25 @@ class Connection(RequestSide):
         x = self.x
         return x is not None and x.mcp is not None and x.mcp.cancel_on_disconnect
 
+    def _left_to_finish(self) -> bool:
+        """An MCP request whose era does not take the client leaving as cancellation,
+        and that has work upstream worth letting finish (a POST)."""
+        x = self.x
+        mcp = x.mcp if x is not None else None
+        return (
+            mcp is not None
+            and not mcp.cancel_on_disconnect
+            and x is not None
+            and (x.method == b"POST")
+        )
+
     def upstream_connected(self) -> None:
         if self.state == UPSTREAM and not self.response_started:
-            self._phase(self.env.now() + self._response_timeout())
+            if self.uploading:
+                self.sent = None  # the body flows now: no retry could send it all again
+                self._phase(INF)
+            else:
+                self._phase(self.env.now() + self._response_timeout())
 
     def upstream_data(self, data: bytes) -> None:
         up = self.up
@@ -187,7 +214,7 @@ class Connection(RequestSide):
 
     def upstream_backlog(self, blocked: bool) -> None:
         """The backend's write buffer filled (or drained): the upload waits."""
-        if self.uploading or self.state == TUNNEL:
+        if self.state != CLOSED and (self.uploading or self.state == TUNNEL):
             self.t.pause_client(blocked)
 
     def timer(self) -> None:
@@ -205,8 +232,11 @@ class Connection(RequestSide):
                 self._refuse(408, "timed out reading request body")
         elif now < self.phase_deadline:
             self._phase(self.phase_deadline)
+        elif state == PROXY and not self.trusted and self.buf:
+            # "P", "PR"...: the start of a request head, timed like any head.
+            self._refuse(408, "timed out reading request head", log_only=True)
         elif state in (IDLE, PROXY):
-            if state == PROXY:
+            if state == PROXY and self.trusted:
                 self.env.proxy_header_refused(self.peer, "timed out reading the PROXY header")
             self._closed()
         elif state == HEAD:
@@ -260,16 +290,21 @@ class Connection(RequestSide):
         up.reader.start(request.method == b"HEAD")
         self.state = UPSTREAM
         self.t.send_upstream(up, head + body if body else head)
+        if self.client_blocked:
+            self.t.pause_upstream(up, True)  # the client still has not taken the last answer
         now = self.env.now()
+        connected = up.connected
+        # Kept while a retry could send it again: all of it, or what went to a connection
+        # not made yet (of a body that streams up).
+        self.sent = [head, body] if not self.uploading or not connected else None
         if self.uploading:
-            self.sent = None
             self.upload_deadline = now + self.limits.body_timeout
-        else:
-            self.sent = (head, body)
-        if up.connected:
-            self._phase(now + x.route.response_timeout)
-        else:
+        if not connected:
             self._phase(now + self.env.config.upstream.connect_timeout)
+        elif self.uploading:
+            self._phase(INF)  # the answer's wait starts once the request is all sent
+        else:
+            self._phase(now + x.route.response_timeout)
 
     def _response_timeout(self) -> float:
         x = self.x
@@ -321,9 +356,21 @@ class Connection(RequestSide):
         if status < 200:
             if status == 101:
                 return self._switch_protocols(head, out)
-            if status == 100 and self.expect_continue:
-                self.expect_continue = False
-                out.append(answers.CONTINUE)
+            if status == 100:
+                if self.expect_continue:  # the client still waits for it
+                    self.expect_continue = False
+                    out.append(answers.CONTINUE)
+                return True
+            x = self.x
+            request = self.head
+            assert x is not None and request is not None
+            if request.http_version == b"1.1":
+                # RFC 9110 §15.2: a proxy forwards the 1xx answers it did not ask for
+                # (103 Early Hints, 102 Processing); HTTP/1.0 clients know none.
+                headers = downstream_response_headers(
+                    head.headers, head.http_version, self.env.policy_for(x.route)
+                )
+                out.append(answers.response_head(status, head.reason, headers))
             return True
         x = self.x
         request = self.head
@@ -338,7 +385,13 @@ class Connection(RequestSide):
             framing = CHUNKED
         else:
             framing = UNTIL_CLOSE
-        close = self.close_after or env.draining or self.client_eof or framing == UNTIL_CLOSE
+        # Draining, a request that already arrived behind this one is still served.
+        close = (
+            self.close_after
+            or (env.draining and not self.buf)
+            or self.client_eof
+            or framing == UNTIL_CLOSE
+        )
         self.close_after = close
         streaming = head.event_stream
         mcp = x.mcp
@@ -377,6 +430,8 @@ class Connection(RequestSide):
             self._enter_kind("sse")
             self.state = STREAM
             self._hold_lightly()
+            if self.client_reset:
+                self.stream.client_left()  # it left while the answer was on its way
         else:
             self.state = RESPONSE
         return True
@@ -424,17 +479,19 @@ class Connection(RequestSide):
         cannot run the request twice, else answer 502."""
         sent = self.sent
         if sent is not None and not self.retried:
-            if before_write:
+            if up.reused and (before_write or self.request_done):
+                # A pooled connection the backend closed while it sat idle (its
+                # keep-alive ran out): that says nothing of the backend's health, so
+                # once more on a fresh connection to the same backend, no verdict
+                # (counted as an error, not as a refused connect).
+                self._drop_upstream(failure="error")
+                if self._retry(sent, elsewhere=False):
+                    return
+            elif before_write:
                 # Refused (or reset) before a byte of the request reached it: another
                 # healthy replica at once.
                 self._drop_upstream(ok=False, failure="connect")
                 if self._retry(sent, elsewhere=True):
-                    return
-            elif up.reused and self.request_done:
-                # A pooled connection the backend had closed meanwhile: once more on a
-                # fresh one (the request is all here).
-                self._drop_upstream(failure="error")
-                if self._retry(sent, elsewhere=False):
                     return
         if before_write:
             self._give_up_upstream(502, "cannot connect to backend", "connect")
@@ -443,13 +500,14 @@ class Connection(RequestSide):
         else:
             self._give_up_upstream(502, "backend closed the connection", "error")
 
-    def _retry(self, sent: tuple[bytes, bytes], *, elsewhere: bool) -> bool:
+    def _retry(self, sent: list[bytes], *, elsewhere: bool) -> bool:
         """Resend the request once, on a fresh connection (``elsewhere``: to another
         backend of the route); False when there is nowhere to send it."""
         x = self.x
         assert x is not None and x.route is not None
         self.retried = True
-        head, body = sent
+        head = sent[0]
+        body = b"".join(sent[1:])
         if elsewhere:
             if x.mcp is not None and x.mcp.replica is not None:
                 return False  # a session is bound to its replica

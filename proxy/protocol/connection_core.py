@@ -55,6 +55,7 @@ class ConnectionCore:
         "buf",
         "client_blocked",
         "client_eof",
+        "client_reset",
         "close_after",
         "deadline",
         "env",
@@ -72,6 +73,7 @@ class ConnectionCore:
         "peer_ip",
         "pending",
         "phase_deadline",
+        "reading_paused",
         "refused_new",
         "request_done",
         "response_started",
@@ -111,7 +113,10 @@ class ConnectionCore:
         self.trusted = trusted
         """The client may (and must) open with a PROXY header."""
         self.deadline = self.phase_deadline = env.now() + (
-            env.config.proxy_protocol.timeout if proxy_header else self.limits.header_timeout
+            # An untrusted source never sends a PROXY header: its first bytes start a head.
+            env.config.proxy_protocol.timeout
+            if proxy_header and trusted
+            else self.limits.header_timeout
         )
         """``deadline`` is the earliest of: the state's own (``phase_deadline``), the
         upload's silence limit while ``uploading``, the send limit while the client's
@@ -127,6 +132,10 @@ class ConnectionCore:
         """What the connection counts as in the active-connections gauge."""
         self.linger_bytes = 0
         self.client_eof = False
+        self.client_reset = False
+        """The client's connection broke: nothing more reaches it."""
+        self.reading_paused = False
+        """Reading the client is paused because too much of it is buffered."""
         self.client_blocked = False
         """The client's write buffer is full (its send timeout runs)."""
         self.leases: list[object] | None = None
@@ -156,8 +165,8 @@ class ConnectionCore:
         self.request_done = False
         self.expect_continue = False
         """The client waits for a 100 Continue before it sends the body."""
-        self.sent: tuple[bytes, bytes] | None = None
-        """What was sent upstream (head, body), kept while a retry may still resend it."""
+        self.sent: list[bytes] | None = None
+        """What was sent upstream (head, body...), kept while a retry may resend it."""
         self.retried = False
         self.response_started = False
         """The response head was written to the client."""
@@ -166,6 +175,12 @@ class ConnectionCore:
         self.close_after = False
         """The client connection ends after this exchange (announced in the head)."""
         self.framing = AS_IS
+
+    def _resume_reading(self) -> None:
+        """What was read ahead is being taken: reading the client goes on."""
+        if self.reading_paused:
+            self.reading_paused = False
+            self.t.pause_client(False)
 
     def _phase(self, when: float) -> None:
         """Set the current state's deadline."""
@@ -219,9 +234,8 @@ class ConnectionCore:
         env = self.env
         grace = DRAIN_IDLE_GRACE if env.draining else self.limits.keepalive_timeout
         self.deadline = self.phase_deadline = env.now() + grace
+        self._resume_reading()
         if self.buf:
-            if len(self.buf) > PIPELINE_LIMIT // 2:
-                self.t.pause_client(False)
             self._read_head()
 
     def _refuse(

@@ -45,6 +45,7 @@ class StreamRelay:
         "_endpoint_block",
         "_finish_by",
         "_last_data",
+        "_last_sent",
         "_pending",
         "_target",
         "_tracker",
@@ -83,7 +84,9 @@ class StreamRelay:
         """The client closed: bytes still due are read, not sent."""
         self._finish_by = math.inf
         """Once the client has left: when the relay stops waiting for the backend."""
-        self._last_data = c.env.now()
+        self._last_data = self._last_sent = c.env.now()
+        """When the backend last sent bytes (the idle limit counts from it), and when
+        the client was last sent anything (keep-alive comments count from it)."""
 
     def start(self, events: list[ResponseHead | bytes | None]) -> None:
         """The stream's head went out; ``events`` came with it."""
@@ -110,7 +113,9 @@ class StreamRelay:
                     self._send(out)
                     c._upstream_broken(x.error or "invalid event stream")
                     return
-        self._last_data = c.env.now()
+        self._last_data = self._last_sent = c.env.now()
+        """When the backend last sent bytes (the idle limit counts from it), and when
+        the client was last sent anything (keep-alive comments count from it)."""
         self._send(out)
         if c.env.draining:
             self.drain()
@@ -160,7 +165,7 @@ class StreamRelay:
             return
         if self._keepalive_due() <= now and self._at_boundary():
             self._send([KEEPALIVE_COMMENT], track=True)
-            self._last_data = now  # the next one an interval later
+            self._last_sent = now  # the next one an interval later
         self._arm()
 
     def drain(self) -> None:
@@ -186,7 +191,8 @@ class StreamRelay:
         idle = c.env.config.upstream.stream_idle_timeout
         if idle:
             deadline = min(deadline, self._last_data + idle)
-        if self.can_add:
+        if self._at_boundary():
+            # Mid-event a comment must wait for the event's end, which comes with data.
             deadline = min(deadline, self._keepalive_due())
         return deadline
 
@@ -200,7 +206,7 @@ class StreamRelay:
         x = self.c.x
         route = x.route if x is not None else None
         interval = route.keepalive_interval if route is not None and x and x.mcp else 0.0
-        return self._last_data + interval if interval and self.can_add else math.inf
+        return self._last_sent + interval if interval and self.can_add else math.inf
 
     def _at_boundary(self) -> bool:
         return self._tracker.at_boundary and self._endpoint_block is None

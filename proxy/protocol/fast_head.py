@@ -261,7 +261,7 @@ def _parse(
         return Fallback("method")
     if version != b"HTTP/1.1":
         return Fallback("version")
-    if target[0] != 0x2F or not target.isascii():
+    if not target.startswith(b"/") or not target.isascii():
         # Absolute-form and asterisk-form need inspect_request's target handling; a byte
         # above 0x7e is outside h11's target grammar (vchar only; llhttp refuses the
         # control bytes, a tab included).

@@ -16,8 +16,9 @@ by ``END``, and the reader goes on to the next message. A 101 ends the reader's 
 ``upgraded`` is set and ``trailing`` holds the bytes that came after the head (the
 first bytes of the new protocol). The answer to a HEAD request has no body whatever its
 headers say; llhttp cannot be told so, so the reader stops at its head and the
-connection is not reused. Malformed bytes raise ``Malformed``; so does anything after
-the end of the response, and a transfer coding other than ``chunked``.
+connection is not reused. Bytes after the end of the final response leave it whole but
+the connection unfit for reuse (``keep_alive`` false). Malformed bytes raise
+``Malformed``; so does a transfer coding other than ``chunked``.
 
 ``tests/protocol/test_fast_response.py`` holds the reader to h11's reading of the same
 bytes.
@@ -40,6 +41,10 @@ class Malformed(Exception):
 
 class _HeadOnly(Exception):
     """Stops llhttp after the head of a response that has no body (HEAD)."""
+
+
+class _AfterEnd(Exception):
+    """Stops llhttp at bytes that follow the end of the final response."""
 
 
 class ResponseHead:
@@ -180,8 +185,9 @@ class ResponseReader:
 
     def on_message_begin(self) -> None:
         if self.complete:
-            # Bytes after the end of the response: never reuse this connection.
-            raise Malformed("data after the end of the response")
+            # Bytes after the end of the response: the response was whole, but the
+            # connection is never reused.
+            raise _AfterEnd
         self._headers = []
         self._chunked = False
         self._length = None
@@ -285,10 +291,16 @@ class ResponseReader:
             cause = exc.__context__
             if isinstance(cause, _HeadOnly):
                 return events  # the parser is spent; the connection is not reused
+            if isinstance(cause, _AfterEnd):
+                self.keep_alive = False
+                return events
             if isinstance(cause, Malformed):
                 raise cause from None
             raise Malformed("invalid response") from None
         except httptools.HttpParserError as exc:
+            if self.complete:  # llhttp refuses bytes after a "Connection: close" answer
+                self.keep_alive = False
+                return events
             raise Malformed(_llhttp_reason(exc)) from None
         return events
 

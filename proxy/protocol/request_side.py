@@ -30,6 +30,7 @@ from proxy.protocol.connection_core import (
     HEAD,
     IDLE,
     INF,
+    UPSTREAM,
     ConnectionCore,
 )
 from proxy.protocol.exchange import Exchange
@@ -312,6 +313,7 @@ class RequestSide(ConnectionCore):
             self.expect_continue = False
         self.state = BODY
         self._phase(self.env.now() + self.limits.body_timeout)
+        self._resume_reading()
         buf = self.buf
         if buf:
             self.buf = b""
@@ -341,23 +343,32 @@ class RequestSide(ConnectionCore):
             if done:
                 self.request_done = True
                 self._after_body()
-            elif self._hold_whole_body():
+            elif self._hold_whole_body() or not body.checked:
+                # (Nothing of the body found well framed yet: a chunk still arriving.)
                 self._phase(self.env.now() + self.limits.body_timeout)
             else:
                 # Read ahead: what arrived was checked; the rest streams up as it comes.
                 self._after_body(streaming=True)
             return
         up = self.up
-        if up is not None:
-            self.t.send_upstream(up, body.upstream(pieces, ending=done))
+        framed = body.upstream(pieces, ending=done)
+        if up is not None and framed:
+            self.t.send_upstream(up, framed)
+            if self.sent is not None:
+                self.sent.append(framed)  # not connected yet: a retry may resend it
+        now = self.env.now()
         if not done:
-            self.upload_deadline = self.env.now() + self.limits.body_timeout
+            self.upload_deadline = now + self.limits.body_timeout
             self._phase(self.phase_deadline)
             return
         self.uploading = False
         self.request_done = True
         self.upload_deadline = INF
-        self._phase(self.phase_deadline)
+        if self.state == UPSTREAM and up is not None and up.connected and x.route is not None:
+            # The request is all sent: the wait for its answer starts now.
+            self._phase(now + x.route.response_timeout)
+        else:
+            self._phase(self.phase_deadline)
         if body.chunked:
             self.heads.resync()
 
@@ -430,7 +441,8 @@ class RequestSide(ConnectionCore):
         x.error = reason
         x.refused = True
         x.bytes_out = len(body)
-        self.close_after = close = self.close_after or self.env.draining or not self.request_done
+        draining = self.env.draining and not self.buf
+        self.close_after = close = self.close_after or draining or not self.request_done
         self.t.send_client(answers.json_answer(status, body, close=close))
         self.upstream_done = True
         self._exchange_done()

@@ -133,6 +133,9 @@ EXAMPLES: dict[Transition, Callable[[], None]] = {
     ("RESPONSE", "upstream_data", "LINGER"): partial(
         response.test_a_client_asking_to_close_is_answered_then_closed_with_linger, True
     ),
+    ("RESPONSE", "upstream_data", "CLOSED"): partial(
+        response.test_invalid_bytes_mid_body_cut_the_client_and_record_502, False
+    ),
     ("RESPONSE", "upstream_closed", "IDLE"): partial(
         response.test_a_close_delimited_body_is_rechunked_for_an_http_11_client, False
     ),
