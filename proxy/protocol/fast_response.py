@@ -39,12 +39,16 @@ class Malformed(Exception):
     """The backend's bytes are not a valid HTTP/1.1 response (or not one we relay)."""
 
 
-class _HeadOnly(Exception):
-    """Stops llhttp after the head of a response that has no body (HEAD)."""
+class _Stop(Exception):
+    """Raised in a callback to stop llhttp; the reader's ``_stop`` says why (the
+    exception llhttp hands back is not it, and its ``__context__`` depends on the
+    caller's own exception state)."""
 
 
-class _AfterEnd(Exception):
-    """Stops llhttp at bytes that follow the end of the final response."""
+_HEAD_ONLY: Final = "head only"
+"""Stopped after the head of a response that has no body (HEAD)."""
+_AFTER_END: Final = "after end"
+"""Stopped at bytes that follow the end of the final response."""
 
 
 class ResponseHead:
@@ -93,8 +97,13 @@ class ResponseHead:
 
 Event = ResponseHead | bytes | None
 _NO_HEADERS: Headers = []
-"""The reader's header list between a head and the next message (never appended to:
-``on_message_begin`` starts each message with a new one)."""
+"""The reader's header list between a head and the next message: fields that arrive
+meanwhile are trailers, dropped (as h11 keeps them apart from the head); never appended
+to, ``on_message_begin`` starts each message with a new list."""
+_STATUS_LINE_START: Final = b"HTTP/"
+_CR_LF: Final = b"\r\n"
+_CONTROL: Final = bytes(range(0x00, 0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
+"""Bytes a reason phrase must not hold (RFC 9112 §4: HTAB, SP, VCHAR, obs-text)."""
 
 
 # Header names the reader looks at beyond lower-casing and stripping them.
@@ -136,8 +145,10 @@ class ResponseReader:
         "_parser",
         "_pristine",
         "_reason",
+        "_start",
+        "_stop",
+        "_tail",
         "_until_close",
-        "_version",
         "complete",
         "final",
         "keep_alive",
@@ -157,8 +168,11 @@ class ResponseReader:
         self._flags = 0
         self._pristine = True
         """No byte of the current response has been fed yet."""
-        self._version = b""
-        """The backend's HTTP version, read once per connection."""
+        self._start = b""
+        """The first bytes of a response while fewer than ``HTTP/`` have come."""
+        self._stop: Malformed | str | None = None
+        self._tail = b""
+        """At least the last 6 bytes fed (fewer only if fewer came)."""
         self.complete = False
         """The final (non-1xx) response has ended."""
         self.final = False
@@ -180,6 +194,7 @@ class ResponseReader:
         self.complete = self.final = self.keep_alive = False
         self._head_only = head_only
         self._pristine = True
+        self._start = b""
 
     # -- llhttp callbacks --------------------------------------------------------------
 
@@ -187,28 +202,45 @@ class ResponseReader:
         if self.complete:
             # Bytes after the end of the response: the response was whole, but the
             # connection is never reused.
-            raise _AfterEnd
+            self._stop = _AFTER_END
+            raise _Stop
         self._headers = []
         self._chunked = False
         self._length = None
         self._flags = 0
 
     def on_status(self, reason: bytes) -> None:
+        if len(reason.translate(None, _CONTROL)) != len(reason):
+            self._malformed("a control character in the reason phrase")
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
+        if headers is _NO_HEADERS:  # a trailer field: dropped, unless it is framing
+            lowered = name.lower()
+            if lowered in (_TRANSFER_ENCODING, _CONTENT_LENGTH):
+                self._malformed("a framing field in the trailers")  # RFC 9110 §6.5.1
+            return
         lowered = name.lower()
-        value = value.strip(_OWS)
-        self._headers.append((lowered, value))
+        stripped = value.strip(_OWS)
+        headers.append((lowered, stripped))
         if lowered in _SPECIAL:
-            self._special(lowered, value)
+            self._special(lowered, stripped, value)
 
-    def _special(self, name: bytes, value: bytes) -> None:
+    def _malformed(self, reason: str) -> None:
+        self._stop = Malformed(reason)
+        raise _Stop
+
+    def _special(self, name: bytes, value: bytes, raw: bytes) -> None:
         if name == _TRANSFER_ENCODING:
             if value.lower() != b"chunked":
-                raise Malformed("a transfer coding other than chunked")
+                self._malformed("a transfer coding other than chunked")
             if self._chunked:
-                self._flags |= _REWRITE
+                self._malformed("chunked given twice")  # RFC 9112 §7: at most once
+            if raw.rstrip(b" ") != raw.rstrip(_OWS):
+                # llhttp takes "chunked<TAB>" for another coding and would read the
+                # body to the close: the two readings of the framing must never differ.
+                self._malformed("whitespace other than spaces after chunked")
             self._chunked = True
         elif name == _CONTENT_LENGTH:
             self._length = int(value)  # llhttp has checked the digits and any repeat
@@ -229,9 +261,15 @@ class ResponseReader:
         status = parser.get_status_code()
         chunked = self._chunked
         length = self._length
-        version = self._version
-        if not version:  # read once per connection
-            version = self._version = b"1.1" if parser.get_http_version() == "1.1" else b"1.0"
+        version_text = parser.get_http_version()
+        if version_text == "1.1":
+            version = b"1.1"
+        elif version_text == "1.0":
+            version = b"1.0"
+        else:
+            self._malformed("an HTTP version other than 1.0 and 1.1")
+        if status < 100:
+            self._malformed("a status code below 100")
         head = ResponseHead(
             status, self._reason, version, self._headers, length, chunked, self._flags
         )
@@ -245,12 +283,18 @@ class ResponseReader:
             not head_only and not chunked and length is None and status != 204 and status != 304
         )
         self.final = True
+        if status == 204 or status == 304:
+            self._length = None  # no body, whatever Content-Length says
         self._until_close = until_close
-        self.keep_alive = not until_close and not head_only and parser.should_keep_alive()
+        # An HTTP/1.0 answer closes its connection (as h11 reads it, keep-alive or not).
+        self.keep_alive = (
+            not until_close and not head_only and version == b"1.1" and parser.should_keep_alive()
+        )
         if head_only:
             self._events.append(END)
             self.complete = True
-            raise _HeadOnly
+            self._stop = _HEAD_ONLY
+            raise _Stop
 
     def on_body(self, body: bytes) -> None:
         self._events.append(body)
@@ -276,7 +320,17 @@ class ResponseReader:
                 return events
             raise Malformed("the backend closed the connection mid-response")
         fresh = self._pristine
-        self._pristine = False
+        if fresh:
+            start = self._start + data
+            if not start.startswith(_STATUS_LINE_START):
+                if len(start) >= 5 or not _STATUS_LINE_START.startswith(start):
+                    # Not an HTTP response (llhttp also reads RTSP and ICE), or empty
+                    # lines before one (h11: "no response line received").
+                    raise Malformed("no HTTP status line")
+                self._start = start
+            else:
+                self._start = b""
+                self._pristine = False
         try:
             self._parser.feed_data(data)
             if fresh and events and type(events[0]) is ResponseHead:
@@ -286,23 +340,39 @@ class ResponseReader:
             self.upgraded = self.complete = True
             self.keep_alive = False
             self.trailing = data[exc.args[0] :]
-        except httptools.HttpParserCallbackError as exc:
-            # Our callbacks' own exceptions arrive wrapped; give them back as they were.
-            cause = exc.__context__
-            if isinstance(cause, _HeadOnly):
+        except httptools.HttpParserCallbackError:
+            # One of our callbacks stopped the parser; `_stop` says why.
+            stop = self._stop
+            self._stop = None
+            if stop is _HEAD_ONLY:
                 return events  # the parser is spent; the connection is not reused
-            if isinstance(cause, _AfterEnd):
+            if stop is _AFTER_END:
                 self.keep_alive = False
                 return events
-            if isinstance(cause, Malformed):
-                raise cause from None
+            if isinstance(stop, Malformed):
+                raise stop from None
             raise Malformed("invalid response") from None
         except httptools.HttpParserError as exc:
             if self.complete:  # llhttp refuses bytes after a "Connection: close" answer
                 self.keep_alive = False
                 return events
             raise Malformed(_llhttp_reason(exc)) from None
+        tail = data if len(data) >= 6 else self._tail + data
+        self._tail = tail
+        if self.keep_alive and self.complete and data[-1] in _CR_LF and self._swallowed(tail):
+            self.keep_alive = False
         return events
+
+    def _swallowed(self, tail: bytes) -> bool:
+        """Whether llhttp skipped empty lines after the end of the response (it takes
+        them for the space before a next message): the response is complete and
+        ``tail``, the last bytes fed, ends with CR or LF. Where the bytes cannot tell,
+        the connection is not reused."""
+        if self._length:  # a Content-Length body: it must end the bytes fed
+            body = b"".join([event for event in self._events if type(event) is bytes])
+            return not body or not tail.endswith(body)
+        # A head or a chunked body ends with one empty line, never two in a row.
+        return not tail.endswith(b"\r\n\r\n") or tail.endswith(b"\r\n\r\n\r\n")
 
     def _find_plain(self, head: ResponseHead, data: bytes) -> None:
         """``head.plain``, where the head is the first thing in ``data`` and final."""
