@@ -39,8 +39,8 @@ from proxy.protocol.mcp import (
     EndpointRewriteError,
     Era,
     McpHeaders,
-    check_header_body_agreement,
-    detect_era,
+    era_of,
+    header_body_mismatch,
     legacy_session_token,
     restore_message_target,
 )
@@ -166,7 +166,8 @@ def decide(
             raise McpRefusal(400, exc.code, exc.message, exc.id) from None
     request_id = envelope.id if envelope is not None else None
     headers = McpHeaders.of(headers)
-    era = detect_era(method, headers, envelope, target).era
+    values = headers.values
+    era = era_of(method, values, envelope, target)[0]
     if era is Era.STATELESS:
         if method != b"POST":
             raise McpRefusal(
@@ -177,7 +178,7 @@ def decide(
                 headers=[(b"allow", b"POST")],
             )
         assert envelope is not None
-        mismatch = check_header_body_agreement(headers, envelope)
+        mismatch = header_body_mismatch(values, envelope)
         if mismatch is not None:
             raise McpRefusal(mismatch.status, mismatch.code, mismatch.message, request_id)
         return McpDecision(era, envelope, None, cancel_on_disconnect=True)

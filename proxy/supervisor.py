@@ -15,8 +15,11 @@
 - **SIGHUP** reloads: the config is read again; if it is invalid the running generation
   keeps serving and the error is logged. Otherwise a new generation starts on the same
   sockets, and once all its workers are ready the old one is told to drain (SIGTERM).
-- **SIGTERM/SIGINT** drain: workers stop accepting, finish in-flight requests, end
-  streams; any still alive after ``drain_timeout`` + 5 s get SIGKILL.
+- **SIGTERM/SIGINT** drain: workers answer new connections 503, finish in-flight
+  requests, end streams; any still alive after ``drain_timeout`` + 5 s get SIGKILL. A
+  worker done with its drain makes its sockets refuse new handshakes, answers what is
+  queued and closes them; the supervisor then closes its copies, so a connection is
+  refused or answered, never accepted and then reset.
 - **systemd** hears READY, RELOADING, STOPPING, STATUS and WATCHDOG (``proxy.sdnotify``).
 """
 
@@ -51,7 +54,7 @@ from proxy.startup import (
     check_free,
     check_state_dir,
 )
-from proxy.worker import HANDOVER_SIGNAL
+from proxy.worker import HANDOVER_SIGNAL, STOP_SIGNAL
 from proxy.worker_process import (
     BACKOFF_MAX,
     BACKOFF_START,
@@ -175,6 +178,16 @@ class Supervisor:
                 sock.close()
                 del self.sockets[key]
 
+    def _close_slot_sockets(self, slot: WorkerSlot) -> None:
+        """Stopping, a slot's worker has exited (after closing its own copies, which
+        it does once nothing waits in their queues): the last copies go, so that the
+        kernel sends new connections to the sockets of workers still draining, or
+        refuses them, instead of queueing them where nobody will accept."""
+        for key, sock in list(self.sockets.items()):
+            if any(sock is own for own in slot.sockets):
+                sock.close()
+                del self.sockets[key]
+
     # -- workers ------------------------------------------------------------------------
 
     async def _spawn(self, gen: Generation, slot: WorkerSlot) -> WorkerProcess:
@@ -231,6 +244,8 @@ class Supervisor:
             if self.metrics_dir:
                 mark_process_dead(worker.pid, self.metrics_dir)
             if self._finished(slot):
+                if self.stopping:
+                    self._close_slot_sockets(slot)
                 self.log.info(
                     "worker_exited",
                     worker=slot.index,
@@ -291,10 +306,10 @@ class Supervisor:
             gen.nursery.start_soon(gen.spare.keep, lambda: self._generation_finished(gen))
         return gen
 
-    async def _drain(self, gen: Generation, signum: int = signal.SIGTERM) -> None:
-        """SIGTERM: the workers stop (new connections get 503 until they exit);
-        HANDOVER_SIGNAL: a new generation serves the same sockets, so the old one stops
-        accepting at once."""
+    async def _drain(self, gen: Generation, signum: int = STOP_SIGNAL) -> None:
+        """STOP_SIGNAL: the proxy stops (new connections get 503 until the workers
+        exit, and each answers its queue before closing its sockets); HANDOVER_SIGNAL: a
+        new generation serves the same sockets, so the old one stops accepting at once."""
         gen.retire(signum)
         with trio.move_on_after(gen.config.server.drain_timeout + _KILL_GRACE):
             await gen.done.wait()

@@ -2,9 +2,11 @@
 
 Started by the supervisor as ``python -m proxy.worker``; reads the validated config as
 JSON on stdin, reports readiness by writing to the file descriptor named in
-``SWITCHBOARD_READY_FD``, and drains on a signal: SIGTERM/SIGINT stop the worker (new
-connections are answered 503 until it exits), HANDOVER_SIGNAL retires it for a new
-generation that serves the same sockets (it stops accepting at once). Either way, what
+``SWITCHBOARD_READY_FD``, and drains on a signal: SIGTERM and STOP_SIGNAL stop the
+worker (new connections are answered 503 until it exits; with STOP_SIGNAL, the whole
+proxy is stopping and the worker also answers what is queued and closes its sockets),
+HANDOVER_SIGNAL retires it for a new generation that serves the same sockets (it stops
+accepting at once). Either way, what
 has arrived is served, idle keep-alive connections are closed between requests, and the
 worker exits when it is done or at ``drain_timeout``.
 
@@ -28,7 +30,7 @@ from proxy.net.admission import Admission
 from proxy.net.context import WorkerContext
 from proxy.net.control_plane import ControlPlane
 from proxy.net.health import check_forever
-from proxy.net.listener import bind_reuseport
+from proxy.net.listener import accept_new_handshakes, bind_reuseport
 from proxy.net.reactor import Reactor
 from proxy.net.upstream import Addresses, UpstreamPool
 from proxy.observability import BATCH_SECONDS, AccessLog, configure_logging, get_logger
@@ -42,6 +44,11 @@ LISTEN_FDS_ENV = "SWITCHBOARD_LISTEN_FDS"
 WORKER_ID_ENV = "SWITCHBOARD_WORKER_ID"
 HANDOVER_SIGNAL = signal.SIGUSR2
 """Sent to a generation being replaced: stop accepting now, finish, exit."""
+STOP_SIGNAL = signal.SIGINT
+"""Sent when the whole proxy stops: no worker will take the listening sockets over, so
+at the end of its drain the worker answers what waits in their queues and closes them.
+(SIGTERM alone drains the worker the same way, but leaves queued connections to the
+worker the supervisor starts in its place.)"""
 _GEN0_THRESHOLD = 20000
 """Objects allocated between young-generation collections: the request path makes few
 cycles (objects are freed by reference counting), and a collection every 700
@@ -181,6 +188,7 @@ async def serve(
             background.start_soon(_flush_forever, ctx)
             reactor = Reactor(ctx, Admission(ctx))
             for sock in socks:
+                accept_new_handshakes(sock)  # a socket a stopped worker had closed to them
                 reactor.add_listener(sock)
             # What start-up made lives as long as the worker: out of the collector's way.
             gc.collect()
@@ -199,7 +207,10 @@ async def serve(
                     active_connections=ctx.active_connections,
                 )
                 ctx.draining = True
-                reactor.drain(keep_listening=signum != HANDOVER_SIGNAL)
+                reactor.drain(
+                    keep_listening=signum != HANDOVER_SIGNAL,
+                    last_worker=signum == STOP_SIGNAL,
+                )
                 serving.cancel_scope.deadline = trio.current_time() + config.server.drain_timeout
             checks.stop()
             ctx.flush()

@@ -12,9 +12,15 @@ yet (backpressure) has its read interest removed until it does.
 Deadlines are one heap of (deadline, ticket, connection) with at most one live entry per
 connection: a deadline that moves later (the usual case: each request pushes the
 keep-alive or response deadline on) is not pushed, the old entry finds the new deadline
-when it fires. The task waits on the epoll descriptor through Trio only when nothing is
-ready, and passes a checkpoint after every batch, so the worker's other tasks (control
-plane, health checks, admission checks, the drain) keep running.
+when it fires.
+
+Waiting: when nothing is ready and no other task of the worker can run, the loop waits
+in its own epoll set, which also holds Trio's epoll descriptor, until Trio's next
+deadline. A socket that becomes ready is then served at once, without a trip through
+Trio's scheduler (that trip cost more than the rest of a wake-up); Trio's own I/O, a
+signal or a deadline hands the turn to Trio. Busy, the loop passes a checkpoint every few
+batches, so the worker's other tasks (control plane, health checks, admission checks,
+the drain) keep running.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ import os
 import select
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
+import trio.testing
 
 from proxy.net.client_io import ClientIO
+from proxy.net.listener import stop_new_handshakes
 from proxy.net.upstream import UpstreamIO, UpstreamPool
 from proxy.protocol.connection import Connection
 
@@ -54,6 +62,28 @@ _MAX_PENDING_REFUSALS = 256
 so that refusals cannot exhaust descriptors in a flood."""
 
 
+_HANDSHAKE_GRACE = 0.2
+"""How long sealed listening sockets stay open for handshakes already under way (a
+round trip, with room to spare, for clients on the same network)."""
+_LONGEST_WAIT = 1.0
+"""At most this long in one wait of the reactor's own: Trio checks its deadlines and
+signals in between even if every wake-up were missed."""
+
+
+def _trio_epoll_fd() -> int | None:
+    """The epoll descriptor of the running Trio loop's I/O manager (on Linux), or None
+    where this Trio keeps it elsewhere (the reactor then waits through Trio alone).
+    Trio has no public name for it; the reactor only ever polls it, never changes it."""
+    runner = getattr(getattr(trio._core._run, "GLOBAL_RUN_CONTEXT", None), "runner", None)
+    manager = getattr(runner, "io_manager", None)
+    epoll = getattr(manager, "_epoll", None)
+    return epoll.fileno() if isinstance(epoll, select.epoll) else None
+
+
+_TRIO: Final = object()
+"""The handler entry of Trio's own epoll descriptor in the reactor's set."""
+
+
 class Listener:
     __slots__ = ("sock",)
 
@@ -66,7 +96,7 @@ class Reactor:
         self.ctx = ctx
         self.admission = admission
         self.epoll = select.epoll()
-        self.handlers: dict[int, ClientIO | UpstreamIO | Listener] = {}
+        self.handlers: dict[int, ClientIO | UpstreamIO | Listener | object] = {}
         self.timers: list[tuple[float, int, ClientIO]] = []
         self._ticket = 0
         self.connections: set[ClientIO] = set()
@@ -76,6 +106,15 @@ class Reactor:
         self.stopping = False
         self.refusing = 0
         """Connections being refused for overload, lingering."""
+        self.last_worker = False
+        """Draining, and no worker will take the listening sockets over."""
+        self.sealed = False
+        """The listening sockets take no new handshake (``_seal_listeners``)."""
+        self.trio_due = False
+        """Trio's own I/O became ready during a batch: a checkpoint is due."""
+        self.trio_idle = False
+        """Every other task was waiting when the loop last waited, and the loop has not
+        yielded to Trio since."""
         self._time_scope: trio.CancelScope | None = None
         self._time_target = math.inf
         """The deadline the timekeeper sleeps until."""
@@ -85,7 +124,9 @@ class Reactor:
 
     # -- registration ---------------------------------------------------------------------
 
-    def register(self, fd: int, handler: ClientIO | UpstreamIO | Listener, mask: int) -> None:
+    def register(
+        self, fd: int, handler: ClientIO | UpstreamIO | Listener | object, mask: int
+    ) -> None:
         self.handlers[fd] = handler
         self.epoll.register(fd, mask)
 
@@ -125,28 +166,79 @@ class Reactor:
         """Serve until a drain is over; connections left then are closed."""
         poll = self.epoll.poll
         checkpoint = trio.lowlevel.checkpoint
-        wait_readable = trio.lowlevel.wait_readable
-        epfd = self.epoll.fileno()
+        trio_fd = _trio_epoll_fd()
+        if trio_fd is not None:
+            self.register(trio_fd, _TRIO, _IN)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep_time)
-                # Draining, the loop ends once only connections refused on arrival are left.
                 rounds = 0
-                while not self.stopping or len(self.connections) > self.refusing:
+                while True:
+                    if self.stopping and len(self.connections) <= self.refusing:
+                        # Draining, and only connections refused on arrival are left:
+                        # no more are let in, and the loop ends once those are answered.
+                        if self.listeners:
+                            if self.last_worker:
+                                if not self.sealed:
+                                    self._seal_listeners()
+                            else:
+                                # Whatever waits in the queues is left to the worker
+                                # that takes this one's place.
+                                self.stop_accepting()
+                        elif not self.connections:
+                            break
                     events = poll(0, _BATCH)
-                    if events:
-                        self.handle(events)
-                        rounds += 1
-                        if rounds == _ROUNDS_PER_CHECKPOINT:
-                            rounds = 0
-                            await checkpoint()
-                    else:
-                        # No cancel scope per wait: deadlines are the timekeeper's, and
-                        # whatever else must wake the loop writes to ``_waker``.
-                        await wait_readable(epfd)
+                    if not events:
+                        if trio_fd is None:
+                            # No cancel scope per wait: deadlines are the timekeeper's,
+                            # and whatever else must wake the loop writes to ``_waker``.
+                            await trio.lowlevel.wait_readable(self.epoll.fileno())
+                            continue
+                        # (The loop went idle: the batches before were not back to back,
+                        # and other tasks could run if they had anything to do.)
+                        rounds = 0
+                        stopping = self.stopping
+                        events = await self._wait(trio_fd)
+                        if self.stopping != stopping:
+                            continue  # a drain began meanwhile: the check above comes first
+                        if not events:
+                            self.trio_idle = False
+                            await checkpoint()  # Trio's deadline: its turn
+                            continue
+                    self.handle(events)
+                    rounds += 1
+                    if rounds == _ROUNDS_PER_CHECKPOINT or self.trio_due:
+                        # Trio's I/O is ready, or other tasks have waited long enough.
+                        rounds = 0
+                        self.trio_due = self.trio_idle = False
+                        await checkpoint()
                 nursery.cancel_scope.cancel()
         finally:
             self._close_everything()
+
+    async def _wait(self, trio_fd: int) -> list[tuple[int, int]]:
+        """Nothing is ready: wait in this epoll set, once no other task can run, until
+        Trio's next deadline (empty: the deadline came). The set holds Trio's own epoll
+        descriptor, so Trio's I/O wakes it too; a socket that becomes ready is served
+        without a trip through Trio's scheduler."""
+        stats = trio.lowlevel.current_statistics()
+        if not (self.trio_idle and not stats.tasks_runnable and not stats.run_sync_soon_queue_size):
+            # Since the loop last yielded, other tasks may have become runnable in ways
+            # the statistics do not show (those later in the batch that resumed this
+            # one): Trio says when all of them wait. (``wait_all_tasks_blocked`` is in
+            # trio.testing, but an ordinary part of Trio's API.)
+            await trio.testing.wait_all_tasks_blocked()
+            self.trio_idle = True
+            events = self.epoll.poll(0, _BATCH)
+            if events:
+                return events
+            stats = trio.lowlevel.current_statistics()
+        # Every other task waits, and only this loop's own calls (seen in ``stats``)
+        # or Trio's I/O (``trio_due``) can have changed that since.
+        wait = stats.seconds_to_next_deadline
+        if wait <= 0:
+            return []
+        return self.epoll.poll(min(wait, _LONGEST_WAIT), _BATCH)
 
     async def _keep_time(self) -> None:
         """Fire connections' deadlines as they pass. It runs between the loop's batches,
@@ -182,6 +274,8 @@ class Reactor:
                         handler.pool.dropped_while_idle(self, handler)
                 elif type(handler) is Listener:
                     self._accept(handler)
+                elif handler is _TRIO:
+                    self.trio_due = True
                 elif fd == self._waker:
                     os.eventfd_read(self._waker)
             except Exception:
@@ -194,7 +288,7 @@ class Reactor:
         """Make the loop look at its state again (a drain began, a connection ended)."""
         os.eventfd_write(self._waker, 1)
 
-    def _failed(self, handler: ClientIO | UpstreamIO | Listener | None) -> None:
+    def _failed(self, handler: ClientIO | UpstreamIO | Listener | object | None) -> None:
         io = handler.owner if isinstance(handler, UpstreamIO) else handler
         self.ctx.log.exception("connection_failed")
         if isinstance(io, ClientIO) and not io.closed:
@@ -236,7 +330,9 @@ class Reactor:
 
     # -- connections ------------------------------------------------------------------------
 
-    def _accept(self, listener: Listener) -> None:
+    def _accept(self, listener: Listener) -> bool:
+        """Accept a batch of waiting connections; False once none is left waiting (or
+        accepting must pause)."""
         ctx = self.ctx
         config = ctx.config
         limit = config.server.max_connections_per_worker
@@ -245,12 +341,12 @@ class Reactor:
             try:
                 sock, address = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             except OSError as exc:
                 if exc.errno in _CAPACITY_ERRNOS:
                     ctx.log.warning("accept_backoff", error=errno.errorcode.get(exc.errno or 0))
                     self._pause_accepting(listener)
-                    return
+                    return False
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
                 raise
@@ -279,6 +375,7 @@ class Reactor:
                 self.refusing += 1
                 io.m.refuse_new(self.stopping)
             io.settle()
+        return True
 
     def _pause_accepting(self, listener: Listener) -> None:
         self.unregister(listener.sock.fileno())
@@ -337,18 +434,41 @@ class Reactor:
 
     # -- stopping ---------------------------------------------------------------------------
 
+    def _seal_listeners(self) -> None:
+        """The end of the last worker's drain: the sockets take no new handshake; the
+        handshakes under way complete within ``_HANDSHAKE_GRACE`` and are accepted (and
+        refused with a 503) like the rest, then the sockets are closed here. The
+        supervisor closes its copies once this worker has exited."""
+        self.sealed = True
+        for listener in self.listeners:
+            try:
+                stop_new_handshakes(listener.sock)
+            except OSError as exc:
+                self.ctx.log.warning("listener_filter_failed", error=str(exc))
+        self.ctx.nursery.start_soon(self._close_sealed_listeners)
+
+    async def _close_sealed_listeners(self) -> None:
+        await trio.sleep(_HANDSHAKE_GRACE)
+        for listener in self.listeners:
+            while self._accept(listener):
+                pass
+        self.stop_accepting()
+        self.wake()
+
     def stop_accepting(self) -> None:
         for listener in self.listeners:
             self.unregister(listener.sock.fileno())
             listener.sock.close()
         self.listeners.clear()
 
-    def drain(self, *, keep_listening: bool) -> None:
+    def drain(self, *, keep_listening: bool, last_worker: bool = False) -> None:
         """Every connection finishes what has arrived and ends. ``keep_listening``: new
-        connections are still accepted, and answered 503 (the sockets close with the
-        worker); else the listening sockets are given up now (a new generation of
-        workers is taking them over)."""
+        connections are still accepted, and answered 503, until the rest is done; else
+        the listening sockets are given up now (a new generation of workers is taking
+        them over). ``last_worker``: no worker will take the sockets over, so at the end
+        what waits in their queues is answered too (``_seal_listeners``)."""
         self.stopping = True
+        self.last_worker = last_worker
         if not keep_listening:
             self.stop_accepting()
         for io in list(self.connections):
