@@ -31,7 +31,7 @@ from proxy.protocol.mcp import EndpointRewriteError, parse_endpoint_event, rewri
 from proxy.protocol.sse import KEEPALIVE_COMMENT, EventStreamTracker, retry_hint
 
 if TYPE_CHECKING:
-    from proxy.protocol.connection import Connection
+    from proxy.protocol.upstream_side import UpstreamSide
 
 _MAX_EVENT_BYTES = 1 << 20
 _MAX_ENDPOINT_BLOCK = 8192
@@ -55,7 +55,7 @@ class StreamRelay:
         "left",
     )
 
-    def __init__(self, c: Connection, *, can_add: bool) -> None:
+    def __init__(self, c: UpstreamSide, *, can_add: bool) -> None:
         self.c = c
         x = c.x
         assert x is not None

@@ -1,7 +1,6 @@
 """The request half of the connection machine (``proxy.protocol.connection``): the PROXY
-header, request heads, admission (authentication, connection caps, rate limits, MCP
-routing) and the body, up to the moment a backend is chosen; plus the answers the proxy
-gives itself and the way a connection ends. Sans-IO.
+header, request heads, admission (authentication, connection caps, rate limits) and the
+body, up to the moment the request is routed (``proxy.protocol.routing_side``). Sans-IO.
 
 Admission is a short pipeline whose steps may wait for Redis: ``_admit`` runs it from a
 step until it completes or a check is pending (state ADMISSION); ``admitted`` takes the
@@ -13,14 +12,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from proxy.auth import AUTH_FAILED, AuthFailure, check_tool_allowed, strip_credentials
+from proxy.auth import AUTH_FAILED, AuthFailure
 from proxy.conncaps import CapDecision, ip_scope, tenant_scope
 from proxy.mcp_routing import (
-    SESSION_NOT_FOUND,
     McpRefusal,
-    check_origin,
-    decide,
-    with_session,
 )
 from proxy.protocol import answers
 from proxy.protocol.body import BodyReader, BodyRejected
@@ -35,9 +30,7 @@ from proxy.protocol.connection_core import (
 )
 from proxy.protocol.exchange import Exchange
 from proxy.protocol.fast_head import NEED_MORE, FastHead, Rejected
-from proxy.protocol.http1 import upstream_request_headers
-from proxy.protocol.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST
-from proxy.protocol.mcp import SESSION_HEADER
+from proxy.protocol.jsonrpc import INTERNAL_ERROR
 from proxy.protocol.proxy_header import (
     V2_SIGNATURE,
     ProxyHeaderError,
@@ -46,15 +39,14 @@ from proxy.protocol.proxy_header import (
     unmap_ipv4,
 )
 from proxy.ratelimit import RATE_LIMITED, Decision
-from proxy.routing import Backend, Route
 
 MAX_HELD_BODY = 65536
 """The largest Content-Length body collected whole before a backend is contacted."""
 _SIGNATURE_LENGTH = len(V2_SIGNATURE)
-_RETRY_LATER = ((b"retry-after", b"1"),)
 
 # Admission steps, in order.
 _IP_CAP, _AUTH, _TENANT_CAP, _RATE, _BODY, _MCP_RATE, _BACKEND = range(7)
+MCP_RATE_STEP = _MCP_RATE
 _FAILED_AUTH_RATE = 100
 """Pending marker: the IP rate check of a request whose credentials failed."""
 
@@ -65,6 +57,17 @@ class RequestSide(ConnectionCore):
     # What the backend half provides (proxy.protocol.connection).
 
     def _send_upstream_request(self, head: bytes, body: bytes = b"") -> None:
+        raise NotImplementedError
+
+    # What the routing half provides (proxy.protocol.routing_side).
+
+    def _after_body(self, *, streaming: bool = False) -> None:
+        raise NotImplementedError
+
+    def _mcp_rate_limit(self) -> None:
+        raise NotImplementedError
+
+    def _choose_backend(self) -> None:
         raise NotImplementedError
 
     # -- the PROXY header ---------------------------------------------------------------
@@ -381,167 +384,3 @@ class RequestSide(ConnectionCore):
         assert x is not None and x.route is not None and head is not None
         length = head.info.content_length
         return x.route.kind == "mcp" or (length is not None and length <= MAX_HELD_BODY)
-
-    def _after_body(self, *, streaming: bool = False) -> None:
-        """What is needed of the body is in hand: route MCP messages, then choose."""
-        x = self.x
-        assert x is not None and x.route is not None and self.head is not None
-        if streaming:
-            self.uploading = True
-        body = self.body
-        if body is not None and self.request_done and body.chunked:
-            self.heads.resync()
-        if x.route.kind != "mcp":
-            self._choose_backend()
-            return
-        head = self.head
-        try:
-            check_origin(head.mcp_headers, x.route.allowed_origins, head.info.host)
-            decision = decide(
-                head.method,
-                head.info.target,
-                head.mcp_headers,
-                b"".join(self.held) if head.method == b"POST" else None,
-                self._tokens(),
-            )
-        except McpRefusal as exc:
-            self._refuse(exc.status, exc.message, rpc=exc)
-            return
-        x.mcp = decision
-        if decision.method == "tools/call" and x.identity is not None:
-            denied = check_tool_allowed(x.identity, decision.name)
-            if denied is not None:
-                self.env.tool_denied()
-                self._answer_in_band(200, denied.body(decision.request_id), denied.message)
-                return
-        self._mcp_rate_limit()
-
-    def _mcp_rate_limit(self) -> None:
-        x = self.x
-        assert x is not None and x.mcp is not None
-        tool = x.mcp.name if x.mcp.method == "tools/call" else None
-        check = self.env.rate_check(self.peer[0], x.identity, tool)
-        if check is not None:
-            self._wait(_MCP_RATE, check)
-            return
-        self._choose_backend()
-
-    def _tokens(self) -> Any:
-        tokens = self.env.tokens
-        if tokens is None:
-            raise McpRefusal(500, INTERNAL_ERROR, "MCP session keys are not configured", None)
-        return tokens
-
-    def _answer_in_band(self, status: int, body: bytes, reason: str) -> None:
-        """A JSON-RPC error answered with 200 (what the protocol expects for an
-        authorization refusal of a call): the connection stays usable."""
-        x = self.x
-        assert x is not None
-        x.status = status
-        x.error = reason
-        x.refused = True
-        x.bytes_out = len(body)
-        draining = self.env.draining and not self.buf
-        self.close_after = close = self.close_after or draining or not self.request_done
-        self.t.send_client(answers.json_answer(status, body, close=close))
-        self.upstream_done = True
-        self._exchange_done()
-
-    # -- choosing a backend ---------------------------------------------------------------
-
-    def _choose_backend(self) -> None:
-        x = self.x
-        assert x is not None and x.route is not None and self.head is not None
-        decision = x.mcp
-        backend = self.env.choose_backend(x.route, decision.replica if decision else None)
-        if backend is None:
-            self._no_backend()
-            return
-        x.backend = backend
-        held = b""
-        if self.held:
-            body = self.body
-            # Without a reader the whole Content-Length body came with the head.
-            held = (
-                self.held[0] if body is None else body.upstream(self.held, ending=self.request_done)
-            )
-            self.held = []
-        self._send_upstream_request(self.upstream_request(x.route, backend), held)
-
-    def _no_backend(self) -> None:
-        x = self.x
-        assert x is not None
-        decision = x.mcp
-        if decision is None:
-            self._refuse(503, "no healthy backend for this route")
-            return
-        if decision.replica is not None:
-            # The session's replica is gone or out of rotation: the client must start a
-            # new session, which the spec signals with 404.
-            refusal = McpRefusal(404, INVALID_REQUEST, SESSION_NOT_FOUND, decision.request_id)
-        else:
-            refusal = McpRefusal(
-                503,
-                INTERNAL_ERROR,
-                "No healthy backend for this route",
-                decision.request_id,
-                headers=_RETRY_LATER,
-            )
-        self._refuse(refusal.status, refusal.message, rpc=refusal)
-
-    def upstream_request(self, route: Route, backend: Backend) -> bytes:
-        """The request head as ``backend`` gets it."""
-        x = self.x
-        head = self.head
-        assert x is not None and head is not None
-        policy = self.env.policy_for(route)
-        info = head.info
-        decision = x.mcp
-        target = route.upstream_target(
-            backend, info.target if decision is None or not decision.target else decision.target
-        )
-        plain = head.plain
-        if (
-            plain is not None
-            and policy.host_mode == "preserve"
-            and (x.identity is None or route.forward_credentials)
-            and (decision is None or decision.backend_session is None)
-        ):
-            # Nothing in the header lines is rewritten or removed: they go as they came,
-            # followed by what upstream_request_headers would add.
-            return b"%s %s HTTP/1.1\r\n%bx-forwarded-for: %s\r\nx-forwarded-proto: %s\r\n%b" % (
-                head.method,
-                target,
-                plain,
-                self.peer_ip,
-                policy.proto,
-                b"x-forwarded-host: %s\r\nvia: 1.1 %s\r\n\r\n" % (info.host, policy.via),
-            )
-        headers = upstream_request_headers(
-            head,
-            head.info,
-            policy,
-            client_ip=self.peer[0],
-            backend_authority=backend.authority,
-        )
-        if x.identity is not None and not route.forward_credentials:
-            headers = strip_credentials(headers, False, self.env.auth_header())
-        if decision is not None and decision.backend_session is not None:
-            with_session(headers, decision.backend_session)
-        return answers.request_head(head.method, target, headers)
-
-    def mcp_response_headers(self, headers: list[tuple[bytes, bytes]], *, streaming: bool) -> None:
-        """MCP response header changes: the backend's session id becomes the proxy's
-        token, and streams ask intermediaries not to buffer them."""
-        x = self.x
-        assert x is not None
-        decision = x.mcp
-        tokens = self.env.tokens
-        if decision is not None and decision.issue_session and tokens is not None:
-            for i, (name, value) in enumerate(headers):
-                if name == SESSION_HEADER:
-                    assert x.backend is not None
-                    token = tokens.issue(x.backend.replica, value.decode("latin-1"))
-                    headers[i] = (name, token.encode("ascii"))
-        if streaming and not any(name == b"x-accel-buffering" for name, _ in headers):
-            headers.append((b"x-accel-buffering", b"no"))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from proxy.protocol.ws_frames import GOING_AWAY, FrameTracker, ProtocolError, close_frame
 
 if TYPE_CHECKING:
-    from proxy.protocol.connection import Connection
+    from proxy.protocol.upstream_side import UpstreamSide
 
 
 class Tunnel:
@@ -37,7 +37,7 @@ class Tunnel:
         "closed_by_drain",
     )
 
-    def __init__(self, c: Connection) -> None:
+    def __init__(self, c: UpstreamSide) -> None:
         self.c = c
         self._tracker: FrameTracker | None = FrameTracker()
         self._activity = c.env.now()

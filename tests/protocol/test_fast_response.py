@@ -282,6 +282,13 @@ STRICTER = (
         ("Invalid header value char",),
     ),
     Strictness(
+        # h11's reason phrase is anything but NUL, CR, LF, VT and FF; RFC 9112 §4 allows
+        # HTAB, SP, VCHAR and obs-text only. The phrase is relayed to clients.
+        "a control character in the reason phrase",
+        re.compile(rb"^HTTP/[^\r\n]*[\x01-\x08\x0e-\x1f\x7f]"),
+        ("a control character in the reason phrase",),
+    ),
+    Strictness(
         # RFC 9112 §7.1: chunk-size is 1*HEXDIG, whitespace is allowed only before a ";";
         # h11 allows it before the CRLF. And h11 takes anything after ";" as extensions,
         # llhttp only RFC 9112 §7.1.1's token[=token|quoted-string] list.
@@ -897,6 +904,14 @@ def test_obs_fold_is_malformed() -> None:
 @pytest.mark.parametrize("byte", [0x00, 0x0B, 0x0C])
 def test_nul_and_vertical_whitespace_in_values_are_malformed(byte: int) -> None:
     refused(response(b"X: a" + bytes([byte]) + b"b", b"Content-Length: 0"))
+
+
+@pytest.mark.parametrize("byte", [0x01, 0x08, 0x0E, 0x1F, 0x7F])
+def test_other_control_bytes_in_the_reason_phrase_are_refused(byte: int) -> None:
+    stricter(
+        response(b"Content-Length: 0", status_line=b"HTTP/1.1 200 O" + bytes([byte]) + b"K"),
+        "a control character in the reason phrase",
+    )
 
 
 @pytest.mark.parametrize("byte", [0x01, 0x08, 0x0E, 0x1F, 0x7F])

@@ -1,0 +1,194 @@
+"""The routing half of the connection machine's request side
+(``proxy.protocol.request_side``): with what is needed of the body in hand, an MCP
+message is classified and routed (``proxy.mcp_routing``), then a backend is chosen and
+the request head it gets is written; plus the MCP changes to response heads. Sans-IO.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.auth import check_tool_allowed, strip_credentials
+from proxy.mcp_routing import (
+    SESSION_NOT_FOUND,
+    McpRefusal,
+    check_origin,
+    decide,
+    with_session,
+)
+from proxy.protocol import answers
+from proxy.protocol.http1 import upstream_request_headers
+from proxy.protocol.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST
+from proxy.protocol.mcp import SESSION_HEADER
+from proxy.protocol.request_side import MCP_RATE_STEP, RequestSide
+from proxy.routing import Backend, Route
+
+_RETRY_LATER = ((b"retry-after", b"1"),)
+
+
+class RoutingSide(RequestSide):
+    __slots__ = ()
+
+    def _after_body(self, *, streaming: bool = False) -> None:
+        """What is needed of the body is in hand: route MCP messages, then choose."""
+        x = self.x
+        assert x is not None and x.route is not None and self.head is not None
+        if streaming:
+            self.uploading = True
+        body = self.body
+        if body is not None and self.request_done and body.chunked:
+            self.heads.resync()
+        if x.route.kind != "mcp":
+            self._choose_backend()
+            return
+        head = self.head
+        try:
+            check_origin(head.mcp_headers, x.route.allowed_origins, head.info.host)
+            decision = decide(
+                head.method,
+                head.info.target,
+                head.mcp_headers,
+                b"".join(self.held) if head.method == b"POST" else None,
+                self._tokens(),
+            )
+        except McpRefusal as exc:
+            self._refuse(exc.status, exc.message, rpc=exc)
+            return
+        x.mcp = decision
+        if decision.method == "tools/call" and x.identity is not None:
+            denied = check_tool_allowed(x.identity, decision.name)
+            if denied is not None:
+                self.env.tool_denied()
+                self._answer_in_band(200, denied.body(decision.request_id), denied.message)
+                return
+        self._mcp_rate_limit()
+
+    def _mcp_rate_limit(self) -> None:
+        x = self.x
+        assert x is not None and x.mcp is not None
+        tool = x.mcp.name if x.mcp.method == "tools/call" else None
+        check = self.env.rate_check(self.peer[0], x.identity, tool)
+        if check is not None:
+            self._wait(MCP_RATE_STEP, check)
+            return
+        self._choose_backend()
+
+    def _tokens(self) -> Any:
+        tokens = self.env.tokens
+        if tokens is None:
+            raise McpRefusal(500, INTERNAL_ERROR, "MCP session keys are not configured", None)
+        return tokens
+
+    def _answer_in_band(self, status: int, body: bytes, reason: str) -> None:
+        """A JSON-RPC error answered with 200 (what the protocol expects for an
+        authorization refusal of a call): the connection stays usable."""
+        x = self.x
+        assert x is not None
+        x.status = status
+        x.error = reason
+        x.refused = True
+        x.bytes_out = len(body)
+        draining = self.env.draining and not self.buf
+        self.close_after = close = self.close_after or draining or not self.request_done
+        self.t.send_client(answers.json_answer(status, body, close=close))
+        self.upstream_done = True
+        self._exchange_done()
+
+    # -- choosing a backend ---------------------------------------------------------------
+
+    def _choose_backend(self) -> None:
+        x = self.x
+        assert x is not None and x.route is not None and self.head is not None
+        decision = x.mcp
+        backend = self.env.choose_backend(x.route, decision.replica if decision else None)
+        if backend is None:
+            self._no_backend()
+            return
+        x.backend = backend
+        held = b""
+        if self.held:
+            body = self.body
+            # Without a reader the whole Content-Length body came with the head.
+            held = (
+                self.held[0] if body is None else body.upstream(self.held, ending=self.request_done)
+            )
+            self.held = []
+        self._send_upstream_request(self.upstream_request(x.route, backend), held)
+
+    def _no_backend(self) -> None:
+        x = self.x
+        assert x is not None
+        decision = x.mcp
+        if decision is None:
+            self._refuse(503, "no healthy backend for this route")
+            return
+        if decision.replica is not None:
+            # The session's replica is gone or out of rotation: the client must start a
+            # new session, which the spec signals with 404.
+            refusal = McpRefusal(404, INVALID_REQUEST, SESSION_NOT_FOUND, decision.request_id)
+        else:
+            refusal = McpRefusal(
+                503,
+                INTERNAL_ERROR,
+                "No healthy backend for this route",
+                decision.request_id,
+                headers=_RETRY_LATER,
+            )
+        self._refuse(refusal.status, refusal.message, rpc=refusal)
+
+    def upstream_request(self, route: Route, backend: Backend) -> bytes:
+        """The request head as ``backend`` gets it."""
+        x = self.x
+        head = self.head
+        assert x is not None and head is not None
+        policy = self.env.policy_for(route)
+        info = head.info
+        decision = x.mcp
+        target = route.upstream_target(
+            backend, info.target if decision is None or not decision.target else decision.target
+        )
+        plain = head.plain
+        if (
+            plain is not None
+            and policy.host_mode == "preserve"
+            and (x.identity is None or route.forward_credentials)
+            and (decision is None or decision.backend_session is None)
+        ):
+            # Nothing in the header lines is rewritten or removed: they go as they came,
+            # followed by what upstream_request_headers would add.
+            return b"%s %s HTTP/1.1\r\n%bx-forwarded-for: %s\r\nx-forwarded-proto: %s\r\n%b" % (
+                head.method,
+                target,
+                plain,
+                self.peer_ip,
+                policy.proto,
+                b"x-forwarded-host: %s\r\nvia: 1.1 %s\r\n\r\n" % (info.host, policy.via),
+            )
+        headers = upstream_request_headers(
+            head,
+            head.info,
+            policy,
+            client_ip=self.peer[0],
+            backend_authority=backend.authority,
+        )
+        if x.identity is not None and not route.forward_credentials:
+            headers = strip_credentials(headers, False, self.env.auth_header())
+        if decision is not None and decision.backend_session is not None:
+            with_session(headers, decision.backend_session)
+        return answers.request_head(head.method, target, headers)
+
+    def mcp_response_headers(self, headers: list[tuple[bytes, bytes]], *, streaming: bool) -> None:
+        """MCP response header changes: the backend's session id becomes the proxy's
+        token, and streams ask intermediaries not to buffer them."""
+        x = self.x
+        assert x is not None
+        decision = x.mcp
+        tokens = self.env.tokens
+        if decision is not None and decision.issue_session and tokens is not None:
+            for i, (name, value) in enumerate(headers):
+                if name == SESSION_HEADER:
+                    assert x.backend is not None
+                    token = tokens.issue(x.backend.replica, value.decode("latin-1"))
+                    headers[i] = (name, token.encode("ascii"))
+        if streaming and not any(name == b"x-accel-buffering" for name, _ in headers):
+            headers.append((b"x-accel-buffering", b"no"))
