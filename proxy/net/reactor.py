@@ -26,7 +26,6 @@ the drain) keep running.
 from __future__ import annotations
 
 import contextlib
-import errno
 import heapq
 import math
 import os
@@ -38,10 +37,10 @@ from typing import TYPE_CHECKING, Final
 import trio
 import trio.testing
 
+from proxy.net.accepting import Listener
 from proxy.net.client_io import ClientIO
 from proxy.net.listener import stop_new_handshakes
 from proxy.net.upstream import UpstreamIO, UpstreamPool
-from proxy.protocol.connection import Connection
 
 if TYPE_CHECKING:
     from proxy.net.admission import Admission
@@ -49,19 +48,10 @@ if TYPE_CHECKING:
 
 _IN = select.EPOLLIN
 _BATCH = 512
-_ACCEPT_BATCH = 64
-# accept() failures that mean "out of resources right now", worth a pause, not a crash.
-_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-_ACCEPT_BACKOFF = 0.1
 _ROUNDS_PER_CHECKPOINT = 4
 """Batches handled between two Trio checkpoints while sockets keep being ready: each
 checkpoint is a trip through Trio's scheduler (and its own epoll), which the other tasks
 (deadlines, admission checks, the control plane) need only every millisecond or so."""
-_MAX_PENDING_REFUSALS = 256
-"""Overload refusals lingering at once; past that, extra connections are closed unanswered
-so that refusals cannot exhaust descriptors in a flood."""
-
-
 _HANDSHAKE_GRACE = 0.2
 """How long sealed listening sockets stay open for handshakes already under way (a
 round trip, with room to spare, for clients on the same network)."""
@@ -82,13 +72,6 @@ def _trio_epoll_fd() -> int | None:
 
 _TRIO: Final = object()
 """The handler entry of Trio's own epoll descriptor in the reactor's set."""
-
-
-class Listener:
-    __slots__ = ("sock",)
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
 
 
 class Reactor:
@@ -156,7 +139,7 @@ class Reactor:
 
     def add_listener(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        listener = Listener(sock)
+        listener = Listener(sock, self)
         self.listeners.append(listener)
         self.register(sock.fileno(), listener, _IN)
 
@@ -273,7 +256,7 @@ class Reactor:
                     else:
                         handler.pool.dropped_while_idle(self, handler)
                 elif type(handler) is Listener:
-                    self._accept(handler)
+                    handler.accept()
                 elif handler is _TRIO:
                     self.trio_due = True
                 elif fd == self._waker:
@@ -329,63 +312,6 @@ class Reactor:
                 self._failed(io)
 
     # -- connections ------------------------------------------------------------------------
-
-    def _accept(self, listener: Listener) -> bool:
-        """Accept a batch of waiting connections; False once none is left waiting (or
-        accepting must pause)."""
-        ctx = self.ctx
-        config = ctx.config
-        limit = config.server.max_connections_per_worker
-        proxy_header = config.proxy_protocol.enabled
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                sock, address = listener.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return False
-            except OSError as exc:
-                if exc.errno in _CAPACITY_ERRNOS:
-                    ctx.log.warning("accept_backoff", error=errno.errorcode.get(exc.errno or 0))
-                    self._pause_accepting(listener)
-                    return False
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue
-                raise
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            overloaded = len(self.connections) - self.refusing >= limit
-            if overloaded and self.refusing >= _MAX_PENDING_REFUSALS:
-                ctx.overloaded(address)
-                sock.close()
-                continue
-            io = ClientIO(self, sock)
-            ip = address[0]
-            io.m = Connection(
-                ctx,
-                io,
-                (ip, address[1]),
-                proxy_header=proxy_header,
-                trusted=proxy_header and ctx.is_trusted_proxy(ip),
-            )
-            self.register(io.fd, io, _IN)
-            self.connections.add(io)
-            ctx.connection_opened()
-            if overloaded or self.stopping:
-                # Full (or a drain refusing new work): the client learns why and when to
-                # come back, instead of waiting in a backlog.
-                self.refusing += 1
-                io.m.refuse_new(self.stopping)
-            io.settle()
-        return True
-
-    def _pause_accepting(self, listener: Listener) -> None:
-        self.unregister(listener.sock.fileno())
-
-        async def resume() -> None:
-            await trio.sleep(_ACCEPT_BACKOFF)
-            if listener in self.listeners:
-                self.register(listener.sock.fileno(), listener, _IN)
-
-        self.ctx.nursery.start_soon(resume)
 
     def client_closed(self, io: ClientIO) -> None:
         self.unregister(io.fd)
@@ -450,7 +376,7 @@ class Reactor:
     async def _close_sealed_listeners(self) -> None:
         await trio.sleep(_HANDSHAKE_GRACE)
         for listener in self.listeners:
-            while self._accept(listener):
+            while listener.accept():
                 pass
         self.stop_accepting()
         self.wake()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from proxy.mcp_routing import McpRefusal
 from proxy.protocol import answers
 from proxy.protocol.exchange import Env, Exchange, Transport, Upstream
-from proxy.protocol.fast_head import HeadReader
+from proxy.protocol.head_reader import HeadReader
 
 if TYPE_CHECKING:
     from proxy.auth import AuthFailure

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import h11
 import httptools
 
 from proxy.protocol.http1 import (
@@ -36,9 +35,6 @@ from proxy.protocol.http1 import (
     RequestRejected,
     _check_path,
     _connection_tokens,
-    check_request_line,
-    inspect_request,
-    protocol_error_status,
 )
 from proxy.protocol.mcp import MCP_HEADER_NAMES, McpHeaders
 
@@ -122,7 +118,7 @@ Verdict = FastHead | NeedMore | Fallback | Rejected
 NEED_MORE = NeedMore()
 
 
-class _Collector:
+class HeadCollector:
     """The httptools callback object: takes each header as llhttp reports it, lower-cased
     and stripped as h11 gives them, and notes the few whose values the proxy reads."""
 
@@ -210,14 +206,16 @@ def parse_request_head(data: bytes, max_header_bytes: int) -> Verdict:
     body or a pipelined request); ``max_header_bytes`` is the limit h11 is given as
     ``max_incomplete_event_size`` and the proxy applies to whole heads.
     """
-    collector = _Collector()
-    return _parse(data, max_header_bytes, collector, httptools.HttpRequestParser(collector))
+    collector = HeadCollector()
+    return parse_head_with(
+        data, max_header_bytes, collector, httptools.HttpRequestParser(collector)
+    )
 
 
-def _parse(
+def parse_head_with(
     data: bytes,
     max_header_bytes: int,
-    collector: _Collector,
+    collector: HeadCollector,
     parser: httptools.HttpRequestParser,
 ) -> Verdict:
     """``parse_request_head`` with the llhttp parser given: one that has seen exactly the
@@ -328,127 +326,3 @@ _NO_MCP_HEADERS = McpHeaders()
 # ``%``): what is left after deleting these tells whether _check_path must look.
 _PATH_BYTES = bytes(b for b in range(256) if b not in b".\\%")
 _NO_TOKENS: frozenset[bytes] = frozenset()
-
-
-class HeadReader:
-    """The request heads of one client connection, in order.
-
-    Ordinary heads are parsed by one llhttp parser kept for the connection's life: it
-    sees every head and every Content-Length body (``body``), so it always stands at the
-    start of the next message. Anything ``parse_request_head`` leaves alone is parsed by
-    h11, the reference, then checked by ``inspect_request``; the llhttp parser, which did
-    not follow that message, is replaced (``resync``) before the next head.
-
-    ``read(data)`` takes everything received for the current head so far and answers
-    FastHead (from either parser, ``consumed`` bytes long), NEED_MORE or Rejected. A
-    request line is judged as soon as it is complete (``check_request_line``), so a line
-    that can never start a valid head is refused at once instead of at the timeout.
-    """
-
-    __slots__ = ("_collector", "_h11", "_h11_fed", "_line_checked", "_parser", "max_header_bytes")
-
-    def __init__(self, max_header_bytes: int) -> None:
-        self.max_header_bytes = max_header_bytes
-        self._collector = _Collector()
-        self._parser: httptools.HttpRequestParser | None = None
-        self._h11: h11.Connection | None = None
-        """The reference parser, while the current head is an unusual one."""
-        self._h11_fed = 0
-        self._line_checked = False
-
-    def read(self, data: bytes) -> FastHead | NeedMore | Rejected:
-        if self._h11 is None:
-            parser = self._parser
-            if parser is None:
-                parser = self._parser = httptools.HttpRequestParser(self._collector)
-            verdict = _parse(data, self.max_header_bytes, self._collector, parser)
-            if type(verdict) is FastHead:
-                self._line_checked = False
-                return verdict
-            if verdict is NEED_MORE:
-                return self._early_line_check(data)
-            # llhttp has seen (part of) a head it will not follow to its end.
-            self._parser = None
-            if type(verdict) is Rejected:
-                self._line_checked = False
-                return verdict
-            self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
-            self._h11_fed = 0
-        return self._read_h11(data)
-
-    def body(self, data: bytes | memoryview) -> None:
-        """Body bytes of a Content-Length request read by llhttp, so that it stays in step
-        with the connection."""
-        parser = self._parser
-        if parser is not None:
-            try:
-                parser.feed_data(data)
-            except httptools.HttpParserError:
-                self._parser = None  # out of step: a fresh one before the next head
-
-    def resync(self) -> None:
-        """The current message's body was not shown to llhttp (chunked, or the head came
-        through h11): start the next head on a fresh parser."""
-        self._parser = None
-
-    def idle(self) -> None:
-        """No head is due for long (a held stream): let go of the parser and of what
-        the last head left behind; the next head gets a fresh parser."""
-        self._parser = None
-        self._collector.reset()
-
-    def _early_line_check(self, data: bytes) -> NeedMore | Rejected:
-        if self._line_checked or not data or data[0] < 0x21:
-            return NEED_MORE
-        line_end = data.find(b"\n")
-        if line_end < 0:
-            return NEED_MORE
-        self._line_checked = True
-        line = data[:line_end]
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        try:
-            check_request_line(line)
-        except RequestRejected as exc:
-            self._parser = None
-            return Rejected(exc.status, exc.reason)
-        return NEED_MORE
-
-    def _read_h11(self, data: bytes) -> FastHead | NeedMore | Rejected:
-        conn = self._h11
-        assert conn is not None
-        fresh = data[self._h11_fed :]
-        if fresh:
-            conn.receive_data(fresh)
-            self._h11_fed = len(data)
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            return self._h11_done(Rejected(*protocol_error_status(exc)))
-        if event is h11.NEED_DATA:
-            return self._early_line_check(data)
-        assert isinstance(event, h11.Request)
-        consumed = len(data) - len(conn.trailing_data[0])
-        if consumed > self.max_header_bytes:
-            # h11's limit bounds only heads still incomplete: count what it took.
-            return self._h11_done(Rejected(431, "request header section too large"))
-        try:
-            info = inspect_request(event)
-        except RequestRejected as exc:
-            return self._h11_done(Rejected(exc.status, exc.reason, exc.headers))
-        headers = list(event.headers)
-        head = FastHead(
-            method=event.method,
-            target=event.target,
-            http_version=event.http_version,
-            headers=headers,
-            consumed=consumed,
-            info=info,
-            mcp_headers=McpHeaders.of(headers),
-        )
-        return self._h11_done(head)
-
-    def _h11_done(self, verdict: FastHead | Rejected) -> FastHead | Rejected:
-        self._h11 = None
-        self._line_checked = False
-        return verdict
