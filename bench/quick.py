@@ -1,5 +1,6 @@
-"""Kept for ``make bench`` and old habits: ``python -m bench.quick`` is
-``python -m bench.run --quick`` (the quick profile of the side-by-side benchmark).
+"""Kept for old habits: ``python -m bench.quick`` is ``python -m bench.run --quick`` (the
+quick profile of the side-by-side benchmark; ``make bench-quick`` runs ``bench.run``
+directly).
 
 The old flags still work: ``--workers``, ``--rounds``, ``--duration`` pass through and
 ``--connections N`` becomes ``--concurrency N``; anything else goes to ``bench.run``.
