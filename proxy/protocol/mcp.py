@@ -233,6 +233,53 @@ def _routing_headers(values: dict[bytes, list[bytes]]) -> dict[bytes, str] | Hea
     return found
 
 
+_PRINTABLE_ASCII = bytes(range(0x20, 0x7F))
+
+
+def _agree_plainly(values: dict[bytes, list[bytes]], envelope: Envelope) -> bool:
+    """The usual request, decided without decoding anything: one copy of each routing
+    header, printable ASCII, equal byte for byte to the body's values (and no base64
+    Mcp-Name). False is no verdict: the full check decides, and says what is wrong."""
+    if envelope.kind != "request" or envelope.non_string:
+        return False
+    version = values.get(VERSION_HEADER)
+    method = values.get(METHOD_HEADER)
+    body_version = envelope.protocol_version
+    body_method = envelope.method
+    if (
+        version is None
+        or method is None
+        or len(version) != 1
+        or len(method) != 1
+        or body_version is None
+        or body_method is None
+        or not body_version.isascii()
+        or not body_method.isascii()
+        or version[0] != body_version.encode()
+        or method[0] != body_method.encode()
+        or version[0].translate(None, _PRINTABLE_ASCII)
+        or method[0].translate(None, _PRINTABLE_ASCII)
+    ):
+        return False
+    name = values.get(NAME_HEADER)
+    if name is None:
+        key = _NAME_BEARING.get(body_method)
+        return key is None or (envelope.name if key == "name" else envelope.uri) is None
+    if len(name) != 1 or name[0].translate(None, _PRINTABLE_ASCII):
+        return False
+    key = _NAME_BEARING.get(body_method)
+    if key is None:
+        return True
+    body_value = envelope.name if key == "name" else envelope.uri
+    if body_value is None:
+        return True
+    return (
+        body_value.isascii()
+        and name[0] == body_value.encode()
+        and not name[0].startswith(b"=?base64?")
+    )
+
+
 def check_header_body_agreement(
     headers: Sequence[tuple[bytes, bytes]] | McpHeaders, envelope: Envelope
 ) -> HeaderMismatch | None:
@@ -253,6 +300,8 @@ def header_body_mismatch(
     values: dict[bytes, list[bytes]], envelope: Envelope
 ) -> HeaderMismatch | None:
     """``check_header_body_agreement`` for the request path (``McpHeaders.values``)."""
+    if _agree_plainly(values, envelope):
+        return None
     found = _routing_headers(values)
     if isinstance(found, HeaderMismatch):
         return found
