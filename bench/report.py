@@ -65,7 +65,7 @@ def _check(value: float, ok: Callable[[float], bool]) -> bool | None:
 
 
 def targets(results: JSON) -> list[JSON]:
-    """The issue's targets, measured against their goals (None: not measured)."""
+    """The performance targets, measured against their goals (None: not measured)."""
     w = results["workloads"]
     out: list[JSON] = []
     post = _get(w, "post", "concurrency") or {}

@@ -5,8 +5,9 @@
     python -m bench.run --profile 100k       # >= 100,000 SSE streams for 5 min (16 cores)
     python -m bench.run --publish            # also update docs/benchmarks.md + docs/img/
 
-Workloads (``--workloads post,sdk,hold,soak``; see ``bench.workloads``): small JSON-RPC
-POST at concurrency 1 and 64; the same through the official mcp SDK server; N idle SSE
+Workloads (``--workloads post,mcp,sdk,hold,soak``; see ``bench.workloads``): small
+JSON-RPC POST at concurrency 1 and 64; an SDK-shaped MCP tools/call through an mcp route,
+answered with JSON and with one SSE event; the same through the official mcp SDK server; N idle SSE
 streams and WebSockets held through each target; a soak of the most SSE streams the box
 allows (file-descriptor bound) through Switchboard with periodic events. Targets are
 interleaved (A B C A B C ...) over several rounds and medians reported, because the
@@ -95,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
     parser.add_argument("--quick", action="store_true", help="same as --profile quick")
-    parser.add_argument("--workloads", help="comma-separated subset of post,sdk,hold,soak")
+    parser.add_argument("--workloads", help="comma-separated subset of post,mcp,sdk,hold,soak")
     parser.add_argument("--workers", type=int, help="Switchboard workers = HAProxy threads")
     parser.add_argument("--rounds", type=int, help="rounds of wrk runs (A B C per round)")
     parser.add_argument("--duration", type=float, help="seconds per wrk run")

@@ -1,4 +1,4 @@
-"""The four workloads. Each returns a JSON-able dict: raw runs, per-target medians, and
+"""The five workloads. Each returns a JSON-able dict: raw runs, per-target medians, and
 the ratios the targets table needs.
 
 1. ``post``: a small JSON-RPC POST (tools/call-sized, keep-alive) with wrk at several

@@ -94,8 +94,8 @@ class AccessLog:
     """Access lines, written without structlog's processor chain and in batches:
     ``add`` keeps a line (stamped with the time it was made), ``flush`` writes what is
     kept in one write. Whoever owns the log flushes it when ``full`` says so, at most
-    ``BATCH_SECONDS`` after a first line, and on drain and exit; with ``per_line`` each
-    line is written and flushed at once."""
+    ``BATCH_SECONDS`` after a first line, and on drain and exit; with ``per_line`` it
+    is full after every line."""
 
     __slots__ = ("_bound", "_encode_lines", "_lines", "_second", "_stamp", "_stream", "per_line")
 
@@ -116,12 +116,12 @@ class AccessLog:
         if pid is not None:
             line.pid = pid
         self._lines.append((line, time.time()))
-        if self.per_line:
-            self.flush()
 
     @property
     def full(self) -> bool:
-        return len(self._lines) >= BATCH_LINES
+        """Time to flush (each line, with ``per_line``): the owner publishes the counts
+        first, so that what is logged has been counted."""
+        return self.per_line or len(self._lines) >= BATCH_LINES
 
     def __bool__(self) -> bool:
         return bool(self._lines)

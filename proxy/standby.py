@@ -64,13 +64,14 @@ async def _read_slot(fd: int) -> int | None:
 async def wait_for_slot(ready_fd: int, listen_fds_env: str, worker_id_env: str) -> int | None:
     """Report ``standby`` on ``ready_fd``, wait for a slot, take its sockets (its fds go
     into ``listen_fds_env``, its index into ``worker_id_env``, where the worker reads
-    them) and return its index; None if told to stop first (SIGTERM, SIGINT, or the
+    them) and return its index; None if told to stop first (SIGTERM, SIGINT, SIGUSR2,
+    the worker's HANDOVER_SIGNAL sent to a generation replaced by a reload, or the
     supervisor gone)."""
     _warm_up()
     slots = slot_fds_from_env(os.environ[SLOT_FDS_ENV])
     handoff = int(os.environ[HANDOFF_FD_ENV])
     chosen: list[int | None] = [None]
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2) as signals:
         async with trio.open_nursery() as nursery:
 
             async def read() -> None:

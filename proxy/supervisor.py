@@ -14,7 +14,8 @@
   30 s).
 - **SIGHUP** reloads: the config is read again; if it is invalid the running generation
   keeps serving and the error is logged. Otherwise a new generation starts on the same
-  sockets, and once all its workers are ready the old one is told to drain (SIGTERM).
+  sockets, and once all its workers are ready the old one is told to hand over
+  (HANDOVER_SIGNAL: stop accepting at once, finish, exit).
 - **SIGTERM/SIGINT** drain: workers answer new connections 503, finish in-flight
   requests, end streams; any still alive after ``drain_timeout`` + 5 s get SIGKILL. A
   worker done with its drain makes its sockets refuse new handshakes, answers what is

@@ -238,7 +238,10 @@ class Connection(UpstreamSide):
             self._refuse(408, "timed out reading request body")
         elif state == UPSTREAM:
             up = self.up
-            if up is not None and not up.connected:
+            if up is not None and up.queued:
+                # The proxy's own cap, not the backend's failure: no verdict on its health.
+                self._refuse(503, "backend connection limit reached (max_connections_per_backend)")
+            elif up is not None and not up.connected:
                 self._give_up_upstream(502, "timed out connecting to backend", "connect")
             else:
                 self._give_up_upstream(504, "backend response timeout", "timeout")

@@ -12,6 +12,7 @@ from proxy.mcp_routing import McpRefusal
 from proxy.protocol import answers
 from proxy.protocol.exchange import Env, Exchange, Transport, Upstream
 from proxy.protocol.head_reader import HeadReader
+from proxy.protocol.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST
 
 if TYPE_CHECKING:
     from proxy.auth import AuthFailure
@@ -259,6 +260,16 @@ class ConnectionCore:
         x.refused = True
         if not self.response_started and not self.client_eof:
             retry = self.env.config.server.retry_after_seconds
+            if rpc is None and not log_only and x.route is not None and x.route.kind == "mcp":
+                # On an MCP route every answer is JSON-RPC, the proxy's own included.
+                decision = x.mcp
+                rpc = McpRefusal(
+                    status,
+                    INTERNAL_ERROR if status >= 500 else INVALID_REQUEST,
+                    reason,
+                    decision.request_id if decision is not None else None,
+                    headers,
+                )
             if rpc is not None:
                 data = answers.json_answer(status, rpc.body(), rpc.headers, retry_after=retry)
             else:

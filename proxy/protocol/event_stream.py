@@ -114,8 +114,6 @@ class StreamRelay:
                     c._upstream_broken(x.error or "invalid event stream")
                     return
         self._last_data = self._last_sent = c.env.now()
-        """When the backend last sent bytes (the idle limit counts from it), and when
-        the client was last sent anything (keep-alive comments count from it)."""
         self._send(out)
         if c.env.draining:
             self.drain()

@@ -83,6 +83,8 @@ class Upstream(Protocol):
     reused: bool
     """It served an earlier exchange (it may have been closed by the backend since)."""
     connected: bool
+    queued: bool
+    """Waiting for a slot under ``max_connections_per_backend`` (not yet connecting)."""
     backend: Backend
 
 

@@ -26,6 +26,8 @@ from proxy.protocol.http1 import downstream_response_headers, reason_phrase
 from proxy.protocol.routing_side import RoutingSide
 from proxy.protocol.tunnel import Tunnel
 
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
 
 class UpstreamSide(RoutingSide):
     __slots__ = ()
@@ -232,11 +234,15 @@ class UpstreamSide(RoutingSide):
         cannot run the request twice, else answer 502."""
         sent = self.sent
         if sent is not None and not self.retried:
-            if up.reused and (before_write or self.request_done):
+            request = self.head
+            idempotent = request is not None and request.method in _IDEMPOTENT
+            if up.reused and (before_write or (self.request_done and idempotent)):
                 # A pooled connection the backend closed while it sat idle (its
                 # keep-alive ran out): that says nothing of the backend's health, so
                 # once more on a fresh connection to the same backend, no verdict
-                # (counted as an error, not as a refused connect).
+                # (counted as an error, not as a refused connect). Once the request
+                # was written, only where running it twice is harmless (RFC 9110
+                # §9.2.2): a POST (an MCP call) may have run.
                 self._drop_upstream(failure="error")
                 if self._retry(sent, elsewhere=False):
                     return

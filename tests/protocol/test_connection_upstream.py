@@ -65,6 +65,37 @@ def test_a_connect_that_does_not_complete_in_time_gets_502(bytewise: bool) -> No
     assert w.state == "LINGER"
 
 
+def test_waiting_for_a_backend_slot_past_connect_timeout_gets_503_and_no_verdict(
+    bytewise: bool,
+) -> None:
+    # max_connections_per_backend is the proxy's own limit: the backend did not fail.
+    w = World(routes_config())
+    w.t.connect_now = False
+    w.t.queue_next = True
+    w.feed(GET, byte_at_a_time=bytewise)
+    w.advance(w.env.config.upstream.connect_timeout)
+    answer = client_answer(w.t.take_client())
+    assert answer.status == 503 and answer.header(b"retry-after") is not None
+    assert w.t.up.finished == {"reusable": False, "ok": None, "failure": None}
+    assert w.accounted[0].status == 503
+
+
+def test_the_proxys_own_errors_on_an_mcp_route_are_json_rpc(bytewise: bool) -> None:
+    w = World(routes_config())
+    w.feed(call_2026(request_id=41), byte_at_a_time=bytewise)
+    route = w.env.routes.match("/mcp")
+    assert route is not None
+    w.advance(route.response_timeout)
+    answer = client_answer(w.t.take_client())
+    assert answer.status == 504
+    assert answer.header(b"content-type") == b"application/json"
+    assert json.loads(answer.body) == {
+        "jsonrpc": "2.0",
+        "id": 41,
+        "error": {"code": -32603, "message": "backend response timeout"},
+    }
+
+
 def test_the_response_timeout_is_the_routes_own_and_ends_in_504(bytewise: bool) -> None:
     w = World(routes_config())
     w.feed(GET.replace(b"/x", b"/slow"), byte_at_a_time=bytewise)
@@ -167,6 +198,16 @@ def test_a_pooled_connection_found_closed_is_retried_once_on_a_fresh_one(bytewis
     w.c.upstream_closed()
     w.c.upstream_closed()
     assert client_answer(w.t.take_client()).status == 502
+
+
+def test_a_post_whose_pooled_connection_closed_after_it_was_written_is_not_sent_again() -> None:
+    # RFC 9110 §9.2.2: the backend may have run it (an MCP tools/call) before closing.
+    w = World(routes_config())
+    kept_alive(w, b"POST /one HTTP/1.1\r\nHost: a.example\r\nContent-Length: 2\r\n\r\nhi")
+    pooled = w.t.up
+    w.c.upstream_closed()
+    assert client_answer(w.t.take_client()).status == 502
+    assert w.t.up is pooled and pooled.sent.count(b"POST /one") == 1
 
 
 def test_a_pooled_connection_reset_before_answering_is_retried_on_a_fresh_one() -> None:

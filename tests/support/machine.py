@@ -34,6 +34,7 @@ class FakeUpstream:
         self.reader = ResponseReader()
         self.reused = reused
         self.connected = connected
+        self.queued = False
         self.sent = bytearray()
         self.shut = False
         self.paused = False
@@ -55,6 +56,8 @@ class FakeTransport:
         self.pooled: list[FakeUpstream] = []
         """Idle connections ``open_upstream`` hands out before making new ones."""
         self.connect_now = True
+        self.queue_next = False
+        """New backend connections wait for a slot (max_connections_per_backend)."""
         """New connections are connected at once (else ``upstream_connected`` says)."""
         self.checks: list[Check] = []
         self.released: list[object] = []
@@ -96,6 +99,7 @@ class FakeTransport:
             up = self.pooled.pop()
         else:
             up = FakeUpstream(backend, reused=False, connected=self.connect_now)
+            up.queued = self.queue_next
         self.upstreams.append(up)
         return up
 
