@@ -104,8 +104,8 @@ async def assert_timed_out_with_408(
 ) -> None:
     """Send ``sent`` and go silent: a 408 no sooner than TIMEOUT later, the connection
     closed, the refusal logged, and nothing reached the backend."""
-    client = await open_client(proxy.port)
-    started = trio.current_time()
+    started = trio.current_time()  # before the connection exists: a first head's time
+    client = await open_client(proxy.port)  # runs from the accept
     await client.send(sent)
     response = await client.read_response(within=GUARD)
     elapsed = trio.current_time() - started
@@ -349,8 +349,8 @@ async def test_large_body_timeout_mid_body_gets_408_after_forwarding(
     sections = {"limits": {"body_timeout": TIMEOUT, "max_body_bytes": 1 << 20}}
     with proxy_to(tmp_path, backend.url, sections=sections) as proxy:
         client = await open_client(proxy.port)
-        await client.send(post_head(200_000) + b"0123456789")
-        started = trio.current_time()
+        started = trio.current_time()  # the body's silence counts from its last byte,
+        await client.send(post_head(200_000) + b"0123456789")  # which this sends
         await backend.wait_for(lambda b: b.bytes_received > 0 and b.requests)
         response = await client.read_response(within=GUARD)
         elapsed = trio.current_time() - started
