@@ -88,33 +88,36 @@ class StreamRelay:
         """When the backend last sent bytes (the idle limit counts from it), and when
         the client was last sent anything (keep-alive comments count from it)."""
 
-    def start(self, events: list[ResponseHead | bytes | None]) -> None:
-        """The stream's head went out; ``events`` came with it."""
+    def start(self, head: bytes, events: list[ResponseHead | bytes | None]) -> None:
+        """``head``: the stream's response head, to go out first; ``events`` came with
+        it (a short answer, its head, its one event and its end, goes in one write)."""
         if events:
-            self.events(events)
+            self.events(events, head)
         else:
+            if head:
+                self.c.t.send_client(head)
             self._arm()
 
     # -- events from the machine ----------------------------------------------------------
 
-    def events(self, events: list[ResponseHead | bytes | None]) -> None:
+    def events(self, events: list[ResponseHead | bytes | None], head: bytes = b"") -> None:
         c = self.c
         x = c.x
         assert x is not None
         out: list[bytes] = []
         for event in events:
             if event is END:
-                self._send(out)
-                self._ended()
+                self._send(out, head=head, last=True)
+                self._ended(last_sent=True)
                 return
             if type(event) is bytes:
                 x.bytes_out += len(event)
                 if not self._on_data(event, out):
-                    self._send(out)
+                    self._send(out, head=head)
                     c._upstream_broken(x.error or "invalid event stream")
                     return
         self._last_data = self._last_sent = c.env.now()
-        self._send(out)
+        self._send(out, head=head)
         if c.env.draining:
             self.drain()
         else:
@@ -209,30 +212,40 @@ class StreamRelay:
     def _at_boundary(self) -> bool:
         return self._tracker.at_boundary and self._endpoint_block is None
 
-    def _ended(self) -> None:
-        """The backend ended the stream."""
+    def _ended(self, *, last_sent: bool = False) -> None:
+        """The backend ended the stream (``last_sent``: the closing chunk went out with
+        the stream's last bytes)."""
         c = self.c
         self.ending = True
         c.upstream_done = True
         if self.left:
             c.close_after = True
-        elif c.framing == CHUNKED:
+        elif c.framing == CHUNKED and not last_sent:
             c.t.send_client(LAST_CHUNK)
         c._exchange_done()
 
-    def _send(self, pieces: list[bytes], *, track: bool = False) -> None:
-        """Body bytes to the client, framed (``track``: the proxy's own, which the
-        boundary tracker must see too)."""
-        if not pieces or self.left:
-            return
+    def _send(
+        self, pieces: list[bytes], *, track: bool = False, head: bytes = b"", last: bool = False
+    ) -> None:
+        """Body bytes to the client, framed, in one write (``track``: the proxy's own,
+        which the boundary tracker must see too; ``head``: the response head, not yet
+        sent, to go before them; ``last``: the closing chunk after them)."""
         c = self.c
+        if self.left:
+            if head:
+                c.t.send_client(head)
+            return
         if track:
             for piece in pieces:
                 self._tracker.feed(piece)
         if c.framing == CHUNKED:
-            c.t.send_client(b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pieces))
+            body = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pieces)
+            if last:
+                body += LAST_CHUNK
         else:
-            c.t.send_client(b"".join(pieces))
+            body = b"".join(pieces)
+        if head or body:
+            c.t.send_client(head + body)
 
     def _on_data(self, data: bytes, out: list[bytes]) -> bool:
         """Relay (or, for a legacy stream's first event, rewrite) backend bytes; False

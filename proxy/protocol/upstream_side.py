@@ -86,9 +86,7 @@ class UpstreamSide(RoutingSide):
                     return
                 if self.state > RESPONSE:
                     # An event stream or a tunnel takes over from here.
-                    if out:
-                        self.t.send_client(b"".join(out))
-                    self._hand_over(events[events.index(event) + 1 :])
+                    self._hand_over(b"".join(out), events[events.index(event) + 1 :])
                     return
                 framing = self.framing
         if up.reader.complete:
@@ -184,7 +182,6 @@ class UpstreamSide(RoutingSide):
             self.stream = StreamRelay(self, can_add=framing == CHUNKED)
             self._enter_kind("sse")
             self.state = STREAM
-            self._hold_lightly()
             if self.client_reset:
                 self.stream.client_left()  # it left while the answer was on its way
         else:
@@ -198,12 +195,21 @@ class UpstreamSide(RoutingSide):
         self.head = None
         self.heads.idle()
 
-    def _hand_over(self, events: list[ResponseHead | bytes | None]) -> None:
+    def _hand_over(self, head: bytes, events: list[ResponseHead | bytes | None]) -> None:
+        """``head``: the client's copy of the response head (and any 1xx before it),
+        not sent yet: a stream that came whole with its head goes out in one write."""
         if self.state == STREAM:
-            assert self.stream is not None
-            self.stream.start(events)
+            stream = self.stream
+            assert stream is not None
+            stream.start(head, events)
+            if self.stream is stream:
+                # Still relaying (a stream that came whole is over, and the connection
+                # may be reading its next head): it may be held for hours.
+                self._hold_lightly()
         elif self.state == TUNNEL:
             assert self.tunnel is not None and self.up is not None
+            if head:
+                self.t.send_client(head)
             self.tunnel.start(self.up.reader.trailing)
 
     def _switch_protocols(self, head: ResponseHead, out: list[bytes]) -> bool:
