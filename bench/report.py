@@ -317,10 +317,24 @@ def markdown(results: JSON, img_prefix: str = "") -> str:
         for c, data in post["concurrency"].items():
             out += [f"Concurrency {c}:", "", *_wrk_table(data["summary"]), ""]
         out += [f"![small POST]({img_prefix}post.png)", ""]
+    mcp = _get(w, "mcp")
+    if mcp:
+        out += [
+            "### 2. SDK-shaped MCP tools/call through an mcp route",
+            "",
+            f"{mcp['description']}; concurrency {mcp['concurrency']}, {mcp['rounds']} "
+            f"interleaved rounds of {mcp['duration_s']:.0f} s, medians. Every target was "
+            f"checked first: 200 with the backend's answer.",
+            "",
+        ]
+        for kind, data in mcp["answers"].items():
+            answer = "JSON" if kind == "json" else "one SSE event"
+            out += [f"Answered with {answer}:", "", *_wrk_table(data["summary"]), ""]
+        out += [f"![MCP route]({img_prefix}mcp.png)", ""]
     sdk = _get(w, "sdk")
     if sdk:
         out += [
-            "### 2. Through the official MCP SDK server",
+            "### 3. Through the official MCP SDK server",
             "",
             f"{sdk['description']}; concurrency {sdk['concurrency']}, {sdk.get('rounds', '?')} "
             f"interleaved rounds of {sdk.get('duration_s', 0):.0f} s, medians; route kind "
@@ -334,7 +348,7 @@ def markdown(results: JSON, img_prefix: str = "") -> str:
     hold = _get(w, "hold")
     if hold:
         out += [
-            "### 3. Idle held connections",
+            "### 4. Idle held connections",
             "",
             f"{hold['streams']:,} connections per measurement, {hold['workers']} workers / "
             f"threads, a fresh proxy each time. RSS: growth of the proxy processes' RSS "
@@ -375,7 +389,7 @@ def markdown(results: JSON, img_prefix: str = "") -> str:
         run = soak["run"]
         sk = run["soak"]
         out += [
-            "### 4. Soak: the most SSE streams this box allows",
+            "### 5. Soak: the most SSE streams this box allows",
             "",
             f"{soak['streams']:,} SSE streams through Switchboard ({soak['workers']} workers)"
             + (
@@ -480,6 +494,25 @@ def plots(results: JSON, folder: Path, prefix: str) -> list[Path]:
         _bars(axes[2], groups, series, "requests per proxy CPU-second")
         axes[2].set_title("Proxy efficiency")
         save(fig, "post")
+    answers = _get(w, "mcp", "answers")
+    if answers:
+        kinds = list(answers)
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        groups = ["JSON answer" if k == "json" else "one SSE event" for k in kinds]
+        series = {
+            n: [_num(_get(answers[k], "summary", n, "rps")) for k in kinds]
+            for n in ORDER
+            if _get(answers[kinds[0]], "summary", n)
+        }
+        _bars(axes[0], groups, series, "requests/s (median)")
+        axes[0].set_title(f"MCP tools/call, c={_get(w, 'mcp', 'concurrency')}")
+        series = {
+            n: [_num(_get(answers[k], "summary", n, "req_per_cpu_s")) for k in kinds]
+            for n in ("switchboard", "haproxy")
+        }
+        _bars(axes[1], groups, series, "requests per proxy CPU-second")
+        axes[1].set_title("Proxy efficiency, MCP route")
+        save(fig, "mcp")
     sdk = _get(w, "sdk", "summary")
     if sdk:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
