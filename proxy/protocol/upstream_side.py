@@ -179,6 +179,18 @@ class UpstreamSide(RoutingSide):
         self.response_started = True
         if streaming and framing != NO_BODY:
             x.streamed = True
+            up = self.up
+            if (
+                up is not None
+                and up.reader.complete
+                and not self.client_reset
+                and not (mcp is not None and mcp.legacy_stream)
+            ):
+                # The whole stream came with its head (a call answered with one event):
+                # there is nothing to wait for, add or rewrite, so it is relayed as a
+                # plain response.
+                self.state = RESPONSE
+                return True
             self.stream = StreamRelay(self, can_add=framing == CHUNKED)
             self._enter_kind("sse")
             self.state = STREAM

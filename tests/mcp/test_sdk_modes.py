@@ -235,7 +235,14 @@ def _all_logged(access_lines: Callable[[], list[dict[str, Any]]], mode: str) -> 
     lines = access_lines()
     posts = [line for line in lines if line.get("method") == "POST"]
     seen = {line.get("mcp_method") for line in posts}
-    return METHODS_BY_MODE[mode] <= seen and _elicitation_exchanges(posts) == ELICITATION[mode]
+    # A streamed call is logged when the backend ends its stream, which may be after the
+    # client, holding its response, has moved on: every call must be in.
+    called = {line.get("mcp_name") for line in posts if line.get("mcp_method") == "tools/call"}
+    return (
+        METHODS_BY_MODE[mode] <= seen
+        and called >= TOOL_NAMES
+        and _elicitation_exchanges(posts) == ELICITATION[mode]
+    )
 
 
 def _check_stateful_session(backend: McpBackend, view: ClientView) -> None:

@@ -246,6 +246,13 @@ STRICTER = (
         ),
     ),
     Strictness(
+        # The same, right after the status code of a line with no reason phrase: llhttp
+        # wants a space or CR there and names the status, not the line end.
+        "bare LF ending a status line with no reason phrase",
+        re.compile(rb"HTTP/[0-9]\.[0-9] [0-9]{3}\n"),
+        ("Invalid response status",),
+    ),
+    Strictness(
         # h11 merges repeated equal lengths ("5", "5" or "5, 5"), which RFC 9110 §8.6
         # allows; refusing costs nothing real, and a backend that repeats its length is
         # one whose framing another hop may read differently.
@@ -869,6 +876,13 @@ def test_odd_chunk_size_lines_are_refused_where_h11_takes_them(body: bytes) -> N
 )
 def test_bare_lf_line_ends_are_refused_where_h11_takes_them(data: bytes) -> None:
     stricter(data, "bare LF as a line end")
+
+
+def test_bare_lf_after_a_status_code_with_no_reason_is_refused() -> None:
+    stricter(
+        b"HTTP/1.1 200\nContent-Length: 0\r\n\r\n",
+        "bare LF ending a status line with no reason phrase",
+    )
 
 
 @pytest.mark.parametrize(
