@@ -248,17 +248,7 @@ class ClientIO:
         if up.out or not up.connected or up.sock is None:
             up.out.append(data)
             return
-        try:
-            written = up.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            written = 0
-        except OSError as exc:
-            self.up_error = exc.errno or errno.EPIPE
-            self.notes |= UPSTREAM_BROKEN
-            return
-        up.written += written
-        if written < len(data):
-            up.out.append(data[written:])
+        if self._write_upstream(up, data):
             self.r.set_mask(up, up.mask | _OUT)
             self.notes |= UPSTREAM_BLOCKED
 
@@ -325,8 +315,18 @@ class ClientIO:
     def _flush_upstream(self, up: UpstreamIO) -> None:
         data = b"".join(up.out)
         up.out.clear()
-        if up.sock is None:
+        if up.sock is None or self._write_upstream(up, data) is not False:
             return
+        self.r.set_mask(up, up.mask & ~_OUT)
+        if up.shut:
+            up.shut = False
+            self.shutdown_upstream(up)
+        self.notes |= UPSTREAM_DRAINED
+
+    def _write_upstream(self, up: UpstreamIO, data: bytes) -> bool | None:
+        """Send ``data`` on ``up``'s socket and keep what it does not take in ``up.out``:
+        True when bytes are left, False when all went, None when the socket broke."""
+        assert up.sock is not None
         try:
             written = up.sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -334,16 +334,12 @@ class ClientIO:
         except OSError as exc:
             self.up_error = exc.errno or errno.EPIPE
             self.notes |= UPSTREAM_BROKEN
-            return
+            return None
         up.written += written
         if written < len(data):
             up.out.append(data[written:])
-            return
-        self.r.set_mask(up, up.mask & ~_OUT)
-        if up.shut:
-            up.shut = False
-            self.shutdown_upstream(up)
-        self.notes |= UPSTREAM_DRAINED
+            return True
+        return False
 
     def _set_mask(self, mask: int) -> None:
         if mask != self.mask and not self.closed:
