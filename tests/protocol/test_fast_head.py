@@ -36,6 +36,16 @@ from proxy.protocol.http1 import (
     inspect_request,
     protocol_error_status,
 )
+from tests.support.http_grammar import (
+    BAD_COLONS,
+    BAD_NAMES,
+    GOOD_COLONS,
+    HOSTILE,
+    OWS,
+    TCHAR,
+    VCHAR,
+    grammar_bytes,
+)
 
 LIMIT = 16384
 T = TypeVar("T")
@@ -400,28 +410,16 @@ def test_connection_tokens_match_inspect_request() -> None:
 
 # -- generated heads --------------------------------------------------------------------
 
-TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-VCHAR = bytes(range(0x21, 0x7F))
-# Bytes that separate the two parsers' opinions: controls, whitespace, DEL, obs-text.
-HOSTILE = b'\x00\x01\x08\t\n\x0b\x0c\r\x1f \x7f\x80\xa0\xff:;,"\\'
-
-
-def _bytes(alphabet: bytes, min_size: int = 0, max_size: int = 12) -> st.SearchStrategy[bytes]:
-    # One binary draw mapped onto the alphabet: far cheaper to generate than a list of
-    # single-byte draws, and it still shrinks towards the alphabet's first byte.
-    table = bytes(alphabet[i % len(alphabet)] for i in range(256))
-    return st.binary(min_size=min_size, max_size=max_size).map(lambda b: b.translate(table))
-
 
 GOOD_METHODS = st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"HEAD", b"OPTIONS"])
 BAD_METHODS = st.one_of(
     st.sampled_from([b"CONNECT", b"TRACE", b"get", b"Post", b"M-SEARCH", b"PRI", b"", b"G@T"]),
-    _bytes(TCHAR, 1, 8),
-    _bytes(TCHAR + HOSTILE, 0, 6),
+    grammar_bytes(TCHAR, 1, 8),
+    grammar_bytes(TCHAR + HOSTILE, 0, 6),
 )
 GOOD_TARGETS = st.one_of(
     st.sampled_from([b"/", b"/mcp", b"/mcp?session=1&x=/../y", b"/a#frag", b'/{}|^`"<>']),
-    _bytes(VCHAR, 0, 16).map(lambda b: b"/" + b),
+    grammar_bytes(VCHAR, 0, 16).map(lambda b: b"/" + b),
 )
 BAD_TARGETS = st.one_of(
     st.sampled_from(
@@ -439,7 +437,7 @@ BAD_TARGETS = st.one_of(
             b"",
         ]
     ),
-    _bytes(VCHAR + HOSTILE, 0, 10).map(lambda b: b"/" + b),
+    grammar_bytes(VCHAR + HOSTILE, 0, 10).map(lambda b: b"/" + b),
 )
 BAD_VERSIONS = st.sampled_from(
     [
@@ -476,14 +474,8 @@ GOOD_NAMES = st.one_of(
             b"Keep-Alive",
         ]
     ),
-    _bytes(TCHAR, 1, 10),
+    grammar_bytes(TCHAR, 1, 10),
 )
-BAD_NAMES = st.one_of(
-    st.sampled_from([b"", b"Bad Name", b"Bad@Name", b"Na\x00me", b"N\x80", b"(x)", b"X\t"]),
-    _bytes(TCHAR + HOSTILE, 0, 6),
-)
-GOOD_COLONS = st.sampled_from([b": ", b":", b":\t", b":  \t"])
-BAD_COLONS = st.sampled_from([b" :", b"\t:", b" : ", b""])
 GOOD_VALUES = st.one_of(
     st.sampled_from(
         [
@@ -512,10 +504,9 @@ GOOD_VALUES = st.one_of(
             b"caf\xe9",
         ]
     ),
-    _bytes(VCHAR + b" \t\x80\xff", 0, 12),
+    grammar_bytes(VCHAR + b" \t\x80\xff", 0, 12),
 )
-BAD_VALUES = _bytes(VCHAR + HOSTILE, 0, 8)
-OWS = st.sampled_from([b"", b"", b" ", b"\t", b" \t "])
+BAD_VALUES = grammar_bytes(VCHAR + HOSTILE, 0, 8)
 
 
 @st.composite
@@ -558,16 +549,16 @@ def request_heads(draw: st.DrawFn) -> tuple[bytes, int]:
 def clean_heads(draw: st.DrawFn) -> bytes:
     """Well-formed HTTP/1.1 origin-form heads: the fast path must take these itself."""
     method = draw(st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"HEAD"]))
-    segments = draw(st.lists(_bytes(TCHAR.replace(b".", b""), 1, 8), max_size=4))
+    segments = draw(st.lists(grammar_bytes(TCHAR.replace(b".", b""), 1, 8), max_size=4))
     target = b"/" + b"/".join(segments)
     if draw(st.booleans()):
-        target += b"?" + draw(_bytes(VCHAR.replace(b"#", b""), 0, 12))
-    lines = [b"Host: " + draw(_bytes(TCHAR, 1, 12))]
+        target += b"?" + draw(grammar_bytes(VCHAR.replace(b"#", b""), 0, 12))
+    lines = [b"Host: " + draw(grammar_bytes(TCHAR, 1, 12))]
     special = (b"host", b"content-length", b"transfer-encoding", b"upgrade", b"expect")
     for _ in range(draw(st.integers(0, 10))):
-        name = draw(_bytes(TCHAR, 1, 12))
+        name = draw(grammar_bytes(TCHAR, 1, 12))
         if name.lower() not in special:
-            value = draw(_bytes(VCHAR + b" \t\x80\xff", 0, 16))
+            value = draw(grammar_bytes(VCHAR + b" \t\x80\xff", 0, 16))
             lines.append(name + b":" + draw(st.sampled_from([b"", b" ", b"\t"])) + value)
     framing = draw(st.sampled_from([b"", b"Content-Length: 12", b"Transfer-Encoding: chunked"]))
     if framing:

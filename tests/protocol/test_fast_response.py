@@ -31,6 +31,16 @@ from hypothesis import strategies as st
 
 import proxy.protocol  # noqa: F401  (installs the strict_h11 patch the reference needs)
 from proxy.protocol.fast_response import END, Malformed, ResponseHead, ResponseReader
+from tests.support.http_grammar import (
+    BAD_COLONS,
+    BAD_NAMES,
+    GOOD_COLONS,
+    HOSTILE,
+    OWS,
+    TCHAR,
+    VCHAR,
+    grammar_bytes,
+)
 
 T = TypeVar("T")
 Headers = list[tuple[bytes, bytes]]
@@ -1199,18 +1209,7 @@ def test_a_reused_reader_refuses_a_leading_empty_line() -> None:
 
 # -- generated responses -------------------------------------------------------------------------
 
-TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-VCHAR = bytes(range(0x21, 0x7F))
-# Bytes that separate the two parsers' opinions: controls, whitespace, DEL, obs-text.
-HOSTILE = b'\x00\x01\x08\t\n\x0b\x0c\r\x1f \x7f\x80\xa0\xff:;,"\\'
 HEX = b"0123456789abcdefABCDEF"
-
-
-def _bytes(alphabet: bytes, min_size: int = 0, max_size: int = 12) -> st.SearchStrategy[bytes]:
-    # One binary draw mapped onto the alphabet: cheap to generate, and it still shrinks
-    # towards the alphabet's first byte.
-    table = bytes(alphabet[i % len(alphabet)] for i in range(256))
-    return st.binary(min_size=min_size, max_size=max_size).map(lambda b: b.translate(table))
 
 
 GOOD_VERSIONS = st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0"])
@@ -1232,13 +1231,13 @@ GOOD_STATUSES = st.sampled_from([b"200", b"200", b"201", b"204", b"304", b"404",
 INTERIM_STATUSES = st.sampled_from([b"100", b"102", b"103", b"199"])
 BAD_STATUSES = st.one_of(
     st.sampled_from([b"000", b"099", b"20", b"2000", b"2x0", b"-20", b"600", b"999", b" 200", b""]),
-    _bytes(b"0123456789", 1, 4),
+    grammar_bytes(b"0123456789", 1, 4),
 )
 GOOD_REASONS = st.one_of(
     st.sampled_from([b"OK", b"", b"Not Found", b"Two  Spaces", b"tab\there", b"caf\xe9", b"OK "]),
-    _bytes(VCHAR + b" \t\x80\xff", 0, 10),
+    grammar_bytes(VCHAR + b" \t\x80\xff", 0, 10),
 )
-BAD_REASONS = _bytes(VCHAR + HOSTILE, 0, 6)
+BAD_REASONS = grammar_bytes(VCHAR + HOSTILE, 0, 6)
 BAD_SPACES = st.sampled_from([b"  ", b"\t", b""])
 BAD_EOLS = st.sampled_from([b"\n", b"\r", b"\r\r\n", b" \r\n", b"\n\r", b""])
 NAMES = st.one_of(
@@ -1263,14 +1262,8 @@ NAMES = st.one_of(
             b"Transfer-Encoding",
         ]
     ),
-    _bytes(TCHAR, 1, 10),
+    grammar_bytes(TCHAR, 1, 10),
 )
-BAD_NAMES = st.one_of(
-    st.sampled_from([b"", b"Bad Name", b"Bad@Name", b"Na\x00me", b"N\x80", b"(x)", b"X\t"]),
-    _bytes(TCHAR + HOSTILE, 0, 6),
-)
-GOOD_COLONS = st.sampled_from([b": ", b":", b":\t", b":  \t"])
-BAD_COLONS = st.sampled_from([b" :", b"\t:", b" : ", b""])
 GOOD_VALUES = st.one_of(
     st.sampled_from(
         [
@@ -1293,14 +1286,13 @@ GOOD_VALUES = st.one_of(
             b"caf\xe9",
         ]
     ),
-    _bytes(VCHAR + b" \t\x80\xff", 0, 12),
+    grammar_bytes(VCHAR + b" \t\x80\xff", 0, 12),
 )
-BAD_VALUES = _bytes(VCHAR + HOSTILE, 0, 8)
-OWS = st.sampled_from([b"", b"", b" ", b"\t", b" \t "])
+BAD_VALUES = grammar_bytes(VCHAR + HOSTILE, 0, 8)
 GOOD_EXTENSIONS = st.sampled_from([b"", b"", b"", b";a", b";a=b", b';a="q \\" s"', b";a=b;c"])
 BAD_EXTENSIONS = st.one_of(
     st.sampled_from([b";", b" ;a", b"; a", b";a=", b';a="open', b" ", b"\t", b";\x00"]),
-    _bytes(VCHAR + HOSTILE, 0, 4).map(lambda b: b";" + b),
+    grammar_bytes(VCHAR + HOSTILE, 0, 4).map(lambda b: b";" + b),
 )
 GOOD_SIZES = st.sampled_from([b"%x", b"%X", b"%04x", b"%x"])
 BAD_SIZES = st.sampled_from(
@@ -1493,7 +1485,9 @@ def clean_answers(draw: st.DrawFn) -> tuple[bytes, bytes]:
     method = draw(st.sampled_from([b"GET", b"POST"]))
     status = draw(st.sampled_from([200, 201, 204, 304, 404, 500]))
     lines = [
-        draw(_bytes(TCHAR, 1, 10)).replace(b"-", b"X") + b": " + draw(_bytes(VCHAR, 0, 10))
+        draw(grammar_bytes(TCHAR, 1, 10)).replace(b"-", b"X")
+        + b": "
+        + draw(grammar_bytes(VCHAR, 0, 10))
         for _ in range(draw(st.integers(0, 4)))
     ]
     lines = [
