@@ -135,7 +135,7 @@ class ClientIO:
                 return
             code = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if up.sock else 0
             if code:
-                self.r.note_upstream_failure(up, code)
+                up.connect_failed(self.r, code)
                 return
             up.connected = True
             self.notes |= UPSTREAM_CONNECTED

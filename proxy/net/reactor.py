@@ -343,9 +343,8 @@ class Reactor:
             self.ctx.upstream_failure(pool, failure)
 
     def note_upstream_failure(self, up: UpstreamIO, code: int) -> None:
-        """A connection to a backend could not be made (its host's first resolved
-        address, the only one tried): the exchange hears of it, and may retry on another
-        replica."""
+        """A connection to a backend could not be made (to any of its host's resolved
+        addresses): the exchange hears of it, and may retry on another replica."""
         up.failed = True
         owner = up.owner
         if owner is not None:

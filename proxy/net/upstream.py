@@ -52,6 +52,7 @@ class UpstreamIO:
     client connection it serves (``owner``)."""
 
     __slots__ = (
+        "address",
         "backend",
         "connected",
         "failed",
@@ -76,6 +77,8 @@ class UpstreamIO:
         self.reader = ResponseReader()
         self.sock: socket.socket | None = None
         self.fd = -1
+        self.address = 0
+        """Which of the backend's resolved addresses the connection is made to."""
         self.connected = False
         self.queued = False
         """Waiting for a slot under max_connections_per_backend."""
@@ -91,9 +94,12 @@ class UpstreamIO:
         self.failed = False
         self.idle_since = 0.0
 
-    def connect(self, reactor: Reactor) -> None:
-        """Start a non-blocking connect; a failure is reported like any other."""
-        family, sockaddr = self.pool.addresses[0]
+    def connect(self, reactor: Reactor, address: int = 0) -> None:
+        """Start a non-blocking connect to the backend's resolved address ``address``; a
+        failure moves on to the next address, and is reported like any other once none
+        is left."""
+        self.address = address
+        family, sockaddr = self.pool.addresses[address]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -105,8 +111,18 @@ class UpstreamIO:
         if code == 0:
             self.connected = True
         elif code not in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
-            self.failed = True
-            reactor.note_upstream_failure(self, code)
+            self.connect_failed(reactor, code)
+
+    def connect_failed(self, reactor: Reactor, code: int) -> None:
+        """The connect to the current address failed (``code``: its errno): the next of
+        the backend's addresses is tried (a name may resolve to an IPv6 and an IPv4
+        address, only one of which listens); after the last, the failure is reported."""
+        if self.address + 1 < len(self.pool.addresses):
+            self.close(reactor)
+            self.connect(reactor, self.address + 1)
+            return
+        self.failed = True
+        reactor.note_upstream_failure(self, code)
 
     def close(self, reactor: Reactor) -> None:
         sock = self.sock

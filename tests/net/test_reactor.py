@@ -780,6 +780,30 @@ async def test_a_refusing_backend_costs_its_requests_only() -> None:
                     await each.aclose()
 
 
+async def test_a_backend_whose_first_address_refuses_is_reached_on_the_next() -> None:
+    # A name may resolve to addresses that do not all listen (``localhost``: ::1 and
+    # 127.0.0.1, the backend bound to one of them).
+    backend = Backend()
+    refused_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    async with (
+        backends_in_thread(backend.serve),
+        running_worker([route("/refused", refused_url), route("/", backend.url)]) as worker,
+    ):
+        pool = worker.ctx.pools[backend.url]
+        refusing: list[tuple[int, Any]] = [
+            (socket.AF_INET, ("127.0.0.1", free_port())) for _ in range(2)
+        ]
+        pool.addresses = [*refusing, *pool.addresses]
+        client = await Client.connect(worker.port)
+        assert (await client.get("/ok")).body == b"ok"
+        await client.aclose()
+        # Every address refusing: one failure, answered 502, as with a single address.
+        worker.ctx.pools[refused_url].addresses = refusing
+        client = await Client.connect(worker.port)
+        assert (await client.get("/refused")).status == 502
+        await client.aclose()
+
+
 async def test_a_backend_reset_mid_response_cuts_that_response_only() -> None:
     backend = Backend()
     async with (
