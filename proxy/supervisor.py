@@ -264,8 +264,11 @@ class Supervisor:
             # The standby takes the slot at once, unless the slot keeps crashing (then
             # the back-off paces its restarts, and the standby stays for the others).
             from_standby = backoff == BACKOFF_START and gen.spare is not None and gen.spare.waiting
-            self.log.error(
-                "worker_died",
+            # Exit code 0: the worker was told to stop on its own (SIGTERM to its pid), and
+            # drained first; anything else lost what it held.
+            report = self.log.info if code == 0 else self.log.error
+            report(
+                "worker_replaced" if code == 0 else "worker_died",
                 worker=slot.index,
                 pid=worker.pid,
                 how=how,

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import h11
 import psutil
@@ -367,3 +368,30 @@ async def test_sigterm_stops_cleanly(tmp_path: Path, backend: HttpBackend) -> No
     assert "stopped" in events
     assert "worker_died" not in events
     assert "drain_deadline_passed" not in events
+
+
+async def test_sigterm_to_one_worker_replaces_it_without_a_death(
+    tmp_path: Path, backend: HttpBackend
+) -> None:
+    def logged(event: str, **fields: Any) -> list[dict[str, Any]]:
+        return [
+            line
+            for line in proxy.lines
+            if line.get("event") == event and all(line.get(k) == v for k, v in fields.items())
+        ]
+
+    async with proxy_running(tmp_path, [backend_route(backend.port)]) as proxy:
+        victim = proxy.worker_pids()[0]
+        os.kill(victim, signal.SIGTERM)
+        await poll_until(lambda: bool(logged("worker_started", restarts=1)), limit=20)
+        client = await HttpClient.connect(proxy.port)
+        try:
+            await _checked_get(client, 1)
+        finally:
+            await client.aclose()
+    (replaced,) = logged("worker_replaced")
+    (started,) = logged("worker_started", restarts=1)
+    assert replaced["pid"] == victim and replaced["how"] == "exit code 0"
+    assert replaced["level"] == "info"
+    assert started["worker"] == replaced["worker"]
+    assert not logged("worker_died")
