@@ -31,7 +31,7 @@ from proxy.net.context import WorkerContext
 from proxy.net.control_plane import ControlPlane
 from proxy.net.health import check_forever
 from proxy.net.listener import accept_new_handshakes, bind_reuseport
-from proxy.net.reactor import Reactor
+from proxy.net.reactor import SEAL_LEAD, Reactor
 from proxy.net.upstream import Addresses, UpstreamPool
 from proxy.observability import BATCH_SECONDS, AccessLog, configure_logging, get_logger
 from proxy.protocol.session_token import Keyring, SessionTokens
@@ -211,7 +211,10 @@ async def serve(
                     keep_listening=signum != HANDOVER_SIGNAL,
                     last_worker=signum == STOP_SIGNAL,
                 )
-                serving.cancel_scope.deadline = trio.current_time() + config.server.drain_timeout
+                deadline = trio.current_time() + config.server.drain_timeout
+                serving.cancel_scope.deadline = deadline
+                if signum == STOP_SIGNAL:
+                    background.start_soon(_seal_in_time, reactor, deadline)
             checks.stop()
             ctx.flush()
             await control.close()
@@ -219,6 +222,15 @@ async def serve(
     ctx.report_pools()
     ctx.flush()
     ctx.log.info("worker_stopped", requests=ctx.requests)
+
+
+async def _seal_in_time(reactor: Reactor, deadline: float) -> None:
+    """The last worker's drain may run to its deadline with work still open: its
+    listening sockets are sealed early enough that the handshakes under way, and what
+    waits in their queues, are answered before the deadline closes everything (a drain
+    that ends with its work seals them itself)."""
+    await trio.sleep_until(deadline - SEAL_LEAD)
+    reactor.seal()
 
 
 async def _flush_forever(ctx: WorkerContext) -> None:

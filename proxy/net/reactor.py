@@ -55,6 +55,9 @@ checkpoint is a trip through Trio's scheduler (and its own epoll), which the oth
 _HANDSHAKE_GRACE = 0.2
 """How long sealed listening sockets stay open for handshakes already under way (a
 round trip, with room to spare, for clients on the same network)."""
+SEAL_LEAD = _HANDSHAKE_GRACE + 0.3
+"""How long before a last worker's drain deadline its listening sockets are sealed: the
+grace, then time to answer what was accepted."""
 _LONGEST_WAIT = 1.0
 """At most this long in one wait of the reactor's own: Trio checks its deadlines and
 signals in between even if every wake-up were missed."""
@@ -359,6 +362,12 @@ class Reactor:
             self.dirty.append(owner)
 
     # -- stopping ---------------------------------------------------------------------------
+
+    def seal(self) -> None:
+        """Seal the listening sockets now, if they are still open (a last worker whose
+        drain is about to reach its deadline)."""
+        if self.listeners and not self.sealed:
+            self._seal_listeners()
 
     def _seal_listeners(self) -> None:
         """The end of the last worker's drain: the sockets take no new handshake; the

@@ -276,3 +276,50 @@ async def test_new_connections_during_a_sigterm_drain_get_503_or_refused(
         f"{len(attempts.failures)} failed, the first: {attempts.failures[:5]}"
     )
     assert attempts.unavailable >= 1
+
+
+SHORT_DRAIN = 3.0
+"""The deadline case: the held requests outlast the drain, which ends at this deadline."""
+
+
+async def test_new_connections_until_a_drain_deadline_get_503_or_refused(
+    tmp_path: Path, event_backend: EventBackend
+) -> None:
+    # The held work never finishes: the drain ends at its deadline, with the workers'
+    # listening sockets still open and new connections still arriving. Those must be
+    # answered or refused then too, not accepted and cut when the sockets close.
+    sections = {
+        "server": {"drain_timeout": SHORT_DRAIN, "retry_after_seconds": RETRY_AFTER_SECONDS}
+    }
+    held: list[HttpResponse | str] = []
+    gate = event_backend.slow_gate = trio.Event()
+    async with proxy_running(
+        tmp_path, [backend_route(event_backend.port)], workers=WORKERS, sections=sections
+    ) as proxy:
+        with trio.fail_after(SHORT_DRAIN + EXIT_GUARD + 60):
+            async with trio.open_nursery() as nursery:
+                held_count = await _hold_requests(proxy, event_backend, nursery, WORKERS, held)
+                proxy.process.send_signal(signal.SIGTERM)
+                attempts = Attempts(sigterm_at=trio.current_time())
+                await poll_until(lambda: _draining(proxy) >= WORKERS, limit=30)
+                stop = trio.Event()
+                async with trio.open_nursery() as clients:
+                    for _ in range(CLIENTS):
+                        clients.start_soon(keep_connecting, proxy.port, attempts, stop)
+                    code = await trio.to_thread.run_sync(proxy.process.wait, EXIT_GUARD)
+                    stop.set()
+                gate.set()  # the backend's held answers, to connections long closed
+    events = [line.get("event") for line in proxy.lines]
+    print(
+        f"held requests {held_count}, cut at the deadline; new connections during the "
+        f"drain {attempts.total}: 503 {attempts.unavailable}, refused {attempts.refused}, "
+        f"failed {len(attempts.failures)}"
+    )
+    assert code == 0
+    assert "drain_deadline_passed" not in events  # the workers ended at their own deadline
+    assert len(held) == held_count
+    assert not any(isinstance(a, HttpResponse) and a.status == 200 for a in held)
+    assert attempts.failures == [], (
+        f"{len(attempts.failures)} failed, the first: {attempts.failures[:5]}"
+    )
+    assert attempts.unavailable >= 1
