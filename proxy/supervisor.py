@@ -55,7 +55,7 @@ from proxy.startup import (
     check_free,
     check_state_dir,
 )
-from proxy.worker import HANDOVER_SIGNAL, STOP_SIGNAL
+from proxy.worker import HANDOVER_SIGNAL, RETIRE_SIGNAL, STOP_SIGNAL
 from proxy.worker_process import (
     BACKOFF_MAX,
     BACKOFF_START,
@@ -91,14 +91,18 @@ class Generation:
     """Its standby worker (server.standby_worker), once every worker is ready."""
     retired: bool = False
 
-    def retire(self, signum: int = signal.SIGTERM) -> None:
+    def retire(
+        self, signum: int = signal.SIGTERM, *, dropped: frozenset[int] = frozenset()
+    ) -> None:
+        """Tell every worker (and the standby) to go; ``dropped``: the slots whose
+        sockets no generation keeps, told RETIRE_SIGNAL instead."""
         self.retired = True
         for slot in self.slots:
             slot.retired = True
             process = slot.worker.process if slot.worker is not None else None
             if process is not None and process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signum)
+                    process.send_signal(RETIRE_SIGNAL if slot.index in dropped else signum)
         if self.spare is not None:
             self.spare.send_signal(signum)
 
@@ -310,11 +314,15 @@ class Supervisor:
             gen.nursery.start_soon(gen.spare.keep, lambda: self._generation_finished(gen))
         return gen
 
-    async def _drain(self, gen: Generation, signum: int = STOP_SIGNAL) -> None:
+    async def _drain(
+        self, gen: Generation, signum: int = STOP_SIGNAL, dropped: frozenset[int] = frozenset()
+    ) -> None:
         """STOP_SIGNAL: the proxy stops (new connections get 503 until the workers
         exit, and each answers its queue before closing its sockets); HANDOVER_SIGNAL: a
-        new generation serves the same sockets, so the old one stops accepting at once."""
-        gen.retire(signum)
+        new generation serves the same sockets, so the old one stops accepting at once
+        (but the slots in ``dropped``, whose sockets it does not serve, get
+        RETIRE_SIGNAL: sealed and their queues answered)."""
+        gen.retire(signum, dropped=dropped)
         with trio.move_on_after(gen.config.server.drain_timeout + _KILL_GRACE):
             await gen.done.wait()
         if not gen.done.is_set():
@@ -323,8 +331,16 @@ class Supervisor:
             await gen.done.wait()
 
     async def _drain_then_cleanup(self, gen: Generation) -> None:
-        await self._drain(gen, HANDOVER_SIGNAL)
+        assert self.current is not None
+        kept = {id(sock) for slot in self.current.slots for sock in slot.sockets}
+        dropped = frozenset(
+            slot.index for slot in gen.slots if not any(id(sock) in kept for sock in slot.sockets)
+        )
+        # The sockets the new generation does not use (fewer workers, an address gone)
+        # live on only in the old workers, which close them as they go: no connection
+        # waits in a queue that nobody will serve until the old generation is done.
         self._close_unused_sockets()
+        await self._drain(gen, HANDOVER_SIGNAL, dropped)
         self.log.info("generation_stopped", generation=gen.number)
 
     # -- reload -------------------------------------------------------------------------

@@ -49,6 +49,10 @@ STOP_SIGNAL = signal.SIGINT
 at the end of its drain the worker answers what waits in their queues and closes them.
 (SIGTERM alone drains the worker the same way, but leaves queued connections to the
 worker the supervisor starts in its place.)"""
+RETIRE_SIGNAL = signal.SIGUSR1
+"""Sent, on a reload, to a worker whose listening sockets the new generation does not
+use (fewer workers): it seals them at once, answers what waits in their queues with
+503 and closes them (new handshakes go to the sockets that stay), then drains."""
 _GEN0_THRESHOLD = 20000
 """Objects allocated between young-generation collections: the request path makes few
 cycles (objects are freed by reference counting), and a collection every 700
@@ -169,7 +173,7 @@ async def serve(
     """Bind, serve until a signal, then drain."""
     ctx = build_context(config, worker_id)
     socks = _listening_sockets(config)
-    stop_signals = (signal.SIGTERM, signal.SIGINT, HANDOVER_SIGNAL)
+    stop_signals = (signal.SIGTERM, STOP_SIGNAL, HANDOVER_SIGNAL, RETIRE_SIGNAL)
     with trio.open_signal_receiver(*stop_signals) as signals:
         async with trio.open_nursery() as background:
             ctx.nursery = background
@@ -207,13 +211,13 @@ async def serve(
                     active_connections=ctx.active_connections,
                 )
                 ctx.draining = True
-                reactor.drain(
-                    keep_listening=signum != HANDOVER_SIGNAL,
-                    last_worker=signum == STOP_SIGNAL,
-                )
+                last_worker = signum in (STOP_SIGNAL, RETIRE_SIGNAL)
+                reactor.drain(keep_listening=signum != HANDOVER_SIGNAL, last_worker=last_worker)
                 deadline = trio.current_time() + config.server.drain_timeout
                 serving.cancel_scope.deadline = deadline
-                if signum == STOP_SIGNAL:
+                if signum == RETIRE_SIGNAL:
+                    reactor.seal()
+                elif signum == STOP_SIGNAL:
                     background.start_soon(_seal_in_time, reactor, deadline)
             checks.stop()
             ctx.flush()
