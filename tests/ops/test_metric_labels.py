@@ -16,7 +16,7 @@ import trio
 from proxy.labels import STATUS_LABELS
 from proxy.mcp_routing import METHOD_LABELS
 from tests.mcp.conftest import key_sections
-from tests.ops.test_admin_metrics import fetch_metrics, parse_metrics
+from tests.ops.test_admin_metrics import fetch_metrics, parse_metrics, wait_for_access_count
 from tests.support.backends import HttpClient, proxy_running
 from tests.support.mcp_servers import MCP_ACCEPT, MODERN_VERSION, McpBackend, modern_request
 from tests.support.proxy_process import ProxyProcess
@@ -95,9 +95,13 @@ async def test_random_methods_and_tools_add_no_series(tmp_path: Path, backend: M
     route = {"prefix": "/mcp", "backends": [backend.url], "kind": "mcp"}
     rng = random.Random(13)
     async with proxy_running(tmp_path, [route], sections=key_sections()) as proxy:
+        # Workers publish their counts a few times a second; a request's access line is
+        # written once its counts are published, so each scrape waits for the lines.
         first = await send(proxy, rng, range(FIRST))
+        await wait_for_access_count(proxy, FIRST)
         after_first = series(await fetch_metrics(proxy))
         rest = await send(proxy, rng, range(FIRST, REQUESTS))
+        await wait_for_access_count(proxy, REQUESTS)
         after_all = series(await fetch_metrics(proxy))
     assert len(first) + len(rest) == REQUESTS
     print(
