@@ -26,6 +26,7 @@ bytes.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 import httptools
@@ -139,8 +140,10 @@ class ResponseReader:
         "_chunked",
         "_events",
         "_flags",
+        "_head_bytes",
         "_head_only",
         "_headers",
+        "_interim",
         "_length",
         "_parser",
         "_pristine",
@@ -170,6 +173,10 @@ class ResponseReader:
         """No byte of the current response has been fed yet."""
         self._start = b""
         """The first bytes of a response while fewer than ``HTTP/`` have come."""
+        self._head_bytes = b""
+        """What was fed of the current response until its final head."""
+        self._interim = 0
+        """1xx heads read before the final one."""
         self._stop: Malformed | str | None = None
         self._tail = b""
         """At least the last 6 bytes fed (fewer only if fewer came)."""
@@ -194,7 +201,8 @@ class ResponseReader:
         self.complete = self.final = self.keep_alive = False
         self._head_only = head_only
         self._pristine = True
-        self._start = b""
+        self._start = self._head_bytes = b""
+        self._interim = 0
 
     # -- llhttp callbacks --------------------------------------------------------------
 
@@ -277,7 +285,17 @@ class ResponseReader:
         self._events.append(head)
         self._headers = _NO_HEADERS  # the head has them; a held stream need not
         if status < 200:
+            if (length or chunked) and status > 103:
+                # h11 reads no body on any 1xx; llhttp reads one on the codes it does
+                # not know (104-199) where the head frames one. No reading is safe.
+                self._malformed("framing on an unassigned interim (1xx) answer")
+            self._interim += 1
             return
+        if self._interim and not _status_lines_ok(self._head_bytes, self._interim + 1):
+            # llhttp reads RTSP and ICE status lines too; only the first line of a
+            # response is checked before parsing, so those after a 1xx are checked here.
+            self._malformed("no HTTP status line")
+        self._head_bytes = b""
         head_only = self._head_only
         until_close = (
             not head_only and not chunked and length is None and status != 204 and status != 304
@@ -319,6 +337,8 @@ class ResponseReader:
                 events.append(END)
                 return events
             raise Malformed("the backend closed the connection mid-response")
+        if not self.final:
+            self._head_bytes += data
         fresh = self._pristine
         if fresh:
             start = self._start + data
@@ -382,6 +402,23 @@ class ResponseReader:
         line_end = data.find(b"\r\n")
         head.plain = data[line_end + 2 : end + 2]
 
+
+def _status_lines_ok(data: bytes, heads: int) -> bool:
+    """Whether each of the first ``heads`` heads in ``data`` (1xx heads, then the final
+    one, which llhttp has read whole) starts with ``HTTP/``, as h11 requires."""
+    at = 0
+    for _ in range(heads):
+        if not data.startswith(_STATUS_LINE_START, at):
+            return False
+        end = _HEAD_END.search(data, at)
+        if end is None:
+            return True  # the last head: complete for llhttp, which read it
+        at = end.end()
+    return True
+
+
+_HEAD_END: Final = re.compile(rb"\n\r?\n")
+"""Where a head ends for h11: LF, an optional CR, LF."""
 
 _SPENT_PARSER = httptools.HttpResponseParser(None)
 """Stands in for the parser of a reader whose connection switched protocols."""

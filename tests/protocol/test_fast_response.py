@@ -291,6 +291,14 @@ STRICTER = (
         ("Content-Length overflow", "Chunk size overflow"),
     ),
     Strictness(
+        # h11 reads no body on any 1xx answer; llhttp reads the one that Content-Length
+        # or chunked frames on the codes it does not know (104-199). The two readings
+        # of what follows would differ, so such an answer is refused.
+        "framing on an unassigned interim answer",
+        re.compile(rb"HTTP/[0-9]\.[0-9] 1(0[4-9]|[1-9][0-9])"),
+        ("framing on an unassigned interim (1xx) answer",),
+    ),
+    Strictness(
         # h11's field-vchar is "anything but NUL and whitespace"; RFC 9110 §5.5 allows
         # only HTAB, SP, VCHAR and obs-text. Control bytes in a value are forwarded to
         # clients that may treat them as separators (the request side refuses them too).
@@ -668,6 +676,25 @@ def test_interim_answers_have_no_body_whatever_they_say() -> None:
     data = b"HTTP/1.1 100 Continue\r\nContent-Length: 5\r\n\r\n" + response(b"Content-Length: 0")
     fast = accepted(data)
     assert [m.status for m in fast.messages] == [100, 200]
+
+
+@pytest.mark.parametrize("protocol", [b"RTSP/1.0", b"ICE/1.0", b"HTTP/1.1\r\n"])
+def test_a_status_line_after_an_interim_answer_is_held_to_http(protocol: bytes) -> None:
+    # llhttp also reads RTSP and ICE status lines (and skips empty lines between
+    # messages); h11 refuses them, wherever they come.
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    data = interim + response(b"Content-Length: 0", status_line=protocol + b" 200 OK")
+    fast, ref = agree(data, cuts=range(len(interim) - 2, len(interim) + 6))
+    assert fast.outcome == ref.outcome == "malformed"
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 1", b"Transfer-Encoding: chunked"])
+def test_an_unassigned_interim_answer_that_frames_a_body_is_refused(framing: bytes) -> None:
+    data = b"HTTP/1.1 104 Odd\r\n" + framing + b"\r\n\r\n" + response(b"Content-Length: 0")
+    fast, ref = agree(data)
+    assert fast.outcome == "malformed" and ref.outcome != "malformed"
+    fast, _ = agree(b"HTTP/1.1 104 Odd\r\n\r\n" + response(b"Content-Length: 0"))
+    assert fast.outcome == "complete"
 
 
 def test_switching_protocols_hands_over_the_bytes_after_the_head() -> None:
