@@ -13,8 +13,10 @@ control-plane task fills from a file or URL.
   ``nbf`` are checked against the caller's ``now``; ``aud`` and ``iss`` by PyJWT.
 * Failures are 401 with an RFC 6750 ``WWW-Authenticate`` challenge; a valid identity
   without access to a route is 403 ``insufficient_scope``.
-* A ``tools/call`` outside the identity's allow-list is HTTP 200 with a JSON-RPC error,
-  ``TOOL_NOT_ALLOWED`` (-32003; the reference SDK uses -32000..-32002 and -32020..-32042).
+* A ``tools/call`` outside the identity's allow-list is answered as the backend answers
+  an unknown tool (``proxy.protocol.tool_lists``); one that names no tool is HTTP 200 with
+  a JSON-RPC error, ``TOOL_NOT_ALLOWED`` (-32003; the reference SDK uses -32000..-32002
+  and -32020..-32042).
 
 PyJWT is imported lazily: ``import jwt`` loads urllib, socket and ssl.
 """

@@ -173,6 +173,8 @@ class Connection(UpstreamSide):
         if state == STREAM:
             assert self.stream is not None
             self.stream.events(events)
+        elif self.held_answer is not None:
+            self._hold(events)
         else:
             self._relay(events)
 
@@ -185,7 +187,7 @@ class Connection(UpstreamSide):
         if self.state == TUNNEL:
             assert self.tunnel is not None
             self.tunnel.upstream_eof(reset=reset)
-        elif not self.response_started:
+        elif not self.response_started and self.held_answer is None:
             self._upstream_failed_early(up, reset=reset, before_write=before_write)
         elif reset:
             self._upstream_broken("backend reset the connection mid-response")

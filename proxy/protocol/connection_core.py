@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from proxy.protocol.event_stream import StreamRelay
     from proxy.protocol.fast_head import FastHead
     from proxy.protocol.tunnel import Tunnel
+    from proxy.protocol.upstream_side import HeldAnswer
 
 PROXY, IDLE, HEAD, ADMISSION, BODY, UPSTREAM, RESPONSE, STREAM, TUNNEL, LINGER, CLOSED = range(11)
 STATE_NAMES = (
@@ -66,6 +67,7 @@ class ConnectionCore:
         "head",
         "heads",
         "held",
+        "held_answer",
         "kind",
         "leases",
         "limits",
@@ -176,6 +178,8 @@ class ConnectionCore:
         self.close_after = False
         """The client connection ends after this exchange (announced in the head)."""
         self.framing = AS_IS
+        self.held_answer: HeldAnswer | None = None
+        """An answer held until it is whole, to be rewritten before it goes out."""
 
     def _resume_reading(self) -> None:
         """What was read ahead is being taken: reading the client goes on."""

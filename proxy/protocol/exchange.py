@@ -24,6 +24,7 @@ from proxy.mcp_routing import McpDecision
 from proxy.protocol.fast_response import ResponseReader
 from proxy.protocol.http1 import ForwardingPolicy
 from proxy.protocol.session_token import SessionTokens
+from proxy.protocol.tool_lists import HiddenToolCall, ToolListFilter
 from proxy.routing import Backend, Route, RouteTable
 
 
@@ -31,6 +32,7 @@ class Exchange:
     """A request/response pair: what is known of it when it is accounted for."""
 
     __slots__ = (
+        "answer_rewrite",
         "backend",
         "bytes_in",
         "bytes_out",
@@ -66,6 +68,9 @@ class Exchange:
         """An event stream or a tunnel: its duration is the stream's life, not latency."""
         self.mcp: McpDecision | None = None
         self.identity: Identity | None = None
+        self.answer_rewrite: ToolListFilter | HiddenToolCall | None = None
+        """How the answer is rewritten for this caller before it goes out (held until
+        whole): a filtered ``tools/list``, or the call of a hidden tool."""
 
     def fail(self, status: int, reason: str) -> None:
         """Record the first failure, and ``status`` with it: where no answer was sent

@@ -21,6 +21,7 @@ from proxy.protocol.http1 import upstream_request_headers
 from proxy.protocol.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST
 from proxy.protocol.mcp import SESSION_HEADER
 from proxy.protocol.request_side import MCP_RATE_STEP, RequestSide
+from proxy.protocol.tool_lists import HiddenToolCall, ToolListFilter, hide_tool_call
 from proxy.routing import Backend, Route
 
 _RETRY_LATER = ((b"retry-after", b"1"),)
@@ -55,12 +56,23 @@ class RoutingSide(RequestSide):
             self._refuse(exc.status, exc.message, rpc=exc)
             return
         x.mcp = decision
-        if decision.method == "tools/call" and x.identity is not None:
+        if decision.method == "tools/list" and x.identity is not None:
+            x.answer_rewrite = ToolListFilter(x.identity.allowed_tools, decision.request_id)
+        elif decision.method == "tools/call" and x.identity is not None:
             denied = check_tool_allowed(x.identity, decision.name)
             if denied is not None:
                 self.env.tool_denied()
-                self._answer_in_band(200, denied.body(decision.request_id), denied.message)
-                return
+                hidden = (
+                    hide_tool_call(b"".join(self.held), decision.name)
+                    if decision.name is not None and self.request_done
+                    else None
+                )
+                if hidden is None:
+                    self._answer_in_band(200, denied.body(decision.request_id), denied.message)
+                    return
+                # The backend answers it as the call of a tool it does not have.
+                self.held = [hidden.body]
+                x.answer_rewrite = hidden
         self._mcp_rate_limit()
 
     def _mcp_rate_limit(self) -> None:
@@ -148,8 +160,10 @@ class RoutingSide(RequestSide):
             backend, info.target if decision is None or not decision.target else decision.target
         )
         plain = head.plain
+        hidden = x.answer_rewrite if type(x.answer_rewrite) is HiddenToolCall else None
         if (
             plain is not None
+            and hidden is None
             and policy.host_mode == "preserve"
             and (x.identity is None or route.forward_credentials)
             and (decision is None or decision.backend_session is None)
@@ -175,6 +189,8 @@ class RoutingSide(RequestSide):
             headers = strip_credentials(headers, False, self.env.auth_header())
         if decision is not None and decision.backend_session is not None:
             with_session(headers, decision.backend_session)
+        if hidden is not None:
+            headers = hidden.request_headers(headers)
         return answers.request_head(head.method, target, headers)
 
     def mcp_response_headers(self, headers: list[tuple[bytes, bytes]], *, streaming: bool) -> None:

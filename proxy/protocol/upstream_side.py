@@ -24,9 +24,23 @@ from proxy.protocol.exchange import Upstream
 from proxy.protocol.fast_response import END, ResponseHead
 from proxy.protocol.http1 import downstream_response_headers, reason_phrase
 from proxy.protocol.routing_side import RoutingSide
+from proxy.protocol.tool_lists import MAX_FILTERED_ANSWER, HiddenToolCall
 from proxy.protocol.tunnel import Tunnel
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_REFRAMED = frozenset({b"content-length", b"transfer-encoding"})
+
+
+class HeldAnswer:
+    """A response held whole before the client gets it (a ``tools/list`` answer
+    rewritten for its caller): its head, and its body so far."""
+
+    __slots__ = ("head", "parts", "size")
+
+    def __init__(self, head: ResponseHead) -> None:
+        self.head = head
+        self.parts: list[bytes] = []
+        self.size = 0
 
 
 class UpstreamSide(RoutingSide):
@@ -84,6 +98,10 @@ class UpstreamSide(RoutingSide):
                 assert isinstance(event, ResponseHead)
                 if not self._response_head(event, out):
                     return
+                if self.held_answer is not None:
+                    self.t.send_client(b"".join(out))  # any 1xx before it
+                    self._hold(events[events.index(event) + 1 :])
+                    return
                 if self.state > RESPONSE:
                     # An event stream or a tunnel takes over from here.
                     self._hand_over(b"".join(out), events[events.index(event) + 1 :])
@@ -138,6 +156,18 @@ class UpstreamSide(RoutingSide):
             framing = CHUNKED
         else:
             framing = UNTIL_CLOSE
+        rewrite = x.answer_rewrite
+        if (
+            rewrite is not None
+            and framing != NO_BODY
+            and (status == 200 or type(rewrite) is HiddenToolCall)
+        ):
+            # Rewritten for this caller once whole: nothing goes out before then.
+            self.framing = framing
+            x.status = status
+            self.held_answer = HeldAnswer(head)
+            self.state = RESPONSE
+            return True
         # Draining, a request that already arrived behind this one is still served.
         close = (
             self.close_after
@@ -199,6 +229,47 @@ class UpstreamSide(RoutingSide):
         else:
             self.state = RESPONSE
         return True
+
+    def _hold(self, events: list[ResponseHead | bytes | None]) -> None:
+        """Body of a held answer: kept until its end, then rewritten and sent whole."""
+        held = self.held_answer
+        up = self.up
+        assert held is not None and up is not None
+        for event in events:
+            if type(event) is bytes:
+                held.parts.append(event)
+                held.size += len(event)
+        if held.size > MAX_FILTERED_ANSWER:
+            self._upstream_broken("answer too large to rewrite for the caller (tools/list filter)")
+        elif up.reader.complete:
+            self._send_held()
+        else:
+            self._phase(self.env.now() + self.env.config.upstream.read_timeout)
+
+    def _send_held(self) -> None:
+        x = self.x
+        held = self.held_answer
+        assert x is not None and held is not None and x.answer_rewrite is not None
+        self.held_answer = None
+        head = held.head
+        body = b"".join(held.parts)
+        body = x.answer_rewrite.rewrite(body, event_stream=head.event_stream) or body
+        close = self.close_after or (self.env.draining and not self.buf) or self.client_eof
+        self.close_after = close
+        headers = [
+            (name, value)
+            for name, value in downstream_response_headers(
+                head.headers, head.http_version, self.env.policy_for(x.route), close=close
+            )
+            if name not in _REFRAMED
+        ]
+        headers.append((b"content-length", b"%d" % len(body)))
+        self.mcp_response_headers(headers, streaming=False)
+        x.bytes_out += len(body)
+        self.response_started = True
+        self.t.send_client(answers.response_head(head.status, head.reason, headers) + body)
+        self.upstream_done = True
+        self._exchange_done()
 
     def _hold_lightly(self) -> None:
         """A stream or a tunnel may be held for hours, silent nearly all of it: what it

@@ -12,7 +12,7 @@ from proxy.auth import Identity
 from proxy.protocol.exchange import Check
 from proxy.ratelimit import RATE_LIMITED, Decision
 from tests.support.machine import World, cap_refusal, lease
-from tests.support.machine_traffic import call_2026, ok, routes_config
+from tests.support.machine_traffic import call_2026, mcp_post, ok, routes_config
 from tests.support.wire import backend_request, client_answer
 
 pytestmark = pytest.mark.usefixtures("both_ways")
@@ -201,11 +201,21 @@ def test_mcp_auth_failures_are_json_rpc_errors() -> None:
     assert json.loads(answer.body)["error"]["message"] == "credentials required"
 
 
-def test_a_tool_the_caller_may_not_use_is_answered_in_band(bytewise: bool) -> None:
+def test_a_limited_callers_call_that_names_no_tool_is_answered_in_band(bytewise: bool) -> None:
+    # A call of a tool outside the caller's list goes to the backend under a stand-in
+    # name (tests/protocol/test_connection_tool_lists.py); one that names no tool at all
+    # cannot, and is refused by the proxy.
     w = world()
     w.env.identities[b"carol-key"] = Identity("key", "carol", allowed_tools=frozenset({"x"}))
-    call = call_2026(9, b"echo", b"Authorization: Bearer carol-key")
-    w.feed(call.replace(b"POST /mcp", b"POST /tools"), byte_at_a_time=bytewise)
+    call = mcp_post(
+        b'{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"arguments":{},'
+        b'"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}',
+        b"MCP-Protocol-Version: 2026-07-28",
+        b"Mcp-Method: tools/call",
+        b"Authorization: Bearer carol-key",
+        target=b"/tools",
+    )
+    w.feed(call, byte_at_a_time=bytewise)
     answer = client_answer(w.t.take_client())
     assert answer.status == 200 and json.loads(answer.body)["id"] == 9
     assert w.env.denied_tools == 1 and w.t.upstreams == []

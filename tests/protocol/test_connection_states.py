@@ -54,7 +54,7 @@ EXAMPLES: dict[Transition, Callable[[], None]] = {
         head.test_a_request_line_that_cannot_start_a_head_is_refused_at_once, False
     ),
     ("IDLE", "client_data", "IDLE"): partial(
-        admission.test_a_tool_the_caller_may_not_use_is_answered_in_band, False
+        admission.test_a_limited_callers_call_that_names_no_tool_is_answered_in_band, False
     ),
     (
         "IDLE",
@@ -85,7 +85,7 @@ EXAMPLES: dict[Transition, Callable[[], None]] = {
         admission.test_mcp_refusals_are_json_rpc_errors, True
     ),
     ("BODY", "client_data", "IDLE"): partial(
-        admission.test_a_tool_the_caller_may_not_use_is_answered_in_band, True
+        admission.test_a_limited_callers_call_that_names_no_tool_is_answered_in_band, True
     ),
     ("BODY", "client_data", "LINGER"): partial(
         body.test_an_mcp_body_that_is_not_json_rpc_is_refused_once_read, True

@@ -43,8 +43,11 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
+from mcp.server.caching import CacheableMethod, CacheHint
+from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, Elicit, MCPServer, Resolve
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types import ListToolsResult, PaginatedRequestParams
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -119,6 +122,25 @@ def _session_seen(ctx: Context[Any, Any]) -> str | None:
     return None
 
 
+class _PagedServer(MCPServer[Any]):
+    """An ``MCPServer`` whose ``tools/list`` comes in pages of ``page_size`` tools, the
+    cursor being the index of the page's first tool."""
+
+    page_size = 0
+
+    async def _handle_list_tools(
+        self, ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None
+    ) -> ListToolsResult:
+        tools = await self.list_tools()
+        if not self.page_size:
+            return ListToolsResult(tools=tools)
+        start = int(params.cursor) if params is not None and params.cursor else 0
+        end = start + self.page_size
+        return ListToolsResult(
+            tools=tools[start:end], next_cursor=str(end) if end < len(tools) else None
+        )
+
+
 @dataclass(eq=False)
 class McpBackend:
     replica: str
@@ -126,6 +148,10 @@ class McpBackend:
     """Serve the 2024-11-05 HTTP+SSE transport instead of Streamable HTTP."""
     json_response: bool = False
     """Streamable HTTP: answer requests with one JSON body instead of an SSE stream."""
+    tools_page_size: int = 0
+    """Answer ``tools/list`` in pages of this many tools (0: one page)."""
+    public_lists: bool = False
+    """Mark list results (2026-07-28) ``cacheScope: public`` with a 60 s ``ttlMs``."""
     port: int = 0
     whoami_calls: list[tuple[str | None, str]] = field(default_factory=list)
     requests: list[SeenRequest] = field(default_factory=list)
@@ -150,8 +176,12 @@ class McpBackend:
 
     def build_server(self) -> MCPServer[Any]:
         replica = self.replica
+        hints: dict[CacheableMethod, CacheHint] | None = (
+            {"tools/list": CacheHint(60_000, "public")} if self.public_lists else None
+        )
         with root_logging_preserved():
-            server: MCPServer[Any] = MCPServer(f"test-{replica}", log_level="WARNING")
+            server = _PagedServer(f"test-{replica}", log_level="WARNING", cache_hints=hints)
+        server.page_size = self.tools_page_size
 
         @server.tool()
         def whoami(ctx: Context[Any, Any]) -> str:
