@@ -8,10 +8,12 @@ PYTHON ?= $(shell for p in /usr/bin/python3 python3; do \
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Debian packages the test suite starts for real (integration tests) and tools it uses.
-APT_PACKAGES := python3-venv redis-server postgresql pgbouncer haproxy wrk prometheus systemd procps
+APT_PACKAGES := python3-venv redis-server postgresql pgbouncer haproxy wrk prometheus systemd procps nodejs
+# TypeScript-SDK MCP servers some tests run as backends (npm ci from package-lock.json).
+NODE_DIR := tests/support/node
 
 .DEFAULT_GOAL := help
-.PHONY: help run test check lint typecheck unit apt venv bench bench-quick conformance clean
+.PHONY: help run test check lint typecheck unit apt venv node bench bench-quick conformance clean
 
 help:
 	@echo "make run    start the proxy on its bundled default (demo MCP backend beside it)"
@@ -55,7 +57,12 @@ unit: $(VENV)/.stamp-test
 
 check: lint typecheck unit
 
-test: apt venv
+$(NODE_DIR)/node_modules/.package-lock.json: $(NODE_DIR)/package-lock.json
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+
+node: $(NODE_DIR)/node_modules/.package-lock.json
+
+test: apt venv node
 	$(MAKE) --no-print-directory check
 
 $(VENV)/.stamp-bench: setup.cfg pyproject.toml | $(BIN)/python
@@ -73,4 +80,4 @@ conformance: $(VENV)/.stamp-demo
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
-	rm -rf conformance/node_modules conformance/.venv conformance/results
+	rm -rf conformance/node_modules conformance/.venv conformance/results $(NODE_DIR)/node_modules

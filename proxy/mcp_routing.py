@@ -30,12 +30,15 @@ from proxy.protocol.jsonrpc import (
     Envelope,
     JsonRpcDecodeError,
     RequestId,
+    decode_batch,
     decode_message,
     error_body,
 )
 from proxy.protocol.mcp import (
+    ASSUMED_VERSION,
     ORIGIN_HEADER,
     SESSION_HEADER,
+    VERSION_HEADER,
     EndpointRewriteError,
     Era,
     McpHeaders,
@@ -87,6 +90,8 @@ class McpDecision:
     """A legacy GET /sse stream: its ``endpoint`` event must be rewritten."""
     cancel_on_disconnect: bool = False
     """2026-07-28: closing the response stream cancels the request upstream."""
+    batch: tuple[Envelope, ...] = ()
+    """The messages of a 2025-03-26 batch (``envelope`` is then None)."""
 
     @property
     def request_id(self) -> RequestId | None:
@@ -159,14 +164,16 @@ def decide(
 ) -> McpDecision:
     """Classify and route one MCP request; McpRefusal for what must not reach a backend."""
     envelope: Envelope | None = None
+    headers = McpHeaders.of(headers)
+    values = headers.values
     if method == b"POST":
         try:
             envelope = decode_message(body or b"")
         except JsonRpcDecodeError as exc:
+            if exc.batch and _batches_allowed(values):
+                return _decide_batch(body or b"", headers, tokens)
             raise McpRefusal(400, exc.code, exc.message, exc.id) from None
     request_id = envelope.id if envelope is not None else None
-    headers = McpHeaders.of(headers)
-    values = headers.values
     era = era_of(method, values, envelope, target)[0]
     if era is Era.STATELESS:
         if method != b"POST":
@@ -204,6 +211,41 @@ def decide(
     return McpDecision(era, envelope, claims.replica, claims.backend_session, issue_session=True)
 
 
+_BATCH_VERSION = ASSUMED_VERSION.encode()
+"""2025-03-26, the revision that had batches, and the one a request without
+MCP-Protocol-Version is taken to be of."""
+
+
+def _batches_allowed(values: dict[bytes, list[bytes]]) -> bool:
+    """Batches were part of 2025-03-26 only. Its clients send no MCP-Protocol-Version
+    (the header came in 2025-06-18, and a request without it is to be taken as
+    2025-03-26); a later session's requests all carry their version."""
+    version = values.get(VERSION_HEADER)
+    return version is None or version == [_BATCH_VERSION]
+
+
+def _decide_batch(body: bytes, headers: McpHeaders, tokens: SessionTokens) -> McpDecision:
+    try:
+        members = decode_batch(body)
+    except JsonRpcDecodeError as exc:
+        raise McpRefusal(400, exc.code, exc.message, exc.id) from None
+    if any(m.method == "initialize" for m in members):
+        # 2025-03-26: "The initialize request MUST NOT be part of a JSON-RPC batch".
+        raise McpRefusal(400, INVALID_REQUEST, "initialize must not be part of a batch", None)
+    session = headers.first(SESSION_HEADER)
+    if session is None:
+        return McpDecision(Era.STATEFUL, None, None, issue_session=True, batch=members)
+    claims = _verify(tokens, session.decode("latin-1"), None)
+    return McpDecision(
+        Era.STATEFUL,
+        None,
+        claims.replica,
+        claims.backend_session,
+        issue_session=True,
+        batch=members,
+    )
+
+
 def with_session(headers: list[tuple[bytes, bytes]], backend_session: str) -> None:
     """Put the backend's own session id back in place of the proxy's token."""
     value = backend_session.encode("latin-1")
@@ -212,7 +254,7 @@ def with_session(headers: list[tuple[bytes, bytes]], backend_session: str) -> No
             headers[i] = (name, value)
 
 
-METHOD_LABELS = MCP_METHOD_LABELS | HTTP_METHOD_LABELS | {"stream"}
+METHOD_LABELS = MCP_METHOD_LABELS | HTTP_METHOD_LABELS | {"stream", "batch"}
 """Every value ``method_label`` can return."""
 
 
@@ -222,6 +264,8 @@ def method_label(decision: McpDecision, http_method: bytes) -> str:
     (clients choose both strings: unbounded label values would grow without limit)."""
     envelope = decision.envelope
     if envelope is None:
+        if decision.batch:
+            return "batch"
         return "stream" if http_method == b"GET" else http_method_label(http_method)
     return mcp_method_label(envelope.method, is_response=envelope.kind in ("response", "error"))
 

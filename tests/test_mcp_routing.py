@@ -122,6 +122,55 @@ def test_invalid_json_is_a_parse_error() -> None:
     assert (refused.value.status, refused.value.code) == (400, -32700)
 
 
+BATCH = b'[{"jsonrpc":"2.0","id":2,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/x"}]'
+
+
+@pytest.mark.parametrize("version", [None, b"2025-03-26"])
+def test_a_2025_03_26_batch_goes_to_its_sessions_replica(version: bytes | None) -> None:
+    token = TOKENS.issue("replica-a", "sid-1")
+    headers = [(b"mcp-session-id", token.encode())]
+    if version is not None:
+        headers.append((b"mcp-protocol-version", version))
+    decision = decide(b"POST", b"/mcp", headers, b" \n" + BATCH, TOKENS)
+    assert decision.envelope is None and decision.request_id is None
+    assert [m.method for m in decision.batch] == ["ping", "notifications/x"]
+    assert (decision.replica, decision.backend_session) == ("replica-a", "sid-1")
+    assert method_label(decision, b"POST") == "batch"
+    sessionless = decide(b"POST", b"/mcp", [], BATCH, TOKENS)
+    assert sessionless.batch and sessionless.replica is None and sessionless.issue_session
+
+
+@pytest.mark.parametrize("version", [b"2025-06-18", b"2025-11-25", b"2026-07-28", b"2024-11-05"])
+def test_batches_of_other_revisions_are_refused(version: bytes) -> None:
+    with pytest.raises(McpRefusal) as refused:
+        decide(b"POST", b"/mcp", [(b"mcp-protocol-version", version)], BATCH, TOKENS)
+    assert (refused.value.status, refused.value.code) == (400, -32600)
+    assert "batch" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"[]", -32600),
+        (b"[1, 2]", -32600),
+        (b'[{"jsonrpc":"2.0","id":1,"method":"ping"}, {"id":2}]', -32600),
+        (b'[{"jsonrpc":"2.0","id":1,"method":"ping"}', -32700),
+        (b"[" + INIT + b"]", -32600),
+    ],
+)
+def test_a_batch_that_is_not_one_is_refused(body: bytes, code: int) -> None:
+    with pytest.raises(McpRefusal) as refused:
+        decide(b"POST", b"/mcp", [], body, TOKENS)
+    assert (refused.value.status, refused.value.code) == (400, code)
+
+
+def test_a_batch_in_a_session_not_ours_is_404() -> None:
+    headers = [(b"mcp-session-id", OTHER.issue("r", "s").encode())]
+    with pytest.raises(McpRefusal) as refused:
+        decide(b"POST", b"/mcp", headers, BATCH, TOKENS)
+    assert refused.value.status == 404
+
+
 def test_legacy_stream_and_messages() -> None:
     stream = decide(b"GET", b"/sse", [], None, TOKENS)
     assert stream.era is Era.LEGACY_SSE and stream.legacy_stream and stream.replica is None

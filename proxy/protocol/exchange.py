@@ -24,7 +24,7 @@ from proxy.mcp_routing import McpDecision
 from proxy.protocol.fast_response import ResponseReader
 from proxy.protocol.http1 import ForwardingPolicy
 from proxy.protocol.session_token import SessionTokens
-from proxy.protocol.tool_lists import HiddenToolCall, ToolListFilter
+from proxy.protocol.tool_lists import CallerView
 from proxy.routing import Backend, Route, RouteTable
 
 
@@ -68,7 +68,7 @@ class Exchange:
         """An event stream or a tunnel: its duration is the stream's life, not latency."""
         self.mcp: McpDecision | None = None
         self.identity: Identity | None = None
-        self.answer_rewrite: ToolListFilter | HiddenToolCall | None = None
+        self.answer_rewrite: CallerView | None = None
         """How the answer is rewritten for this caller before it goes out (held until
         whole): a filtered ``tools/list``, or the call of a hidden tool."""
 

@@ -17,8 +17,8 @@ body of the POST request MUST be a single JSON-RPC request, notification, or res
 2026-07-28 "a single JSON-RPC request or notification"; 2024-11-05 never had them, and
 the reference SDK (mcp 2.3, server/streamable_http.py, server/_streamable_http_modern.py)
 rejects an array body on every path. So a batch raises `JsonRpcDecodeError` with
-`batch=True` and code -32600; a route that must pass 2025-03-26 batches can catch it and
-forward the body untouched.
+`batch=True` and code -32600; where the request is of a 2025-03-26 session,
+``proxy.mcp_routing`` decodes it with `decode_batch` instead and forwards it.
 """
 
 from __future__ import annotations
@@ -212,6 +212,24 @@ def _reject_array(body: bytes) -> JsonRpcDecodeError:
     return JsonRpcDecodeError(
         INVALID_REQUEST, f"batch of {len(items)} messages not supported", batch=True
     )
+
+
+def decode_batch(body: bytes) -> tuple[Envelope, ...]:
+    """Decode a JSON-RPC batch (an array of messages, 2025-03-26 only); raise
+    JsonRpcDecodeError for an empty array or a member that is not one message."""
+    try:
+        items = _array_decoder.decode(body.lstrip(_WHITESPACE))
+    except msgspec.DecodeError:
+        raise JsonRpcDecodeError(PARSE_ERROR, "Parse error") from None
+    if not items:
+        raise JsonRpcDecodeError(INVALID_REQUEST, "empty batch")
+    envelopes = []
+    for item in items:
+        member = bytes(item)
+        if member[:1] != b"{":
+            raise JsonRpcDecodeError(INVALID_REQUEST, "a batch member is not a JSON-RPC message")
+        envelopes.append(decode_message(member))
+    return tuple(envelopes)
 
 
 def decode_message(body: bytes) -> Envelope:

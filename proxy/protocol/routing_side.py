@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.auth import check_tool_allowed, strip_credentials
+from proxy.auth import Identity, ToolDenied, check_tool_allowed, strip_credentials
 from proxy.mcp_routing import (
     SESSION_NOT_FOUND,
+    McpDecision,
     McpRefusal,
     check_origin,
     decide,
@@ -21,7 +22,7 @@ from proxy.protocol.http1 import upstream_request_headers
 from proxy.protocol.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST
 from proxy.protocol.mcp import SESSION_HEADER
 from proxy.protocol.request_side import MCP_RATE_STEP, RequestSide
-from proxy.protocol.tool_lists import HiddenToolCall, ToolListFilter, hide_tool_call
+from proxy.protocol.tool_lists import CallerView
 from proxy.routing import Backend, Route
 
 _RETRY_LATER = ((b"retry-after", b"1"),)
@@ -56,24 +57,40 @@ class RoutingSide(RequestSide):
             self._refuse(exc.status, exc.message, rpc=exc)
             return
         x.mcp = decision
-        if decision.method == "tools/list" and x.identity is not None:
-            x.answer_rewrite = ToolListFilter(x.identity.allowed_tools, decision.request_id)
-        elif decision.method == "tools/call" and x.identity is not None:
-            denied = check_tool_allowed(x.identity, decision.name)
-            if denied is not None:
-                self.env.tool_denied()
-                hidden = (
-                    hide_tool_call(b"".join(self.held), decision.name)
-                    if decision.name is not None and self.request_done
-                    else None
-                )
-                if hidden is None:
-                    self._answer_in_band(200, denied.body(decision.request_id), denied.message)
-                    return
-                # The backend answers it as the call of a tool it does not have.
-                self.held = [hidden.body]
-                x.answer_rewrite = hidden
+        identity = x.identity
+        if identity is not None and self._apply_caller_view(identity, decision):
+            return
         self._mcp_rate_limit()
+
+    def _apply_caller_view(self, identity: Identity, decision: McpDecision) -> bool:
+        """Per-caller tool lists (``proxy.protocol.tool_lists``): note how the answer is
+        rewritten, and send hidden tools' calls under stand-in names. True when the
+        request was answered here instead (a call that names no tool, from a caller
+        limited to some)."""
+        x = self.x
+        assert x is not None
+        envelope = decision.envelope
+        messages = decision.batch if envelope is None else (envelope,)
+        calls = [m for m in messages if m.method == "tools/call"]
+        denied = [d for d in (check_tool_allowed(identity, m.name) for m in calls) if d]
+        if denied:
+            self.env.tool_denied()
+            if any(d.tool is None for d in denied) or not self.request_done:
+                refusal = denied[0] if len(denied) == 1 else ToolDenied(None)
+                self._answer_in_band(200, refusal.body(decision.request_id), refusal.message)
+                return True
+        if not denied and not any(m.method == "tools/list" for m in messages):
+            return False
+        view = CallerView.of(
+            messages,
+            b"".join(self.held),
+            identity.allowed_tools,
+            lambda name: check_tool_allowed(identity, name) is None,
+        )
+        if view is not None and view.body is not None:
+            self.held = [view.body]  # the backend answers them as tools it does not have
+        x.answer_rewrite = view
+        return False
 
     def _mcp_rate_limit(self) -> None:
         x = self.x
@@ -160,7 +177,8 @@ class RoutingSide(RequestSide):
             backend, info.target if decision is None or not decision.target else decision.target
         )
         plain = head.plain
-        hidden = x.answer_rewrite if type(x.answer_rewrite) is HiddenToolCall else None
+        view = x.answer_rewrite
+        hidden = view if view is not None and view.body is not None else None
         if (
             plain is not None
             and hidden is None

@@ -3,66 +3,156 @@ limited, so that it lists only the tools that caller may call; and a call of a t
 hidden answered exactly as the backend answers a call of a tool it does not have.
 Sans-IO.
 
-The machine (``proxy.protocol.upstream_side``) holds such an answer until it is whole,
-JSON or ``text/event-stream`` alike, and asks ``ToolListFilter.rewrite`` for the body the
-caller gets. Only the JSON-RPC response to the caller's own request is decoded (with
-msgspec) and written anew; every other byte (an SSE stream's other events, their
-``id:`` and ``event:`` lines) goes as it came. A page of a paginated list is filtered
-on its own: its ``nextCursor`` stays, so the client walks every page, each showing
-only what it may call.
+``CallerView.of`` looks at a request (one message, or a 2025-03-26 batch) from a caller
+with an identity, and says what its answer needs: the ids of its ``tools/list``
+requests, whose results are filtered, and the calls of hidden tools, which go to the
+backend under stand-in names. The machine (``proxy.protocol.upstream_side``) then holds
+the answer until it is whole, JSON or ``text/event-stream`` alike, and asks ``rewrite``
+for the body the caller gets.
 
-A hidden tool's call goes to the backend under a name no backend has (``HiddenToolCall``),
-and the backend's answer comes back with the caller's name for it in place of that one:
-whatever a backend says of an unknown tool (a JSON-RPC error, or a result with
-``isError``), the caller gets the same for a hidden one, and cannot tell them apart.
-The backend never runs the hidden tool.
-
-A result that says ``cacheScope: public`` (2026-07-28) would let a shared cache hand
-one caller's view to another: any list answered to a caller with an identity becomes
-``private``, filtered or not (a caller allowed every tool sees what a limited one must
-not).
+- Only the JSON-RPC responses to the caller's ``tools/list`` requests are decoded (with
+  msgspec) and written anew; every other byte (an SSE stream's other events, their
+  ``id:`` and ``event:`` lines, a batch's other responses) goes as it came. A page of a
+  paginated list is filtered on its own: its ``nextCursor`` stays, so the client walks
+  every page, each showing only what it may call.
+- A result that says ``cacheScope: public`` (2026-07-28) would let a shared cache hand
+  one caller's view to another: any list answered to a caller with an identity becomes
+  ``private``, filtered or not (a caller allowed every tool sees what a limited one
+  must not).
+- A hidden tool's call goes to the backend under a name no backend has, and the
+  backend's answer comes back with the caller's name for it in place of that one:
+  whatever a backend says of an unknown tool (a JSON-RPC error, or a result with
+  ``isError``), the caller gets the same for a hidden one, and cannot tell them apart.
+  The backend never runs the hidden tool.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
+from proxy.protocol.jsonrpc import Envelope
+
 MAX_FILTERED_ANSWER = 8 << 20
-"""The largest ``tools/list`` answer held to be filtered; a larger one is refused (502)
-rather than relayed unfiltered."""
+"""The largest answer held to be rewritten; a larger one is refused (502) rather than
+relayed unfiltered."""
+
+STAND_IN_PREFIX = "switchboard-hidden-"
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
 
 
-class ToolListFilter:
-    """The ``tools/list`` answer to one request, as one caller may see it."""
+class CallerView:
+    """What a caller's answer to one request must become before it goes out."""
 
-    __slots__ = ("allowed", "request_id")
+    __slots__ = ("_renames", "allowed", "body", "list_ids")
 
-    def __init__(self, allowed: frozenset[str] | None, request_id: int | str | None) -> None:
+    def __init__(
+        self,
+        allowed: frozenset[str] | None,
+        list_ids: frozenset[int | str] = frozenset(),
+        renames: tuple[tuple[bytes, bytes], ...] = (),
+        body: bytes | None = None,
+    ) -> None:
         self.allowed = allowed
-        """The tools the caller may call; None: every tool (the list is left whole)."""
-        self.request_id = request_id
+        """The tools the caller may call; None: every tool (lists are left whole)."""
+        self.list_ids = list_ids
+        """The ids of the request's ``tools/list`` requests."""
+        self._renames = renames
+        """(stand-in, the hidden name as it stands inside a JSON string) pairs."""
+        self.body = body
+        """The request body as the backend gets it, where stand-ins changed it."""
+
+    @classmethod
+    def of(
+        cls,
+        messages: tuple[Envelope, ...],
+        body: bytes,
+        allowed: frozenset[str] | None,
+        may_call: Callable[[str | None], bool],
+    ) -> CallerView | None:
+        """The view for a request whose messages are ``messages`` (its ``body`` whole);
+        None where its answer goes as it comes."""
+        list_ids = frozenset(
+            m.id for m in messages if m.method == "tools/list" and m.id is not None
+        )
+        hidden = {m.name for m in messages if m.method == "tools/call" and not may_call(m.name)}
+        renames: tuple[tuple[bytes, bytes], ...] = ()
+        sent = None
+        if hidden:
+            sent, stand_ins = _hide_calls(body, hidden)
+            renames = tuple(
+                (stand_in.encode(), _encode(name)[1:-1]) for name, stand_in in stand_ins.items()
+            )
+        if not list_ids and not renames:
+            return None
+        return cls(allowed, list_ids, renames, sent)
+
+    @property
+    def hides_calls(self) -> bool:
+        """The request calls hidden tools: the answer is rewritten whatever its status."""
+        return bool(self._renames)
+
+    def stand_in(self) -> bytes | None:
+        """The stand-in of a single hidden call, for its ``Mcp-Name`` header."""
+        return self._renames[0][0] if len(self._renames) == 1 else None
+
+    def request_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The request's headers for ``body``: its length, and where the client sent one
+        (2026-07-28, one call), the stand-in as ``Mcp-Name``."""
+        assert self.body is not None
+        length = b"%d" % len(self.body)
+        stand_in = self.stand_in()
+        return [
+            (
+                name,
+                length
+                if name == b"content-length"
+                else stand_in
+                if name == b"mcp-name" and stand_in is not None
+                else value,
+            )
+            for name, value in headers
+        ]
 
     def rewrite(self, body: bytes, *, event_stream: bool) -> bytes | None:
         """The answer the caller gets, or None where ``body`` needs no change."""
-        if event_stream:
-            return self._rewrite_stream(body)
-        return self._rewrite_message(body)
+        out = body
+        if self.list_ids:
+            filtered = self._rewrite_stream(body) if event_stream else self._rewrite_message(body)
+            if filtered is not None:
+                out = filtered
+        for stand_in, escaped in self._renames:
+            if stand_in in out:
+                out = out.replace(stand_in, escaped)
+        return None if out is body else out
 
     def _rewrite_message(self, payload: bytes) -> bytes | None:
         try:
             message = _decode(payload)
         except msgspec.DecodeError:
             return None  # not JSON: nothing that lists tools
-        if not isinstance(message, dict) or message.get("id") != self.request_id:
-            return None
+        if isinstance(message, list):  # a batch's answers
+            changed = [self._filter(m) for m in message]
+            return _encode(message) if any(changed) else None
+        return _encode(message) if self._filter(message) else None
+
+    def _filter(self, message: Any) -> bool:
+        """Filter ``message`` in place if it is the result of one of the lists."""
+        if not isinstance(message, dict):
+            return False
+        request_id = message.get("id")
         result = message.get("result")
-        if not isinstance(result, dict):
-            return None
+        if (
+            not isinstance(request_id, int | str)
+            or request_id not in self.list_ids
+            or not isinstance(result, dict)
+        ):
+            return False
         changed = False
         tools = result.get("tools")
         allowed = self.allowed
@@ -74,11 +164,11 @@ class ToolListFilter:
         if result.get("cacheScope") == "public":
             result["cacheScope"] = "private"
             changed = True
-        return _encode(message) if changed else None
+        return changed
 
     def _rewrite_stream(self, body: bytes) -> bytes | None:
-        """Each complete event of the stream in turn: the one whose data is the response
-        to the request is rewritten, the others kept byte for byte."""
+        """Each event of the stream in turn: those whose data is a response to a list
+        are rewritten, the others kept byte for byte."""
         out: list[bytes] = []
         block: list[bytes] = []
         changed = False
@@ -123,47 +213,19 @@ def _field_value(line: bytes) -> bytes:
     return line.rstrip(b"\r\n")[5:].removeprefix(b" ")
 
 
-class HiddenToolCall:
-    """A ``tools/call`` of a tool the caller may not see, sent under ``stand_in``."""
-
-    __slots__ = ("_escaped", "body", "stand_in")
-
-    def __init__(self, body: bytes, stand_in: str, name: str) -> None:
-        self.body = body
-        """The request body as the backend gets it."""
-        self.stand_in = stand_in
-        # The name as it stands inside a JSON string (the answer is JSON, or JSON in
-        # SSE data lines, where an escaped name has no line break).
-        self._escaped = _encode(name)[1:-1]
-
-    def request_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """The request's headers with its body's new length and, where the client sent
-        one (2026-07-28), the stand-in as ``Mcp-Name``."""
-        length = b"%d" % len(self.body)
-        stand_in = self.stand_in.encode()
-        return [
-            (
-                name,
-                length if name == b"content-length" else stand_in if name == b"mcp-name" else value,
-            )
-            for name, value in headers
-        ]
-
-    def rewrite(self, body: bytes, *, event_stream: bool) -> bytes | None:
-        stand_in = self.stand_in.encode()
-        return body.replace(stand_in, self._escaped) if stand_in in body else None
-
-
-def hide_tool_call(body: bytes, name: str) -> HiddenToolCall | None:
-    """The call in ``body`` (a JSON-RPC ``tools/call`` of ``name``) under a name no
-    backend has; None where the body is not such a call."""
-    try:
-        message = _decode(body)
-    except msgspec.DecodeError:
-        return None
-    params = message.get("params") if isinstance(message, dict) else None
-    if not isinstance(params, dict) or params.get("name") != name:
-        return None
-    stand_in = "switchboard-hidden-" + secrets.token_hex(12)
-    params["name"] = stand_in
-    return HiddenToolCall(_encode(message), stand_in, name)
+def _hide_calls(body: bytes, hidden: set[str | None]) -> tuple[bytes, dict[str, str]]:
+    """``body`` (a message or a batch) with the ``tools/call`` of each tool in ``hidden``
+    under a stand-in name; and the stand-in of each name."""
+    decoded = _decode(body)
+    stand_ins: dict[str, str] = {}
+    for message in decoded if isinstance(decoded, list) else [decoded]:
+        params = message.get("params") if isinstance(message, dict) else None
+        if message.get("method") != "tools/call" or not isinstance(params, dict):
+            continue
+        name = params.get("name")
+        if isinstance(name, str) and name in hidden:
+            stand_in = stand_ins.get(name)
+            if stand_in is None:
+                stand_in = stand_ins[name] = STAND_IN_PREFIX + secrets.token_hex(12)
+            params["name"] = stand_in
+    return _encode(decoded), stand_ins

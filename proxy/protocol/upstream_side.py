@@ -24,7 +24,7 @@ from proxy.protocol.exchange import Upstream
 from proxy.protocol.fast_response import END, ResponseHead
 from proxy.protocol.http1 import downstream_response_headers, reason_phrase
 from proxy.protocol.routing_side import RoutingSide
-from proxy.protocol.tool_lists import MAX_FILTERED_ANSWER, HiddenToolCall
+from proxy.protocol.tool_lists import MAX_FILTERED_ANSWER
 from proxy.protocol.tunnel import Tunnel
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -157,11 +157,7 @@ class UpstreamSide(RoutingSide):
         else:
             framing = UNTIL_CLOSE
         rewrite = x.answer_rewrite
-        if (
-            rewrite is not None
-            and framing != NO_BODY
-            and (status == 200 or type(rewrite) is HiddenToolCall)
-        ):
+        if rewrite is not None and framing != NO_BODY and (status == 200 or rewrite.hides_calls):
             # Rewritten for this caller once whole: nothing goes out before then.
             self.framing = framing
             x.status = status

@@ -167,3 +167,39 @@ def test_an_allowed_call_goes_as_it_came() -> None:
     assert json.loads(sent.body)["params"]["name"] == "b"
     w.answer(ok(b"x" * 50, b"Content-Type: application/json")[:-10])
     assert w.t.take_client().endswith(b"x" * 40)  # relayed as it comes, not held
+
+
+def test_a_batch_has_its_hidden_calls_renamed_and_its_lists_filtered(bytewise: bool) -> None:
+    w = world()
+    batch = (
+        b'[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}},'
+        b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"b"}},'
+        b'{"jsonrpc":"2.0","id":4,"method":"tools/list"}]'
+    )
+    # A 2025-03-26 client: no MCP-Protocol-Version header.
+    w.feed(
+        mcp_post(batch, b"Authorization: Bearer carol-key", target=b"/tools"),
+        byte_at_a_time=bytewise,
+    )
+    sent = backend_request(w.t.up.sent)
+    hidden, allowed, _ = json.loads(sent.body)
+    stand_in = hidden["params"]["name"]
+    assert stand_in.startswith("switchboard-hidden-") and allowed["params"]["name"] == "b"
+    assert sent.header(b"content-length") == b"%d" % len(sent.body)
+    answers = [
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "error": {"code": -32602, "message": f"Unknown tool: {stand_in}"},
+        },
+        {"jsonrpc": "2.0", "id": 2, "result": {"content": []}},
+        json.loads(RESULT),
+    ]
+    w.answer(
+        ok(json.dumps(answers).encode(), b"Content-Type: application/json"), byte_at_a_time=bytewise
+    )
+    got = json.loads(client_answer(w.t.take_client(), b"POST").body)
+    assert got[0]["error"]["message"] == "Unknown tool: echo"
+    assert got[1] == answers[1]
+    assert [t["name"] for t in got[2]["result"]["tools"]] == ["b"]
+    assert w.env.denied_tools == 1
