@@ -78,6 +78,10 @@ class Identity:
     tenant_id: int | None = None
     max_connections: int | None = None
     """The tenant's own concurrent-connection cap, overriding the configured default."""
+    scopes: frozenset[str] | None = None
+    """A JWT's scopes (``scope``, space-separated, or ``scp``); None for API keys."""
+    client_id: str | None = None
+    """The OAuth client a JWT was issued to (``client_id``, else ``azp``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +139,7 @@ def verify_api_key(key: str, table: KeyTable) -> Identity | AuthFailure:
     return entry[1]
 
 
-def _credential(headers: Headers, header_name: bytes) -> bytes | AuthFailure | None:
+def credential_of(headers: Headers, header_name: bytes) -> bytes | AuthFailure | None:
     values = [value for name, value in headers if name == header_name]
     if not values:
         return None
@@ -160,7 +164,7 @@ def authenticate(
 ) -> Identity | AuthFailure:
     """Who is calling: an API key, else (with a verifier) a JWT; a 401 otherwise.
     ``headers`` have lower-case names, as h11 gives them; ``now`` is Unix time."""
-    credential = _credential(headers, header_name)
+    credential = credential_of(headers, header_name)
     if credential is None:
         return unauthorized("credentials required", error=None)
     if isinstance(credential, AuthFailure):
@@ -319,7 +323,16 @@ class JwtVerifier:
         jwk, key = found
         return key if _fits(jwk, alg) else unauthorized("key does not fit the algorithm")
 
-    def verify(self, token: str, now: float) -> Identity | AuthFailure:
+    def verify(
+        self,
+        token: str,
+        now: float,
+        *,
+        audience: str | None = None,
+        issuers: Sequence[str] | None = None,
+    ) -> Identity | AuthFailure:
+        """The token's identity; ``audience`` and ``issuers`` (an OAuth resource's)
+        replace the configured ``aud`` and ``iss`` rules."""
         import jwt
 
         try:
@@ -331,8 +344,8 @@ class JwtVerifier:
                 token,
                 key,
                 algorithms=[header["alg"]],
-                audience=self.audience,
-                issuer=self.issuer,
+                audience=self.audience if audience is None else audience,
+                issuer=self.issuer if issuers is None else issuers,
                 options={
                     "require": ["exp"],
                     "verify_exp": False,  # checked below against the caller's clock
@@ -356,11 +369,25 @@ class JwtVerifier:
             return unauthorized("token not yet valid")
         tenant = claims.get(self.tenant_claim)
         subject = claims.get("sub")
+        client_id = claims.get("client_id", claims.get("azp"))
         return Identity(
             "jwt",
             subject if isinstance(subject, str) else "",
             tenant if isinstance(tenant, str) else None,
+            scopes=_scopes(claims),
+            client_id=client_id if isinstance(client_id, str) else None,
         )
+
+
+def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
+    """RFC 9068 ``scope`` (space-separated), or the ``scp`` list some servers use."""
+    scope = claims.get("scope")
+    if isinstance(scope, str):
+        return frozenset(scope.split())
+    scp = claims.get("scp")
+    if isinstance(scp, list):
+        return frozenset(s for s in scp if isinstance(s, str))
+    return frozenset()
 
 
 _JWT_ERRORS: Final = {

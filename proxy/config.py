@@ -136,6 +136,27 @@ class HealthCheckConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
     """Consecutive failing probes that take a backend out."""
 
 
+class OAuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A route served as an OAuth 2.1 protected resource (MCP authorization; RFC 9728
+    metadata, RFC 8707 audiences). See docs/mcp.md, "OAuth"."""
+
+    resource: str = ""
+    """The canonical URI of the route's endpoint as clients reach it (behind HAProxy: the
+    public one), e.g. "https://mcp.example.com/mcp". Tokens must name it in ``aud``.
+    "": the route is no OAuth resource."""
+    authorization_servers: tuple[str, ...] = ()
+    """Issuer identifiers of the authorization servers whose tokens are accepted (``iss``
+    must be one of them); listed in the metadata for clients to discover."""
+    scopes: tuple[str, ...] = ()
+    """Scopes every request on the route needs (asked for in the 401 challenge)."""
+    tool_scopes: dict[str, str] = msgspec.field(default_factory=dict)
+    """Tool name -> the scope its ``tools/call`` needs (403 ``insufficient_scope`` naming
+    it otherwise); ``tools/list`` shows a caller only the tools its scopes allow."""
+    caller_headers: dict[str, str] = msgspec.field(default_factory=dict)
+    """What the backend is told of the caller, set by the proxy (a client's own copies are
+    removed): "subject", "client_id" or "scopes" -> header name."""
+
+
 class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     prefix: str
     """Path prefix matched against the request target (longest prefix wins)."""
@@ -171,6 +192,7 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     response_timeout: float = 0.0
     """Seconds to wait for the backend's response head on this route (0: the kind's
     default, upstream.response_timeout or upstream.mcp_response_timeout)."""
+    oauth: OAuthConfig = OAuthConfig()
 
 
 class McpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -378,6 +400,12 @@ def validate_routes(routes: tuple[RouteConfig, ...], source: str) -> None:
             raise ConfigError(source, f"{key}.health.path", "must start with '/'")
         for name in ("interval", "timeout", "rise", "fall"):
             _positive(source, f"{key}.health.{name}", getattr(health, name))
+        if route.oauth.resource or route.oauth != OAuthConfig():
+            from proxy.oauth import oauth_config_problem
+
+            problem = oauth_config_problem(route)
+            if problem is not None:
+                raise ConfigError(source, f"{key}.oauth.{problem[0]}", problem[1])
 
 
 def validate(config: Config, source: str) -> Config:
@@ -486,6 +514,11 @@ def _validate_control_plane(config: Config, source: str) -> None:
         raise ConfigError(
             source, "auth.jwt_jwks_file", "public-key algorithms need jwt_jwks_file or _url"
         )
+    for i, route in enumerate(config.routes):
+        if route.oauth.resource and not algorithms:
+            raise ConfigError(
+                source, f"routes[{i}].oauth.resource", "an OAuth resource needs auth.jwt_algorithms"
+            )
     _positive(source, "auth.jwt_jwks_max_age", auth.jwt_jwks_max_age)
     _positive(source, "auth.jwt_leeway", auth.jwt_leeway, allow_zero=True)
     rl = config.rate_limits

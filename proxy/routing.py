@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from proxy.config import HealthCheckConfig, RouteConfig, UpstreamConfig, parse_backend_url
+from proxy.oauth import OAuthResource, metadata_documents
 
 
 def replica_id(url: str) -> str:
@@ -119,6 +120,8 @@ class Route:
     response_timeout: float = 60.0
     """Seconds to wait for a response head: the route's own, or its kind's default
     (``upstream.response_timeout``, ``upstream.mcp_response_timeout``)."""
+    oauth: OAuthResource | None = None
+    """The OAuth protected resource the route is (``proxy.oauth``), if it is one."""
     _next: int = field(default=0, repr=False)
 
     def choose_backend(self) -> Backend:
@@ -153,10 +156,12 @@ def _matches(prefix: str, path: str) -> bool:
 class RouteTable:
     """Routes sorted longest prefix first."""
 
-    __slots__ = ("_routes",)
+    __slots__ = ("_routes", "documents")
 
     def __init__(self, routes: Sequence[Route]) -> None:
         self._routes = tuple(sorted(routes, key=lambda r: len(r.prefix), reverse=True))
+        self.documents = metadata_documents([r.oauth for r in self._routes if r.oauth])
+        """Path -> the OAuth protected-resource metadata the proxy answers there."""
 
     @classmethod
     def from_config(
@@ -182,10 +187,11 @@ class RouteTable:
                     eject_after=r.eject_after,
                     eject_seconds=r.eject_seconds,
                     replicas={b.replica: b for b in backends},
-                    auth=r.auth,
+                    auth="required" if r.oauth.resource else r.auth,
                     tenants=frozenset(r.tenants) if r.tenants else None,
                     forward_credentials=r.forward_credentials,
                     response_timeout=r.response_timeout or default_timeout,
+                    oauth=OAuthResource.from_config(r.oauth) if r.oauth.resource else None,
                 )
             )
         return cls(built)

@@ -99,7 +99,38 @@ def test_importing_auth_stays_sans_io() -> None:
 def test_valid_jwt(alg: str, key: Any, kid: str | None) -> None:
     token = jwt.encode(claims(), key, algorithm=alg, headers={"kid": kid} if kid else None)
     identity = check(token, verifier("HS256", "RS256", "ES256"))
-    assert identity == Identity("jwt", "alice", "acme")
+    assert identity == Identity("jwt", "alice", "acme", scopes=frozenset())
+
+
+@pytest.mark.parametrize(
+    ("extra", "scopes", "client_id"),
+    [
+        ({"scope": "read  write", "client_id": "app-1"}, {"read", "write"}, "app-1"),
+        ({"scp": ["read", 7], "azp": "app-2"}, {"read"}, "app-2"),
+        ({"scope": 5, "client_id": ["x"]}, set(), None),
+    ],
+)
+def test_jwt_scopes_and_client(
+    extra: dict[str, Any], scopes: set[str], client_id: str | None
+) -> None:
+    token = jwt.encode(claims(**extra), SECRET, algorithm="HS256")
+    identity = check(token, verifier("HS256"))
+    assert isinstance(identity, Identity)
+    assert (identity.scopes, identity.client_id) == (frozenset(scopes), client_id)
+
+
+def test_an_oauth_resource_replaces_the_audience_and_issuer_rules() -> None:
+    v = verifier("HS256")
+    token = jwt.encode(claims(aud="https://mcp.example/mcp", iss="https://as.example"), SECRET)
+    assert isinstance(v.verify(token, NOW), AuthFailure)  # not the configured audience
+    ok = v.verify(token, NOW, audience="https://mcp.example/mcp", issuers=["https://as.example"])
+    assert isinstance(ok, Identity)
+    for audience, issuers in (
+        ("https://other.example/mcp", ["https://as.example"]),
+        ("https://mcp.example/mcp", ["https://elsewhere.example"]),
+    ):
+        refused = v.verify(token, NOW, audience=audience, issuers=issuers)
+        assert isinstance(refused, AuthFailure) and refused.status == 401
 
 
 def _forge(header: dict[str, Any], payload: dict[str, Any], key: bytes | None) -> str:

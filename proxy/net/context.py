@@ -26,6 +26,7 @@ from proxy.labels import status_label
 from proxy.mcp_routing import method_label
 from proxy.metrics import LIMIT_BY_STATUS, RequestMetrics, metrics
 from proxy.net.upstream import UpstreamPool
+from proxy.oauth import authenticate_oauth
 from proxy.observability import AccessLine, AccessLog
 from proxy.protocol.exchange import Check, Exchange
 from proxy.protocol.http1 import ForwardingPolicy
@@ -140,13 +141,16 @@ class WorkerContext:
     ) -> Identity | AuthFailure:
         control = self.control
         assert control is not None  # routes with auth need the control plane
-        result = authenticate(
-            list(headers),
-            control.keys,
-            control.jwt,
-            now=time.time(),
-            header_name=control.auth_header,
-        )
+        if route.oauth is not None:
+            result = authenticate_oauth(headers, control.jwt, route.oauth, now=time.time())
+        else:
+            result = authenticate(
+                list(headers),
+                control.keys,
+                control.jwt,
+                now=time.time(),
+                header_name=control.auth_header,
+            )
         if isinstance(result, Identity):
             result = check_access(result, route.tenants) or result
         if isinstance(result, AuthFailure):

@@ -47,6 +47,11 @@ _SIGNATURE_LENGTH = len(V2_SIGNATURE)
 # Admission steps, in order.
 _IP_CAP, _AUTH, _TENANT_CAP, _RATE, _BODY, _MCP_RATE, _BACKEND = range(7)
 MCP_RATE_STEP = _MCP_RATE
+_METADATA_HEADERS = (
+    # Browser-based MCP clients read it from another origin.
+    (b"access-control-allow-origin", b"*"),
+    (b"cache-control", b"max-age=300"),
+)
 _FAILED_AUTH_RATE = 100
 """Pending marker: the IP rate check of a request whose credentials failed."""
 
@@ -135,6 +140,12 @@ class RequestSide(ConnectionCore):
         x = self.x = Exchange(head.method, head.target, time.perf_counter(), route)
         self.head = head
         if route is None:
+            document = self.env.routes.documents.get(info.path.encode("latin-1"))
+            bodiless = not info.content_length and not info.chunked
+            if document is not None and head.method == b"GET" and bodiless:
+                self.request_done = True
+                self._answer_here(200, document, None, _METADATA_HEADERS)
+                return
             self._refuse(404, "no route for this path")
             return
         length = info.content_length
@@ -178,6 +189,15 @@ class RequestSide(ConnectionCore):
         x.bytes_in = length
         self.request_done = True
         return True
+
+    def _answer_here(
+        self,
+        status: int,
+        body: bytes,
+        reason: str | None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        raise NotImplementedError
 
     # -- admission ------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from proxy.mcp_routing import (
     decide,
     with_session,
 )
+from proxy.oauth import insufficient_scope
 from proxy.protocol import answers
 from proxy.protocol.http1 import upstream_request_headers
 from proxy.protocol.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST
@@ -72,6 +73,16 @@ class RoutingSide(RequestSide):
         envelope = decision.envelope
         messages = decision.batch if envelope is None else (envelope,)
         calls = [m for m in messages if m.method == "tools/call"]
+        oauth = x.route.oauth if x.route is not None else None
+        if oauth is not None:
+            for call in calls:
+                needed = oauth.tool_scope_missing(identity, call.name)
+                if needed is not None:
+                    # The client may ask for more (step-up): the scope is named.
+                    self._refuse_auth(
+                        insufficient_scope(oauth, (needed,), f"tool needs scope {needed}")
+                    )
+                    return True
         denied = [d for d in (check_tool_allowed(identity, m.name) for m in calls) if d]
         if denied:
             self.env.tool_denied()
@@ -81,10 +92,21 @@ class RoutingSide(RequestSide):
                 return True
         if not denied and not any(m.method == "tools/list" for m in messages):
             return False
+        allowed = identity.allowed_tools
+        visible = None
+        if allowed is not None or (oauth is not None and oauth.tool_scopes):
+
+            def visible(name: object) -> bool:
+                return (
+                    isinstance(name, str)
+                    and (allowed is None or name in allowed)
+                    and (oauth is None or oauth.tool_scope_missing(identity, name) is None)
+                )
+
         view = CallerView.of(
             messages,
             b"".join(self.held),
-            identity.allowed_tools,
+            visible,
             lambda name: check_tool_allowed(identity, name) is None,
         )
         if view is not None and view.body is not None:
@@ -111,15 +133,26 @@ class RoutingSide(RequestSide):
     def _answer_in_band(self, status: int, body: bytes, reason: str) -> None:
         """A JSON-RPC error answered with 200 (what the protocol expects for an
         authorization refusal of a call): the connection stays usable."""
+        self._answer_here(status, body, reason)
+
+    def _answer_here(
+        self,
+        status: int,
+        body: bytes,
+        reason: str | None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        """A JSON answer of the proxy's own that leaves the connection usable: a refusal
+        (``reason``) in band, or a document it serves (OAuth resource metadata)."""
         x = self.x
         assert x is not None
         x.status = status
         x.error = reason
-        x.refused = True
+        x.refused = reason is not None
         x.bytes_out = len(body)
         draining = self.env.draining and not self.buf
         self.close_after = close = self.close_after or draining or not self.request_done
-        self.t.send_client(answers.json_answer(status, body, close=close))
+        self.t.send_client(answers.json_answer(status, body, headers, close=close))
         self.upstream_done = True
         self._exchange_done()
 
@@ -179,9 +212,12 @@ class RoutingSide(RequestSide):
         plain = head.plain
         view = x.answer_rewrite
         hidden = view if view is not None and view.body is not None else None
+        oauth = route.oauth
+        told = oauth.caller_headers if oauth is not None else ()
         if (
             plain is not None
             and hidden is None
+            and not told
             and policy.host_mode == "preserve"
             and (x.identity is None or route.forward_credentials)
             and (decision is None or decision.backend_session is None)
@@ -209,6 +245,12 @@ class RoutingSide(RequestSide):
             with_session(headers, decision.backend_session)
         if hidden is not None:
             headers = hidden.request_headers(headers)
+        if told and oauth is not None:
+            # Set by the proxy alone: a client's own copies never reach the backend.
+            names = {name for _, name in told}
+            headers = [(n, v) for n, v in headers if n not in names]
+            if x.identity is not None:
+                headers += oauth.caller_header_values(x.identity)
         return answers.request_head(head.method, target, headers)
 
     def mcp_response_headers(self, headers: list[tuple[bytes, bytes]], *, streaming: bool) -> None:

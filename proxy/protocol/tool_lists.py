@@ -49,17 +49,18 @@ _encode = msgspec.json.encode
 class CallerView:
     """What a caller's answer to one request must become before it goes out."""
 
-    __slots__ = ("_renames", "allowed", "body", "list_ids")
+    __slots__ = ("_renames", "body", "list_ids", "visible")
 
     def __init__(
         self,
-        allowed: frozenset[str] | None,
+        visible: Callable[[object], bool] | None,
         list_ids: frozenset[int | str] = frozenset(),
         renames: tuple[tuple[bytes, bytes], ...] = (),
         body: bytes | None = None,
     ) -> None:
-        self.allowed = allowed
-        """The tools the caller may call; None: every tool (lists are left whole)."""
+        self.visible = visible
+        """Whether a listed tool's name is one the caller may see; None: every tool
+        (lists are left whole)."""
         self.list_ids = list_ids
         """The ids of the request's ``tools/list`` requests."""
         self._renames = renames
@@ -72,7 +73,7 @@ class CallerView:
         cls,
         messages: tuple[Envelope, ...],
         body: bytes,
-        allowed: frozenset[str] | None,
+        visible: Callable[[object], bool] | None,
         may_call: Callable[[str | None], bool],
     ) -> CallerView | None:
         """The view for a request whose messages are ``messages`` (its ``body`` whole);
@@ -90,7 +91,7 @@ class CallerView:
             )
         if not list_ids and not renames:
             return None
-        return cls(allowed, list_ids, renames, sent)
+        return cls(visible, list_ids, renames, sent)
 
     @property
     def hides_calls(self) -> bool:
@@ -155,9 +156,9 @@ class CallerView:
             return False
         changed = False
         tools = result.get("tools")
-        allowed = self.allowed
-        if allowed is not None and isinstance(tools, list):
-            kept = [t for t in tools if isinstance(t, dict) and t.get("name") in allowed]
+        visible = self.visible
+        if visible is not None and isinstance(tools, list):
+            kept = [t for t in tools if isinstance(t, dict) and visible(t.get("name"))]
             if len(kept) != len(tools):
                 result["tools"] = kept
                 changed = True
