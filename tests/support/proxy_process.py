@@ -44,6 +44,10 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return (
+            "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        )
     return repr(value)
 
 
@@ -169,7 +173,8 @@ def run_proxy(
     port = free_port()
     merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (sections or {}).items()}
     server = merged.setdefault("server", {})
-    server.setdefault("listen", [f"127.0.0.1:{port}"])
+    listen = server.setdefault("listen", [f"127.0.0.1:{port}"])
+    port = int(listen[0].rsplit(":", 1)[1])  # a test may choose the address itself
     server.setdefault("workers", workers)
     admin = merged.setdefault("admin", {})
     admin.setdefault("listen", f"127.0.0.1:{free_port()}")
