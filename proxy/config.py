@@ -311,6 +311,22 @@ class DemoConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     listen: str = "127.0.0.1:8931"
 
 
+class TracingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """OpenTelemetry traces, exported over OTLP/HTTP (docs/operations.md, "Traces")."""
+
+    sample_ratio: float = 0.0
+    """The share of requests without a sampled parent that are traced (0-1). A request
+    whose ``traceparent`` says sampled is traced whenever this is above 0. 0: tracing
+    is off, and costs nothing."""
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    """The OTLP/HTTP traces endpoint of a collector."""
+    service_name: str = "switchboard"
+    export_timeout: float = 10.0
+    """Seconds an export may take (in the exporter's thread, never on a request)."""
+    max_queue_size: int = 2048
+    """Spans held for export; past it new spans are dropped (and counted), never waited for."""
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = ServerConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -326,6 +342,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     redis: RedisConfig = RedisConfig()
     auth: AuthConfig = AuthConfig()
     rate_limits: RateLimitsConfig = RateLimitsConfig()
+    tracing: TracingConfig = TracingConfig()
 
 
 def parse_hostport(value: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -519,6 +536,15 @@ def _validate_control_plane(config: Config, source: str) -> None:
             raise ConfigError(
                 source, f"routes[{i}].oauth.resource", "an OAuth resource needs auth.jwt_algorithms"
             )
+    tracing = config.tracing
+    if not 0.0 <= tracing.sample_ratio <= 1.0:
+        raise ConfigError(
+            source, "tracing.sample_ratio", f"must be 0-1, got {tracing.sample_ratio}"
+        )
+    if tracing.sample_ratio and urlsplit(tracing.endpoint).scheme not in ("http", "https"):
+        raise ConfigError(source, "tracing.endpoint", f"not an http(s) URL: {tracing.endpoint!r}")
+    _positive(source, "tracing.export_timeout", tracing.export_timeout)
+    _positive(source, "tracing.max_queue_size", tracing.max_queue_size)
     _positive(source, "auth.jwt_jwks_max_age", auth.jwt_jwks_max_age)
     _positive(source, "auth.jwt_leeway", auth.jwt_leeway, allow_zero=True)
     rl = config.rate_limits

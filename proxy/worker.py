@@ -119,7 +119,12 @@ def build_context(config: Config, worker_id: int) -> WorkerContext:
         secrets = {kid: key.encode() for kid, key in config.mcp.session_keys.items()}
         current = config.mcp.current_key or next(iter(secrets))
         tokens = SessionTokens(Keyring(secrets, current))
-    return WorkerContext(config, routes, pools, log, access, tokens)
+    ctx = WorkerContext(config, routes, pools, log, access, tokens)
+    if config.tracing.sample_ratio:
+        from proxy.net.tracing import Tracer  # the SDK is loaded only where it is used
+
+        ctx.tracer = Tracer(config.tracing, worker_id)
+    return ctx
 
 
 def _health_checks(ctx: WorkerContext) -> dict[Backend, tuple[UpstreamPool, HealthCheckConfig]]:
@@ -225,6 +230,9 @@ async def serve(
             background.cancel_scope.cancel()
     ctx.report_pools()
     ctx.flush()
+    if ctx.tracer is not None:
+        # Export what is queued: the collector may be slow, the worker is done serving.
+        await trio.to_thread.run_sync(ctx.tracer.shutdown)
     ctx.log.info("worker_stopped", requests=ctx.requests)
 
 

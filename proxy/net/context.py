@@ -35,6 +35,7 @@ from proxy.routing import Backend, Route, RouteTable, pick_least_loaded
 
 if TYPE_CHECKING:
     from proxy.net.control_plane import ControlPlane
+    from proxy.net.tracing import Tracer
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -63,6 +64,9 @@ class WorkerContext:
         self.via = config.forwarding.via.encode("ascii")
         self.checking = config.auth.required
         """Some request may need an admission check (see ``update_checking``)."""
+        self.trace_ratio = config.tracing.sample_ratio
+        self.tracer: Tracer | None = None
+        """Makes and exports the spans of traced requests (set by the worker)."""
         self.nursery: trio.Nursery = None  # type: ignore[assignment]  # set by the worker
         self.counts = RequestMetrics()
         self.requests = 0
@@ -234,6 +238,9 @@ class WorkerContext:
         control = self.control
         if route is not None and control is not None and control.audit is not None:
             control.audit.record(usage_record(x, elapsed))
+        trace = x.trace
+        if trace is not None and self.tracer is not None:
+            self.tracer.record(x, trace, peer[0])
 
     def flush(self) -> None:
         """Publish the counts, then write the access lines they cover."""

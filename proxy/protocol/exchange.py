@@ -25,6 +25,7 @@ from proxy.protocol.fast_response import ResponseReader
 from proxy.protocol.http1 import ForwardingPolicy
 from proxy.protocol.session_token import SessionTokens
 from proxy.protocol.tool_lists import CallerView
+from proxy.protocol.trace_context import Trace
 from proxy.routing import Backend, Route, RouteTable
 
 
@@ -46,6 +47,7 @@ class Exchange:
         "status",
         "streamed",
         "target",
+        "trace",
     )
 
     def __init__(
@@ -68,6 +70,8 @@ class Exchange:
         """An event stream or a tunnel: its duration is the stream's life, not latency."""
         self.mcp: McpDecision | None = None
         self.identity: Identity | None = None
+        self.trace: Trace | None = None
+        """The request's trace (``proxy.protocol.trace_context``), where it is traced."""
         self.answer_rewrite: CallerView | None = None
         """How the answer is rewritten for this caller before it goes out (held until
         whole): a filtered ``tools/list``, or the call of a hidden tool."""
@@ -152,6 +156,8 @@ class Env(Protocol):
     checking: bool
     """Some request may need an admission check (connection caps, rate limits, or auth
     by default): False lets requests on routes without auth skip admission."""
+    trace_ratio: float
+    """tracing.sample_ratio: 0 when tracing is off (nothing is looked at)."""
 
     def now(self) -> float:
         """Monotonic seconds, for deadlines."""

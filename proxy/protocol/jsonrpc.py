@@ -81,10 +81,13 @@ class Envelope(Struct, frozen=True, gc=False):
     non_string: frozenset[str] = frozenset()
     """Lifted fields present with a non-string value: "name", "uri", "protocolVersion",
     the meta key; "_meta" when _meta itself is not an object."""
+    traceparent: str | None = None
+    """params._meta.traceparent (W3C trace context in the message, SEP-414)."""
 
 
 class _Meta(Struct):
     version: str | None = field(default=None, name=PROTOCOL_VERSION_META_KEY)
+    traceparent: str | None = None
 
 
 class _NamedParams(Struct):
@@ -174,8 +177,24 @@ def _request(kind: Kind, request_id: RequestId | None, method: str, params: Raw)
             offered_version=values.get("protocolVersion"),
             non_string=bad,
         )
-    version = None if p.meta is None else p.meta.version
-    return Envelope(kind, request_id, method, params, None, None, p.name, p.uri, version, p.offered)
+    meta = p.meta
+    if meta is None:
+        return Envelope(
+            kind, request_id, method, params, None, None, p.name, p.uri, None, p.offered
+        )
+    return Envelope(
+        kind,
+        request_id,
+        method,
+        params,
+        None,
+        None,
+        p.name,
+        p.uri,
+        meta.version,
+        p.offered,
+        traceparent=meta.traceparent,
+    )
 
 
 def _classify(wire: _Wire) -> Envelope:

@@ -6,6 +6,7 @@ the request head it gets is written; plus the MCP changes to response heads. San
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from proxy.auth import Identity, ToolDenied, check_tool_allowed, strip_credentials
@@ -19,11 +20,18 @@ from proxy.mcp_routing import (
 )
 from proxy.oauth import insufficient_scope
 from proxy.protocol import answers
+from proxy.protocol.exchange import Exchange
 from proxy.protocol.http1 import upstream_request_headers
 from proxy.protocol.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST
-from proxy.protocol.mcp import SESSION_HEADER
+from proxy.protocol.mcp import SESSION_HEADER, VERSION_HEADER
 from proxy.protocol.request_side import MCP_RATE_STEP, RequestSide
 from proxy.protocol.tool_lists import CallerView
+from proxy.protocol.trace_context import (
+    TRACEPARENT,
+    TRACESTATE,
+    start_trace,
+    with_meta_traceparent,
+)
 from proxy.routing import Backend, Route
 
 _RETRY_LATER = ((b"retry-after", b"1"),)
@@ -167,6 +175,9 @@ class RoutingSide(RequestSide):
             self._no_backend()
             return
         x.backend = backend
+        ratio = self.env.trace_ratio
+        if ratio and x.trace is None:
+            self._start_trace(x, ratio)
         held = b""
         if self.held:
             body = self.body
@@ -176,6 +187,38 @@ class RoutingSide(RequestSide):
             )
             self.held = []
         self._send_upstream_request(self.upstream_request(x.route, backend), held)
+
+    def _start_trace(self, x: Exchange, ratio: float) -> None:
+        """Decide whether the request is traced (``proxy.protocol.trace_context``)."""
+        head = self.head
+        assert head is not None
+        parent = state = None
+        session = version = b""
+        for name, value in head.headers:
+            if name == TRACEPARENT:
+                parent = parent or value
+            elif name == TRACESTATE:
+                state = value
+            elif name == SESSION_HEADER:
+                session = value
+            elif name == VERSION_HEADER:
+                version = value
+        decision = x.mcp
+        envelope = decision.envelope if decision is not None else None
+        meta = envelope.traceparent if envelope is not None else None
+        trace = start_trace(parent, state, meta, ratio)
+        if trace is None:
+            return
+        x.trace = trace
+        trace.session_id = session.decode("latin-1")
+        trace.protocol_version = version.decode("latin-1") or (
+            envelope.protocol_version or "" if envelope is not None else ""
+        )
+        if meta is not None and self.request_done and self.held:
+            body = with_meta_traceparent(b"".join(self.held), trace.reserve())
+            if body is not None:
+                self.held = [body]
+                trace.body_length = len(body)
 
     def _no_backend(self) -> None:
         x = self.x
@@ -218,6 +261,7 @@ class RoutingSide(RequestSide):
             plain is not None
             and hidden is None
             and not told
+            and x.trace is None
             and policy.host_mode == "preserve"
             and (x.identity is None or route.forward_credentials)
             and (decision is None or decision.backend_session is None)
@@ -245,6 +289,18 @@ class RoutingSide(RequestSide):
             with_session(headers, decision.backend_session)
         if hidden is not None:
             headers = hidden.request_headers(headers)
+        trace = x.trace
+        if trace is not None:
+            # The backend's parent is this attempt's span; the client's own is replaced.
+            headers = [(n, v) for n, v in headers if n != TRACEPARENT and n != TRACESTATE]
+            headers.append(
+                (TRACEPARENT, trace.attempt(backend.url, backend.replica, time.perf_counter()))
+            )
+            if trace.tracestate:
+                headers.append((TRACESTATE, trace.tracestate))
+            if trace.body_length is not None:
+                length = b"%d" % trace.body_length
+                headers = [(n, length if n == b"content-length" else v) for n, v in headers]
         if told and oauth is not None:
             # Set by the proxy alone: a client's own copies never reach the backend.
             names = {name for _, name in told}

@@ -134,6 +134,8 @@ class FakeEnv:
         self.tokens = SessionTokens(Keyring({"k1": SESSION_KEY}, "k1"))
         self.draining = False
         self.checking = True
+        self.trace_ratio = config.tracing.sample_ratio
+        self.traced: list[Exchange] = []
         self.via = b"switchboard"
         self.clock = 1000.0
         self.accounted: list[tuple[Exchange, bool]] = []
@@ -194,6 +196,8 @@ class FakeEnv:
 
     def account(self, x: Exchange, peer: tuple[str, int], *, refused_early: bool = False) -> None:
         self.accounted.append((x, refused_early))
+        if x.trace is not None:
+            self.traced.append(x)
 
     def count_kind(self, old: str, new: str) -> None:
         self.kinds[old] -= 1
