@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import trio
 from opentelemetry.propagate import inject
@@ -49,7 +50,10 @@ async def test_one_trace_across_client_proxy_and_backend(
     await nursery.start(backend.serve)
     route = {"prefix": "/mcp", "kind": "mcp", "backends": [backend.url]}
     tracing = {"sample_ratio": 1.0, "endpoint": receiver.endpoint, "service_name": "edge"}
-    sections = {"tracing": tracing, "mcp.session_keys": {"k1": "s" * 40}}
+    sections: dict[str, dict[str, Any]] = {
+        "tracing": tracing,
+        "mcp.session_keys": {"k1": "s" * 40},
+    }
     with traced_test_process(receiver.endpoint) as process:
         async with proxy_running(tmp_path, [route], sections=sections, workers=2) as proxy:
             with process.tracer.start_as_current_span("agent call") as client_span:
