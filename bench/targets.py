@@ -182,8 +182,11 @@ def switchboard(
     workers: int,
     max_connections_per_worker: int = 9000,
     route_kind: str = "http",
+    name: str = "switchboard",
+    tracing: dict[str, object] | None = None,
 ) -> Iterator[Target]:
-    """Switchboard with ``workers`` workers, one route ``/`` to the backends round-robin."""
+    """Switchboard with ``workers`` workers, one route ``/`` to the backends round-robin
+    (``tracing``: its [tracing] section; ``name``: the target's name in results)."""
     port = free_port()
     route = {
         "prefix": "/",
@@ -203,6 +206,8 @@ def switchboard(
         "log": {"access_log": False, "level": "info"},
         "admin": {"listen": ""},
     }
+    if tracing is not None:
+        sections["tracing"] = tracing
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
@@ -227,7 +232,7 @@ def switchboard(
                     f"switchboard did not start ({process.poll()}): {_tail(stderr_path)}"
                 )
         wait_port(port)
-        yield Target("switchboard", (port,), ProcessTree(process.pid))
+        yield Target(name, (port,), ProcessTree(process.pid))
     finally:
         stop_process(process, timeout=60)
         if sb.lines:

@@ -665,6 +665,15 @@ WORKLOADS: dict[str, Callable[[Path, Settings], JSON]] = {
 }
 
 
+def _tracing(tmp: Path, s: Settings) -> JSON:
+    from bench.tracing_cost import tracing  # it imports from this module
+
+    return tracing(tmp, s)
+
+
+WORKLOADS["tracing"] = _tracing
+
+
 def iter_names(selected: str) -> Iterator[str]:
     for name in selected.split(","):
         name = name.strip()
