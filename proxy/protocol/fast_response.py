@@ -201,7 +201,7 @@ class ResponseReader:
         self.complete = self.final = self.keep_alive = False
         self._head_only = head_only
         self._pristine = True
-        self._start = self._head_bytes = b""
+        self._start = b""
         self._interim = 0
 
     # -- llhttp callbacks --------------------------------------------------------------
@@ -337,11 +337,10 @@ class ResponseReader:
                 events.append(END)
                 return events
             raise Malformed("the backend closed the connection mid-response")
-        if not self.final:
-            self._head_bytes += data
         fresh = self._pristine
         if fresh:
             start = self._start + data
+            self._head_bytes = start
             if not start.startswith(_STATUS_LINE_START):
                 if len(start) >= 5 or not _STATUS_LINE_START.startswith(start):
                     # Not an HTTP response (llhttp also reads RTSP and ICE), or empty
@@ -351,6 +350,8 @@ class ResponseReader:
             else:
                 self._start = b""
                 self._pristine = False
+        elif not self.final:  # a head that spans reads
+            self._head_bytes += data
         try:
             self._parser.feed_data(data)
             if fresh and events and type(events[0]) is ResponseHead:

@@ -253,15 +253,11 @@ class RoutingSide(RequestSide):
             backend, info.target if decision is None or not decision.target else decision.target
         )
         plain = head.plain
-        view = x.answer_rewrite
-        hidden = view if view is not None and view.body is not None else None
-        oauth = route.oauth
-        told = oauth.caller_headers if oauth is not None else ()
         if (
             plain is not None
-            and hidden is None
-            and not told
+            and x.answer_rewrite is None
             and x.trace is None
+            and route.oauth is None
             and policy.host_mode == "preserve"
             and (x.identity is None or route.forward_credentials)
             and (decision is None or decision.backend_session is None)
@@ -276,6 +272,10 @@ class RoutingSide(RequestSide):
                 policy.proto,
                 b"x-forwarded-host: %s\r\nvia: 1.1 %s\r\n\r\n" % (info.host, policy.via),
             )
+        view = x.answer_rewrite
+        hidden = view if view is not None and view.body is not None else None
+        oauth = route.oauth
+        told = oauth.caller_headers if oauth is not None else ()
         headers = upstream_request_headers(
             head,
             head.info,
