@@ -270,7 +270,7 @@ class McpBackend:
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve on 127.0.0.1:0 until cancelled; ``task_status`` gets the port."""
         config = Config()
-        config.bind = ["127.0.0.1:0"]
+        config.bind = [f"127.0.0.1:{self.port}"]  # 0: any free port
         config.accesslog = None
         config.errorlog = logging.getLogger("hypercorn.error")
         config.graceful_timeout = 0.5

@@ -1,10 +1,7 @@
 """An OTLP/HTTP trace receiver for tests: accepts ``POST /v1/traces`` in the protobuf
 encoding collectors take, decodes it with opentelemetry-proto, and keeps every span.
-Served by hypercorn on trio in the test's nursery.
-
-``traced_test_process(endpoint)`` also points this test process's own OpenTelemetry
-spans (the test's client spans, and those the MCP SDK makes in in-process backends) at
-a receiver, for as long as the ``with`` lasts.
+Served by hypercorn on trio in the test's nursery. ``local_tracer`` gives a test spans
+of its own (a client's), exported to such a receiver.
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -101,20 +98,21 @@ class OtlpReceiver:
             task_status.started(self.port)
 
 
-class _Forwarding(SpanProcessor):
-    """The process-wide processor: passes spans on to the current test's, if any."""
-
-    def __init__(self) -> None:
-        self.current: SpanProcessor | None = None
-
-    def on_end(self, span: ReadableSpan) -> None:
-        current = self.current
-        if current is not None:
-            current.on_end(span)
-
-
-_forwarding = _Forwarding()
-_installed = False
+@contextmanager
+def local_tracer(endpoint: str, service: str) -> Iterator[ProcessTracing]:
+    """A tracer of this test's own (not the process-wide provider, which would start
+    tracing every later test's SDK clients), exporting to ``endpoint`` from a batch
+    processor's thread (a blocking export would stall the trio loop the receiver runs
+    in)."""
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    processor = BatchSpanProcessor(
+        OTLPSpanExporter(endpoint=endpoint, timeout=5), schedule_delay_millis=100
+    )
+    provider.add_span_processor(processor)
+    try:
+        yield ProcessTracing(provider.get_tracer("switchboard-tests"), processor)
+    finally:
+        provider.shutdown()
 
 
 @dataclass
@@ -125,24 +123,3 @@ class ProcessTracing:
     async def flush(self) -> None:
         """Export what has ended (in a thread: the receiver runs in this trio loop)."""
         await trio.to_thread.run_sync(self.processor.force_flush)
-
-
-@contextmanager
-def traced_test_process(endpoint: str) -> Iterator[ProcessTracing]:
-    """This process's spans exported to ``endpoint`` by a batch processor (its own
-    thread: a blocking export would stall the trio loop the receiver runs in)."""
-    global _installed
-    if not _installed:
-        provider = TracerProvider(resource=Resource.create({"service.name": "switchboard-tests"}))
-        provider.add_span_processor(_forwarding)
-        trace.set_tracer_provider(provider)
-        _installed = True
-    processor = BatchSpanProcessor(
-        OTLPSpanExporter(endpoint=endpoint, timeout=5), schedule_delay_millis=100
-    )
-    _forwarding.current = processor
-    try:
-        yield ProcessTracing(trace.get_tracer("switchboard-tests"), processor)
-    finally:
-        _forwarding.current = None
-        processor.shutdown()  # type: ignore[no-untyped-call]
