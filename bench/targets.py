@@ -209,8 +209,8 @@ def switchboard(
     if tracing is not None:
         sections["tracing"] = tracing
     lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
         lines.extend(f"{k} = {_toml(v)}" for k, v in values.items())
     lines.append("[[routes]]")
     lines.extend(f"{k} = {_toml(v)}" for k, v in route.items())
