@@ -192,26 +192,16 @@ class RoutingSide(RequestSide):
         """Decide whether the request is traced (``proxy.protocol.trace_context``)."""
         head = self.head
         assert head is not None
-        parent = state = None
-        session = version = b""
-        for name, value in head.headers:
-            if name == TRACEPARENT:
-                parent = parent or value
-            elif name == TRACESTATE:
-                state = value
-            elif name == SESSION_HEADER:
-                session = value
-            elif name == VERSION_HEADER:
-                version = value
+        headers = dict(head.headers)  # in C: a loop over them costs more than the rest
         decision = x.mcp
         envelope = decision.envelope if decision is not None else None
         meta = envelope.traceparent if envelope is not None else None
-        trace = start_trace(parent, state, meta, ratio)
+        trace = start_trace(headers.get(TRACEPARENT), headers.get(TRACESTATE), meta, ratio)
         if trace is None:
             return
         x.trace = trace
-        trace.session_id = session.decode("latin-1")
-        trace.protocol_version = version.decode("latin-1") or (
+        trace.session_id = headers.get(SESSION_HEADER, b"").decode("latin-1")
+        trace.protocol_version = headers.get(VERSION_HEADER, b"").decode("latin-1") or (
             envelope.protocol_version or "" if envelope is not None else ""
         )
         if meta is not None and self.request_done and self.held:
