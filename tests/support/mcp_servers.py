@@ -32,17 +32,13 @@ which reads the JSON-RPC response out of a JSON or ``text/event-stream`` answer.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 import anyio
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve as hypercorn_serve
-from hypercorn.typing import ASGIFramework
 from mcp.server.caching import CacheableMethod, CacheHint
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, Elicit, MCPServer, Resolve
@@ -52,6 +48,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.demo.backend import root_logging_preserved
+from tests.support.asgi import serve_asgi
 
 __all__ = [
     "HANDSHAKE_VERSION",
@@ -268,16 +265,10 @@ class McpBackend:
         return recording_app
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve on 127.0.0.1:0 until cancelled; ``task_status`` gets the port."""
-        config = Config()
-        config.bind = [f"127.0.0.1:{self.port}"]  # 0: any free port
-        config.accesslog = None
-        config.errorlog = logging.getLogger("hypercorn.error")
-        config.graceful_timeout = 0.5
-        app = cast("ASGIFramework", self.build_app())
+        """Serve on 127.0.0.1 (``port``, or any free one) until cancelled; ``task_status``
+        gets the port."""
         async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(partial(hypercorn_serve, app, config))
-            self.port = int(binds[0].rsplit(":", 1)[1])
+            self.port = await nursery.start(partial(serve_asgi, self.build_app(), self.port))
             task_status.started(self.port)
 
 

@@ -13,7 +13,6 @@ other tokens with the same key, for the refusal cases.
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -23,9 +22,6 @@ from typing import Any, cast
 import jwt
 import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
-from hypercorn.config import Config
-from hypercorn.trio import serve as hypercorn_serve
-from hypercorn.typing import ASGIFramework
 from jwt.algorithms import RSAAlgorithm
 from mcp.server.auth.provider import (
     AccessToken,
@@ -43,6 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from tests.support.asgi import serve_asgi
 from tests.support.proxy_process import free_port
 
 SUBJECT = "ada"
@@ -169,12 +166,6 @@ class AuthServer:
         return Starlette(routes=[*routes, Route("/jwks", jwks)])
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        config = Config()
-        config.bind = [f"127.0.0.1:{self.port}"]
-        config.accesslog = None
-        config.errorlog = logging.getLogger("hypercorn.error")
-        config.graceful_timeout = 0.5
-        app = cast("ASGIFramework", self.build_app())
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(hypercorn_serve, app, config))
+            await nursery.start(partial(serve_asgi, self.build_app(), self.port))
             task_status.started(self.port)

@@ -6,17 +6,13 @@ of its own (a client's), exported to such a receiver.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve as hypercorn_serve
-from hypercorn.typing import ASGIFramework
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -31,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tests.support.asgi import serve_asgi
 from tests.support.proxy_process import free_port
 
 KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
@@ -86,15 +83,8 @@ class OtlpReceiver:
         return Starlette(routes=[Route("/v1/traces", traces, methods=["POST"])])
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        config = Config()
-        config.bind = [f"127.0.0.1:{self.port}"]
-        config.accesslog = None
-        config.errorlog = logging.getLogger("hypercorn.error")
-        config.graceful_timeout = 0.5
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                partial(hypercorn_serve, cast("ASGIFramework", self.build_app()), config)
-            )
+            await nursery.start(partial(serve_asgi, self.build_app(), self.port))
             task_status.started(self.port)
 
 
