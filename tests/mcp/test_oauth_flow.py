@@ -36,7 +36,7 @@ from pydantic import AnyUrl
 
 from tests.mcp.conftest import key_sections
 from tests.support.backends import HttpClient, proxy_running
-from tests.support.mcp_servers import MCP_ACCEPT, MODERN_VERSION, McpBackend, modern_request
+from tests.support.mcp_servers import McpBackend, modern_headers, modern_request
 from tests.support.oauth_server import SUBJECT, AuthServer
 from tests.support.proxy_process import ProxyProcess, free_port
 
@@ -104,13 +104,7 @@ async def oauth_client(url: str, mode: str) -> AsyncIterator[Client]:
 
 async def raw_call(proxy: ProxyProcess, token: str | None) -> tuple[int, str, Any]:
     """One 2026-07-28 tools/call with ``token``: (status, WWW-Authenticate, body)."""
-    headers = [
-        ("Accept", MCP_ACCEPT),
-        ("Content-Type", "application/json"),
-        ("MCP-Protocol-Version", MODERN_VERSION),
-        ("Mcp-Method", "tools/call"),
-        ("Mcp-Name", "whoami"),
-    ]
+    headers = modern_headers("tools/call", "whoami")
     if token is not None:
         headers.append(("Authorization", f"Bearer {token}"))
     body = json.dumps(modern_request(1, "tools/call", {"name": "whoami", "arguments": {}}))

@@ -16,7 +16,7 @@ import trio
 from opentelemetry.propagate import inject
 
 from tests.support.backends import HttpClient, poll_until, proxy_running
-from tests.support.mcp_servers import MCP_ACCEPT, MODERN_VERSION, McpBackend, modern_request
+from tests.support.mcp_servers import MODERN_VERSION, McpBackend, modern_headers, modern_request
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan, local_tracer
 from tests.support.proxy_process import ProxyProcess, free_port
 from tests.support.traced_backend import SERVICE
@@ -27,14 +27,7 @@ async def call_whoami(proxy: ProxyProcess, carrier: dict[str, str]) -> int:
     in ``params._meta``, as the SDK client does."""
     params = {"name": "whoami", "arguments": {}, "_meta": dict(carrier)}
     body = json.dumps(modern_request(7, "tools/call", params)).encode()
-    headers = [
-        ("Accept", MCP_ACCEPT),
-        ("Content-Type", "application/json"),
-        ("MCP-Protocol-Version", MODERN_VERSION),
-        ("Mcp-Method", "tools/call"),
-        ("Mcp-Name", "whoami"),
-        *carrier.items(),
-    ]
+    headers = [*modern_headers("tools/call", "whoami"), *carrier.items()]
     client = await HttpClient.connect(proxy.port)
     try:
         with trio.fail_after(15):

@@ -61,6 +61,7 @@ __all__ = [
     "SeenRequest",
     "handshake_request",
     "initialize_body",
+    "modern_headers",
     "modern_request",
     "rpc_response",
 ]
@@ -298,6 +299,19 @@ def handshake_request(
     if params is not None:
         body["params"] = params
     return body
+
+
+def modern_headers(method: str, name: str | None = None) -> list[tuple[str, str]]:
+    """The HTTP headers of a 2026-07-28 POST of ``method`` (and ``name``, for Mcp-Name)."""
+    headers = [
+        ("Accept", MCP_ACCEPT),
+        ("Content-Type", "application/json"),
+        ("MCP-Protocol-Version", MODERN_VERSION),
+        ("Mcp-Method", method),
+    ]
+    if name is not None:
+        headers.append(("Mcp-Name", name))
+    return headers
 
 
 def modern_request(
