@@ -96,8 +96,7 @@ async def _sentinel(proxy: ProxyProcess) -> bytes:
         assert (await client.read_response()).status == 200
     finally:
         await client.aclose()
-    port = client.local_port
-    await wait_for_access(proxy, lambda entry: entry.get("port") == port)
+    await wait_for_access(proxy, client.logged)
     return b"GET " + target + b" HTTP/1.1\r\n"
 
 
@@ -125,13 +124,12 @@ async def refused(
         assert await client.read_eof(within=5) == b"", "bytes after the refusal"
     finally:
         await client.aclose()
-    port = client.local_port
-    line = await wait_for_access(proxy, lambda entry: entry.get("port") == port)
+    line = await wait_for_access(proxy, client.logged)
     sentinel = await _sentinel(proxy)
     forwarded = _received_since(backend, before)
     assert forwarded.startswith(sentinel), f"the backend received {forwarded[:300]!r}"
     assert forwarded.count(b" HTTP/1.") == 1, f"the backend received {forwarded[:300]!r}"
-    lines = [entry for entry in proxy.access_lines() if entry.get("port") == port]
+    lines = [entry for entry in proxy.access_lines() if client.logged(entry)]
     assert len(lines) == 1, lines
     assert line["status"] == response.status, line
     assert isinstance(line["error"], str), line

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 import h11
@@ -187,6 +189,16 @@ class RawClient:
         self.buffer = bytearray()
         self.local_port = int(stream.socket.getsockname()[1])
         """Matches the ``port`` of this connection's access-log lines."""
+        self.opened = time.time()
+
+    def logged(self, entry: dict[str, Any]) -> bool:
+        """Whether a log line is this connection's: its port, and written after it was
+        opened (loopback reuses a closed connection's port within seconds, so a proxy
+        shared by many tests can have logged an earlier connection from the same one)."""
+        if entry.get("port") != self.local_port:
+            return False
+        ts = entry.get("ts")
+        return not isinstance(ts, str) or _unix(ts) >= self.opened - 0.001
 
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
@@ -241,6 +253,10 @@ class RawClient:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+def _unix(ts: str) -> float:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
 async def open_client(port: int) -> RawClient:
