@@ -89,6 +89,8 @@ class AuthFailure:
     status: int
     description: str
     www_authenticate: bytes
+    error: str | None = None
+    """The RFC 6750 error code of the challenge (None where no credential came)."""
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"www-authenticate", self.www_authenticate)]
@@ -103,11 +105,12 @@ def _challenge(error: str | None, description: str) -> bytes:
 
 
 def unauthorized(description: str, error: str | None = "invalid_token") -> AuthFailure:
-    return AuthFailure(401, description, _challenge(error, description))
+    return AuthFailure(401, description, _challenge(error, description), error)
 
 
 def forbidden(description: str) -> AuthFailure:
-    return AuthFailure(403, description, _challenge("insufficient_scope", description))
+    error = "insufficient_scope"
+    return AuthFailure(403, description, _challenge(error, description), error)
 
 
 class KeyTable:

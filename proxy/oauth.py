@@ -31,7 +31,15 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from proxy.auth import AuthFailure, Headers, Identity, JwtVerifier, credential_of, unauthorized
+from proxy.auth import (
+    AuthFailure,
+    Headers,
+    Identity,
+    JwtVerifier,
+    credential_of,
+    forbidden,
+    unauthorized,
+)
 from proxy.config import OAuthConfig, RouteConfig
 
 METADATA_PATH: Final = "/.well-known/oauth-protected-resource"
@@ -117,13 +125,10 @@ class OAuthResource:
         parts = [f'resource_metadata="{self.metadata_url}"']
         if wanted:
             parts.append(f'scope="{wanted}"')
-        error = _ERROR_OF.get(failure.www_authenticate.split(b'error="', 1)[-1].split(b'"')[0])
-        if failure.status == 403:
-            parts.insert(0, 'error="insufficient_scope"')
-        elif error is not None:
-            parts.insert(0, f'error="{error}"')
+        if failure.error is not None:
+            parts.insert(0, f'error="{failure.error}"')
         challenge = ("Bearer " + ", ".join(parts)).encode("ascii")
-        return AuthFailure(failure.status, failure.description, challenge)
+        return AuthFailure(failure.status, failure.description, challenge, failure.error)
 
     def missing_scopes(self, identity: Identity) -> tuple[str, ...]:
         have = identity.scopes or frozenset()
@@ -148,11 +153,8 @@ class OAuthResource:
         ]
 
 
-_ERROR_OF = {b"invalid_token": "invalid_token", b"invalid_request": "invalid_request"}
-
-
 def insufficient_scope(resource: OAuthResource, scopes: Sequence[str], why: str) -> AuthFailure:
-    return resource.challenge(AuthFailure(403, why, b""), scope=scopes)
+    return resource.challenge(forbidden(why), scope=scopes)
 
 
 def metadata_documents(resources: Sequence[OAuthResource]) -> dict[bytes, bytes]:
