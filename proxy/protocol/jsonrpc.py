@@ -178,10 +178,9 @@ def _request(kind: Kind, request_id: RequestId | None, method: str, params: Raw)
             non_string=bad,
         )
     meta = p.meta
-    if meta is None:
-        return Envelope(
-            kind, request_id, method, params, None, None, p.name, p.uri, None, p.offered
-        )
+    version = traceparent = None
+    if meta is not None:
+        version, traceparent = meta.version, meta.traceparent
     return Envelope(
         kind,
         request_id,
@@ -191,9 +190,9 @@ def _request(kind: Kind, request_id: RequestId | None, method: str, params: Raw)
         None,
         p.name,
         p.uri,
-        meta.version,
+        version,
         p.offered,
-        traceparent=meta.traceparent,
+        traceparent=traceparent,
     )
 
 
