@@ -81,6 +81,7 @@ class ConnectionCore:
         "request_done",
         "response_started",
         "retried",
+        "rewritten_length",
         "send_deadline",
         "sent",
         "state",
@@ -162,6 +163,9 @@ class ConnectionCore:
         self.body: BodyReader | None = None
         self.held: list[bytes] = []
         """Body bytes collected before the backend was contacted."""
+        self.rewritten_length: int | None = None
+        """The length of a held body the proxy rewrote (hidden tools' stand-in names, the
+        trace parent in ``_meta``): the backend's Content-Length. None: the client's."""
         self.uploading = False
         """The body goes on arriving (and up) while the exchange is past BODY."""
         self.upload_deadline = INF

@@ -92,35 +92,35 @@ class RoutingSide(RequestSide):
                     )
                     return True
         denied = [d for d in (check_tool_allowed(identity, m.name) for m in calls) if d]
+        hidden = {d.tool for d in denied if d.tool is not None}
         if denied:
             self.env.tool_denied()
             if any(d.tool is None for d in denied) or not self.request_done:
                 refusal = denied[0] if len(denied) == 1 else ToolDenied(None)
                 self._answer_in_band(200, refusal.body(decision.request_id), refusal.message)
                 return True
-        if not denied and not any(m.method == "tools/list" for m in messages):
+        if not hidden and not any(m.method == "tools/list" for m in messages):
             return False
-        allowed = identity.allowed_tools
         visible = None
-        if allowed is not None or (oauth is not None and oauth.tool_scopes):
+        if identity.allowed_tools is not None or (oauth is not None and oauth.tool_scopes):
 
             def visible(name: object) -> bool:
                 return (
                     isinstance(name, str)
-                    and (allowed is None or name in allowed)
+                    and check_tool_allowed(identity, name) is None
                     and (oauth is None or oauth.tool_scope_missing(identity, name) is None)
                 )
 
-        view = CallerView.of(
-            messages,
-            b"".join(self.held),
-            visible,
-            lambda name: check_tool_allowed(identity, name) is None,
-        )
+        view = CallerView.of(messages, b"".join(self.held), visible, hidden)
         if view is not None and view.body is not None:
-            self.held = [view.body]  # the backend answers them as tools it does not have
+            self._rewrite_body(view.body)  # the backend answers as for tools it lacks
         x.answer_rewrite = view
         return False
+
+    def _rewrite_body(self, body: bytes) -> None:
+        """The held request body, as the proxy rewrote it, goes to the backend."""
+        self.held = [body]
+        self.rewritten_length = len(body)
 
     def _mcp_rate_limit(self) -> None:
         x = self.x
@@ -207,8 +207,7 @@ class RoutingSide(RequestSide):
         if meta is not None and self.request_done and self.held:
             body = with_meta_traceparent(b"".join(self.held), trace.reserve())
             if body is not None:
-                self.held = [body]
-                trace.body_length = len(body)
+                self._rewrite_body(body)
 
     def _no_backend(self) -> None:
         x = self.x
@@ -262,8 +261,6 @@ class RoutingSide(RequestSide):
                 policy.proto,
                 b"x-forwarded-host: %s\r\nvia: 1.1 %s\r\n\r\n" % (info.host, policy.via),
             )
-        view = x.answer_rewrite
-        hidden = view if view is not None and view.body is not None else None
         oauth = route.oauth
         told = oauth.caller_headers if oauth is not None else ()
         headers = upstream_request_headers(
@@ -277,8 +274,22 @@ class RoutingSide(RequestSide):
             headers = strip_credentials(headers, False, self.env.auth_header())
         if decision is not None and decision.backend_session is not None:
             with_session(headers, decision.backend_session)
-        if hidden is not None:
-            headers = hidden.request_headers(headers)
+        length = self.rewritten_length
+        if length is not None:
+            # A body the proxy rewrote: its length, and a hidden call's stand-in name.
+            view = x.answer_rewrite
+            stand_in = view.stand_in() if view is not None else None
+            headers = [
+                (
+                    n,
+                    b"%d" % length
+                    if n == b"content-length"
+                    else stand_in
+                    if n == b"mcp-name" and stand_in is not None
+                    else v,
+                )
+                for n, v in headers
+            ]
         trace = x.trace
         if trace is not None:
             # The backend's parent is this attempt's span; the client's own is replaced.
@@ -288,9 +299,6 @@ class RoutingSide(RequestSide):
             )
             if trace.tracestate:
                 headers.append((TRACESTATE, trace.tracestate))
-            if trace.body_length is not None:
-                length = b"%d" % trace.body_length
-                headers = [(n, length if n == b"content-length" else v) for n, v in headers]
         if told and oauth is not None:
             # Set by the proxy alone: a client's own copies never reach the backend.
             names = {name for _, name in told}

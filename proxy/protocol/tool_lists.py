@@ -74,14 +74,14 @@ class CallerView:
         messages: tuple[Envelope, ...],
         body: bytes,
         visible: Callable[[object], bool] | None,
-        may_call: Callable[[str | None], bool],
+        hidden: set[str],
     ) -> CallerView | None:
-        """The view for a request whose messages are ``messages`` (its ``body`` whole);
+        """The view for a request whose messages are ``messages`` (its ``body`` whole)
+        and whose ``tools/call`` of the tools in ``hidden`` the caller may not make;
         None where its answer goes as it comes."""
         list_ids = frozenset(
             m.id for m in messages if m.method == "tools/list" and m.id is not None
         )
-        hidden = {m.name for m in messages if m.method == "tools/call" and not may_call(m.name)}
         renames: tuple[tuple[bytes, bytes], ...] = ()
         sent = None
         if hidden:
@@ -101,24 +101,6 @@ class CallerView:
     def stand_in(self) -> bytes | None:
         """The stand-in of a single hidden call, for its ``Mcp-Name`` header."""
         return self._renames[0][0] if len(self._renames) == 1 else None
-
-    def request_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """The request's headers for ``body``: its length, and where the client sent one
-        (2026-07-28, one call), the stand-in as ``Mcp-Name``."""
-        assert self.body is not None
-        length = b"%d" % len(self.body)
-        stand_in = self.stand_in()
-        return [
-            (
-                name,
-                length
-                if name == b"content-length"
-                else stand_in
-                if name == b"mcp-name" and stand_in is not None
-                else value,
-            )
-            for name, value in headers
-        ]
 
     def rewrite(self, body: bytes, *, event_stream: bool) -> bytes | None:
         """The answer the caller gets, or None where ``body`` needs no change."""
@@ -214,7 +196,7 @@ def _field_value(line: bytes) -> bytes:
     return line.rstrip(b"\r\n")[5:].removeprefix(b" ")
 
 
-def _hide_calls(body: bytes, hidden: set[str | None]) -> tuple[bytes, dict[str, str]]:
+def _hide_calls(body: bytes, hidden: set[str]) -> tuple[bytes, dict[str, str]]:
     """``body`` (a message or a batch) with the ``tools/call`` of each tool in ``hidden``
     under a stand-in name; and the stand-in of each name."""
     decoded = _decode(body)

@@ -55,8 +55,6 @@ class Trace:
     names it); 0: chosen when the attempt starts."""
     session_id: str = ""
     protocol_version: str = ""
-    body_length: int | None = None
-    """The request body's length once its _meta traceparent was rewritten."""
 
     def attempt(self, backend: str, replica: str, now: float) -> bytes:
         """A new attempt's ``traceparent`` for the backend (the one before it ends)."""

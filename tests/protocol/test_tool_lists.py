@@ -130,7 +130,7 @@ def call(request_id: int, name: str) -> dict[str, Any]:
 
 def test_a_hidden_call_goes_under_a_stand_in_and_its_answer_names_it_again() -> None:
     body = json.dumps(call(5, "secret")).encode()
-    view = CallerView.of((decode_message(body),), body, allowed_only("a"), allowed_only("a"))
+    view = CallerView.of((decode_message(body),), body, allowed_only("a"), {"secret"})
     assert view is not None and view.body is not None and view.hides_calls
     sent = json.loads(view.body)
     stand_in = sent["params"]["name"]
@@ -138,10 +138,9 @@ def test_a_hidden_call_goes_under_a_stand_in_and_its_answer_names_it_again() -> 
         b'"x":"secret"', b""
     )
     assert sent["params"]["arguments"] == {"x": "secret"}  # only the name changes
-    assert view.request_headers([(b"mcp-name", b"secret"), (b"content-length", b"9")]) == [
-        (b"mcp-name", stand_in.encode()),
-        (b"content-length", b"%d" % len(view.body)),
-    ]
+    # Its Mcp-Name (the machine writes it, with the new Content-Length:
+    # test_connection_tool_lists.py).
+    assert view.stand_in() == stand_in.encode()
     answer = {
         "jsonrpc": "2.0",
         "id": 5,
@@ -154,7 +153,7 @@ def test_a_hidden_call_goes_under_a_stand_in_and_its_answer_names_it_again() -> 
 def test_a_name_that_needs_escaping_comes_back_escaped() -> None:
     name = 'quo"te\\'
     body = json.dumps(call(5, name)).encode()
-    view = CallerView.of((decode_message(body),), body, allowed_only(), allowed_only())
+    view = CallerView.of((decode_message(body),), body, allowed_only(), {name})
     assert view is not None and view.body is not None
     stand_in = json.loads(view.body)["params"]["name"]
     answer = json.dumps(
@@ -172,7 +171,7 @@ def test_a_batch_gets_a_stand_in_per_hidden_tool_and_its_list_filtered() -> None
         {"jsonrpc": "2.0", "id": 4, "method": "tools/list"},
     ]
     body = json.dumps(batch).encode()
-    view = CallerView.of(decode_batch(body), body, allowed_only("a"), allowed_only("a"))
+    view = CallerView.of(decode_batch(body), body, allowed_only("a"), {"b"})
     assert view is not None and view.body is not None and view.list_ids == {4}
     sent = json.loads(view.body)
     names = [m["params"]["name"] for m in sent[:3]]
@@ -182,6 +181,4 @@ def test_a_batch_gets_a_stand_in_per_hidden_tool_and_its_list_filtered() -> None
 
 def test_a_request_with_nothing_to_rewrite_has_no_view() -> None:
     body = json.dumps(call(5, "a")).encode()
-    assert (
-        CallerView.of((decode_message(body),), body, allowed_only("a"), allowed_only("a")) is None
-    )
+    assert CallerView.of((decode_message(body),), body, allowed_only("a"), set()) is None
