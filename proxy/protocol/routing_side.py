@@ -143,27 +143,6 @@ class RoutingSide(RequestSide):
         authorization refusal of a call): the connection stays usable."""
         self._answer_here(status, body, reason)
 
-    def _answer_here(
-        self,
-        status: int,
-        body: bytes,
-        reason: str | None,
-        headers: tuple[tuple[bytes, bytes], ...] = (),
-    ) -> None:
-        """A JSON answer of the proxy's own that leaves the connection usable: a refusal
-        (``reason``) in band, or a document it serves (OAuth resource metadata)."""
-        x = self.x
-        assert x is not None
-        x.status = status
-        x.error = reason
-        x.refused = reason is not None
-        x.bytes_out = len(body)
-        draining = self.env.draining and not self.buf
-        self.close_after = close = self.close_after or draining or not self.request_done
-        self.t.send_client(answers.json_answer(status, body, headers, close=close))
-        self.upstream_done = True
-        self._exchange_done()
-
     # -- choosing a backend ---------------------------------------------------------------
 
     def _choose_backend(self) -> None:
