@@ -18,7 +18,7 @@ from opentelemetry.propagate import inject
 from tests.support.backends import HttpClient, poll_until, proxy_running
 from tests.support.mcp_servers import MODERN_VERSION, McpBackend, modern_headers, modern_request
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan, local_tracer
-from tests.support.proxy_process import ProxyProcess, free_port
+from tests.support.proxy_process import ProxyProcess, accepts, free_port
 from tests.support.traced_backend import SERVICE
 
 
@@ -49,7 +49,7 @@ async def test_one_trace_across_client_proxy_and_backend(
     )
     try:
         for _ in range(600):
-            if await _accepts(port):
+            if await trio.to_thread.run_sync(accepts, port):
                 break
             assert backend.poll() is None, "the traced backend exited"
             await trio.sleep(0.05)
@@ -101,15 +101,6 @@ async def test_one_trace_across_client_proxy_and_backend(
     assert attempt.attributes["switchboard.backend.replica"]
     assert attempt.attributes["server.port"] == port
     assert server.attributes["client.address"] == "127.0.0.1"
-
-
-async def _accepts(port: int) -> bool:
-    try:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-    except OSError:
-        return False
-    await stream.aclose()
-    return True
 
 
 async def test_with_tracing_off_nothing_is_exported_or_changed(

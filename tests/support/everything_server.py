@@ -11,14 +11,13 @@ Its Streamable HTTP endpoint is ``/mcp``.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.support.proxy_process import free_port
+from tests.support.proxy_process import accepts, free_port
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 ENTRY = NODE_DIR / "node_modules/@modelcontextprotocol/server-everything/dist/index.js"
@@ -55,7 +54,7 @@ def running_everything(directory: Path, timeout: float = 30.0) -> Iterator[Every
     )
     try:
         deadline = time.monotonic() + timeout
-        while not _accepts(port):
+        while not accepts(port):
             if process.poll() is not None:
                 raise RuntimeError(f"the everything server exited: {_tail(directory)}")
             if time.monotonic() > deadline:
@@ -70,14 +69,6 @@ def running_everything(directory: Path, timeout: float = 30.0) -> Iterator[Every
             process.kill()
             process.wait()
         log.close()
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _tail(directory: Path) -> str:

@@ -37,6 +37,15 @@ def free_port(host: str = "127.0.0.1") -> int:
             return port
 
 
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something now accepts connections on ``port``."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
