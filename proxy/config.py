@@ -324,7 +324,7 @@ class TracingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     export_timeout: float = 10.0
     """Seconds an export may take (in the exporter's thread, never on a request)."""
     max_queue_size: int = 2048
-    """Spans held for export; past it new spans are dropped (and counted), never waited for."""
+    """Spans held for export; past it new spans are dropped, never waited for."""
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

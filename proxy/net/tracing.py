@@ -37,7 +37,6 @@ class Tracer:
     """One worker's exporter and the spans it makes of finished exchanges."""
 
     def __init__(self, config: TracingConfig, worker: int) -> None:
-        self.ratio = config.sample_ratio
         self._resource = Resource.create(
             {"service.name": config.service_name, "service.instance.id": f"worker-{worker}"}
         )
@@ -83,12 +82,12 @@ class Tracer:
         ]
         last = len(trace.attempts) - 1
         for i, attempt in enumerate(trace.attempts):
-            host, _, port = attempt.backend.partition("://")[2].partition("/")[0].rpartition(":")
+            backend = attempt.backend
             client_attributes: dict[str, Any] = {
                 **attributes,
-                "server.address": host,
-                "server.port": int(port) if port.isdigit() else 80,
-                "switchboard.backend.replica": attempt.replica,
+                "server.address": backend.host,
+                "server.port": backend.port,
+                "switchboard.backend.replica": backend.replica,
             }
             if i == last and x.status and not x.refused:
                 client_attributes["http.response.status_code"] = x.status

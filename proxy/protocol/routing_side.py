@@ -273,9 +273,7 @@ class RoutingSide(RequestSide):
         if trace is not None:
             # The backend's parent is this attempt's span; the client's own is replaced.
             headers = [(n, v) for n, v in headers if n != TRACEPARENT and n != TRACESTATE]
-            headers.append(
-                (TRACEPARENT, trace.attempt(backend.url, backend.replica, time.perf_counter()))
-            )
+            headers.append((TRACEPARENT, trace.attempt(backend, time.perf_counter())))
             if trace.tracestate:
                 headers.append((TRACESTATE, trace.tracestate))
         if told and oauth is not None:

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
+
+if TYPE_CHECKING:
+    from proxy.routing import Backend
 
 TRACEPARENT: Final = b"traceparent"
 TRACESTATE: Final = b"tracestate"
@@ -33,8 +36,7 @@ class Attempt:
     """One try at a backend: its client span."""
 
     span_id: int
-    backend: str
-    replica: str
+    backend: Backend
     started: float
     """perf_counter() when the request was sent."""
     ended: float | None = None
@@ -56,13 +58,13 @@ class Trace:
     session_id: str = ""
     protocol_version: str = ""
 
-    def attempt(self, backend: str, replica: str, now: float) -> bytes:
+    def attempt(self, backend: Backend, now: float) -> bytes:
         """A new attempt's ``traceparent`` for the backend (the one before it ends)."""
         if self.attempts and self.attempts[-1].ended is None:
             self.attempts[-1].ended = now
         span_id = self.next_span_id or _span_id()
         self.next_span_id = 0
-        self.attempts.append(Attempt(span_id, backend, replica, now))
+        self.attempts.append(Attempt(span_id, backend, now))
         return format_traceparent(self.trace_id, span_id)
 
     def reserve(self) -> bytes:

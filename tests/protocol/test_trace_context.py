@@ -15,6 +15,7 @@ from proxy.protocol.trace_context import (
     start_trace,
     with_meta_traceparent,
 )
+from proxy.routing import Backend
 from tests.support.machine import World, make_config
 from tests.support.machine_traffic import mcp_post, ok
 from tests.support.wire import backend_request
@@ -61,9 +62,9 @@ def test_each_attempt_has_its_span_and_ends_the_one_before() -> None:
     trace = start_trace(None, None, None, 1.0)
     assert trace is not None
     reserved = trace.reserve()
-    first = trace.attempt("http://a:1", "r1", 1.0)
+    first = trace.attempt(Backend.from_url("http://a:1"), 1.0)
     assert first == reserved
-    second = trace.attempt("http://b:1", "r2", 2.0)
+    second = trace.attempt(Backend.from_url("http://b:1"), 2.0)
     assert second != first
     assert trace.attempts[0].ended == 2.0 and trace.attempts[1].ended is None
 
