@@ -417,7 +417,7 @@ def validate_routes(routes: tuple[RouteConfig, ...], source: str) -> None:
             raise ConfigError(source, f"{key}.health.path", "must start with '/'")
         for name in ("interval", "timeout", "rise", "fall"):
             _positive(source, f"{key}.health.{name}", getattr(health, name))
-        if route.oauth.resource or route.oauth != OAuthConfig():
+        if route.oauth != OAuthConfig():
             from proxy.oauth import oauth_config_problem
 
             problem = oauth_config_problem(route)
