@@ -193,6 +193,12 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """Seconds to wait for the backend's response head on this route (0: the kind's
     default, upstream.response_timeout or upstream.mcp_response_timeout)."""
     oauth: OAuthConfig = OAuthConfig()
+    backend_era: Literal["any", "2025-11-25", "2026-07-28", "auto"] = "any"
+    """mcp: the MCP revision the route's backends speak. "any": both (or whichever the
+    client speaks), requests pass untranslated; "2026-07-28": handshake-era clients
+    (2025-03-26 to 2025-11-25) are translated to stateless requests at the proxy
+    (docs/mcp.md, "Era translation"); "2025-11-25": recorded for metrics and access
+    lines, requests pass untranslated; "auto" is refused: probing is not built."""
 
 
 class McpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -412,6 +418,15 @@ def validate_routes(routes: tuple[RouteConfig, ...], source: str) -> None:
         _positive(source, f"{key}.eject_after", route.eject_after, allow_zero=True)
         _positive(source, f"{key}.eject_seconds", route.eject_seconds)
         _positive(source, f"{key}.response_timeout", route.response_timeout, allow_zero=True)
+        if route.backend_era != "any" and route.kind != "mcp":
+            raise ConfigError(source, f"{key}.backend_era", 'applies to kind = "mcp" routes only')
+        if route.backend_era == "auto":
+            raise ConfigError(
+                source,
+                f"{key}.backend_era",
+                '"auto" (probing each backend) is not supported: name the era the backends '
+                'speak, "2025-11-25" or "2026-07-28", or "any" for backends that speak both',
+            )
         health = route.health
         if health.path and not health.path.startswith("/"):
             raise ConfigError(source, f"{key}.health.path", "must start with '/'")

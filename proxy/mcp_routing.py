@@ -47,7 +47,12 @@ from proxy.protocol.mcp import (
     legacy_session_token,
     restore_message_target,
 )
-from proxy.protocol.session_token import InvalidSessionToken, SessionClaims, SessionTokens
+from proxy.protocol.session_token import (
+    TRANSLATED,
+    InvalidSessionToken,
+    SessionClaims,
+    SessionTokens,
+)
 
 SESSION_NOT_FOUND = "Session not found"  # the reference SDK's wording, code -32600, 404
 
@@ -92,6 +97,11 @@ class McpDecision:
     """2026-07-28: closing the response stream cancels the request upstream."""
     batch: tuple[Envelope, ...] = ()
     """The messages of a 2025-03-26 batch (``envelope`` is then None)."""
+    session_state: str | None = None
+    """The client state of a session that lives at the proxy (era translation,
+    ``proxy.protocol.era_translation``), from its token; None for any other request."""
+    translated_to: str | None = None
+    """The backend's era where the request is translated to it at the proxy."""
 
     @property
     def request_id(self) -> RequestId | None:
@@ -208,6 +218,8 @@ def decide(
     if session is None:
         return McpDecision(era, envelope, None, issue_session=True)
     claims = _verify(tokens, session.decode("latin-1"), request_id)
+    if claims.replica == TRANSLATED:
+        return McpDecision(era, envelope, None, session_state=claims.backend_session)
     return McpDecision(era, envelope, claims.replica, claims.backend_session, issue_session=True)
 
 
@@ -236,6 +248,10 @@ def _decide_batch(body: bytes, headers: McpHeaders, tokens: SessionTokens) -> Mc
     if session is None:
         return McpDecision(Era.STATEFUL, None, None, issue_session=True, batch=members)
     claims = _verify(tokens, session.decode("latin-1"), None)
+    if claims.replica == TRANSLATED:
+        raise McpRefusal(
+            400, INVALID_REQUEST, "batches are not translated for a 2026-07-28 backend", None
+        )
     return McpDecision(
         Era.STATEFUL,
         None,

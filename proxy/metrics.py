@@ -104,6 +104,12 @@ class Metrics:
             "MCP messages by route, JSON-RPC method (or era-level kind) and HTTP status.",
             ["route", "method", "status"],
         )
+        self.mcp_translated = Counter(
+            "switchboard_mcp_translated_total",
+            "MCP messages translated between eras at the proxy, by route, the client's "
+            "era and the backend's.",
+            ["route", "client_era", "backend_era"],
+        )
         self.mcp_duration = Histogram(
             "switchboard_mcp_request_duration_seconds",
             "Time to answer an MCP message, by JSON-RPC method.",
@@ -233,6 +239,7 @@ class RequestMetrics:
         "auth_failures",
         "connections",
         "mcp_requests",
+        "mcp_translated",
         "refusals",
         "upstream_failures",
     )
@@ -241,6 +248,7 @@ class RequestMetrics:
         self._series: dict[tuple[str, str], _Series] = {}
         self._durations: dict[str, _Histogram] = {}
         self.mcp_requests: dict[tuple[str, str, str], int] = {}
+        self.mcp_translated: dict[tuple[str, str, str], int] = {}
         self._mcp_durations: dict[tuple[str, str], _Histogram] = {}
         self.refusals: dict[str, int] = {}
         self.auth_failures: dict[str, int] = {}
@@ -296,6 +304,7 @@ class RequestMetrics:
                 m.response_bytes.labels(route).inc(series.bytes_out)
                 series.bytes_out = 0
         _publish_counts(self.mcp_requests, m.mcp_requests)
+        _publish_counts(self.mcp_translated, m.mcp_translated)
         _publish_counts(self.refusals, m.refusals)
         _publish_counts(self.auth_failures, m.auth_failures)
         _publish_counts(self.upstream_failures, m.upstream_failures)

@@ -82,6 +82,8 @@ class AccessLine(msgspec.Struct, kw_only=True):
     mcp_method: str | UnsetType | None = UNSET
     mcp_name: str | UnsetType | None = UNSET
     replica: str | UnsetType | None = UNSET
+    mcp_backend_era: str | UnsetType = UNSET
+    mcp_translated: bool | UnsetType = UNSET
     worker: int | UnsetType | None = UNSET
     pid: int | UnsetType | None = UNSET
 

@@ -122,6 +122,8 @@ class Route:
     (``upstream.response_timeout``, ``upstream.mcp_response_timeout``)."""
     oauth: OAuthResource | None = None
     """The OAuth protected resource the route is (``proxy.oauth``), if it is one."""
+    backend_era: str = "any"
+    """The MCP revision the backends speak ("any", "2025-11-25", "2026-07-28")."""
     _next: int = field(default=0, repr=False)
 
     def choose_backend(self) -> Backend:
@@ -192,6 +194,7 @@ class RouteTable:
                     forward_credentials=r.forward_credentials,
                     response_timeout=r.response_timeout or default_timeout,
                     oauth=OAuthResource.from_config(r.oauth) if r.oauth.resource else None,
+                    backend_era=r.backend_era,
                 )
             )
         return cls(built)

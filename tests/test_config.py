@@ -541,3 +541,29 @@ def test_json_round_trip(tmp_path: Path) -> None:
 def test_from_json_rejects_unknown_fields() -> None:
     with pytest.raises(msgspec.ValidationError):
         from_json(b'{"server": {"wat": 1}}')
+
+
+def test_backend_era_is_kept_on_mcp_routes(tmp_path: Path) -> None:
+    config = load_text(
+        tmp_path,
+        '[[routes]]\nprefix = "/mcp"\nkind = "mcp"\nbackends = ["http://127.0.0.1:9000"]\n'
+        'backend_era = "2026-07-28"\n',
+    )
+    [route] = RouteTable.from_config(config.routes).routes
+    assert route.backend_era == "2026-07-28"
+
+
+@pytest.mark.parametrize(
+    ("kind", "era", "says"),
+    [("http", "2026-07-28", 'kind = "mcp" routes only'), ("mcp", "auto", "probing")],
+)
+def test_backend_era_errors_say_what_is_wrong(
+    tmp_path: Path, kind: str, era: str, says: str
+) -> None:
+    exc = config_error(
+        tmp_path,
+        f'[[routes]]\nprefix = "/x"\nkind = "{kind}"\nbackends = ["http://127.0.0.1:9000"]\n'
+        f'backend_era = "{era}"\n',
+    )
+    assert_names(exc, tmp_path / "switchboard.toml", "routes[0].backend_era")
+    assert says in str(exc)

@@ -202,6 +202,9 @@ class WorkerContext:
         decision = x.mcp
         if decision is not None:
             counts.count_mcp(prefix, method_label(decision, x.method), status, latency)
+            if decision.translated_to is not None:
+                key = (prefix, decision.era.value, decision.translated_to)
+                counts.mcp_translated[key] = counts.mcp_translated.get(key, 0) + 1
         log = self.access_log
         if log is not None:
             if refused_early:
@@ -232,6 +235,9 @@ class WorkerContext:
                 line.mcp_method = decision.method
                 line.mcp_name = decision.name
                 line.replica = x.backend.replica if x.backend is not None else None
+                if route is not None and route.backend_era != "any":
+                    line.mcp_backend_era = route.backend_era
+                    line.mcp_translated = decision.translated_to is not None
             log.add(line)
             if log.full:
                 self.flush()

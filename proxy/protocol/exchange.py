@@ -24,9 +24,25 @@ from proxy.mcp_routing import McpDecision
 from proxy.protocol.fast_response import ResponseReader
 from proxy.protocol.http1 import ForwardingPolicy
 from proxy.protocol.session_token import SessionTokens
-from proxy.protocol.tool_lists import CallerView
 from proxy.protocol.trace_context import Trace
 from proxy.routing import Backend, Route, RouteTable
+
+
+class AnswerRewrite(Protocol):
+    """What the caller's answer must become before it goes out (per-caller tool lists,
+    ``proxy.protocol.tool_lists``; era translation, ``proxy.protocol.era_translation``):
+    the machine holds an answer it ``holds`` until whole, then sends ``rewrite`` of it
+    with ``answer_status`` and ``answer_headers``."""
+
+    def holds(self, status: int, *, event_stream: bool) -> bool: ...
+
+    def stand_in(self) -> bytes | None: ...
+
+    def rewrite(self, body: bytes, *, event_stream: bool) -> bytes | None: ...
+
+    def answer_status(self, status: int) -> int: ...
+
+    def answer_headers(self) -> tuple[tuple[bytes, bytes], ...]: ...
 
 
 class Exchange:
@@ -72,7 +88,7 @@ class Exchange:
         self.identity: Identity | None = None
         self.trace: Trace | None = None
         """The request's trace (``proxy.protocol.trace_context``), where it is traced."""
-        self.answer_rewrite: CallerView | None = None
+        self.answer_rewrite: AnswerRewrite | None = None
         """How the answer is rewritten for this caller before it goes out (held until
         whole): a filtered ``tools/list``, or the call of a hidden tool."""
 

@@ -35,11 +35,17 @@ from dataclasses import dataclass
 from typing import Final
 
 TOKEN_VERSION: Final = "v1"
-MAX_TOKEN_LENGTH: Final = 1024
+MAX_TOKEN_LENGTH: Final = 3072
 MIN_KEY_BYTES: Final = 32
 MAX_REPLICA_BYTES: Final = 64
 MAX_BACKEND_SESSION_BYTES: Final = 512
 """Room for any real session id (UUIDs, JWTs); with the caps above a token stays < 850."""
+TRANSLATED: Final = "-"
+"""The replica of a session that lives at the proxy (era translation,
+``proxy.protocol.era_translation``): no replica holds it, and the backend session field
+carries the client's state instead (no replica id is ever "-")."""
+MAX_TRANSLATED_STATE_BYTES: Final = 2048
+"""The client state a translated session carries; the token then stays < 2,850."""
 
 _KID = re.compile(r"[A-Za-z0-9_-]{1,16}")
 _TOKEN = re.compile(r"[A-Za-z0-9_.-]+")
@@ -128,8 +134,9 @@ class SessionTokens:
         session_bytes = backend_session.encode("utf-8")
         if len(replica_bytes) > MAX_REPLICA_BYTES:
             raise ValueError(f"replica id longer than {MAX_REPLICA_BYTES} bytes")
-        if len(session_bytes) > MAX_BACKEND_SESSION_BYTES:
-            raise ValueError(f"backend session id longer than {MAX_BACKEND_SESSION_BYTES} bytes")
+        limit = MAX_TRANSLATED_STATE_BYTES if replica == TRANSLATED else MAX_BACKEND_SESSION_BYTES
+        if len(session_bytes) > limit:
+            raise ValueError(f"backend session id longer than {limit} bytes")
         issued_at = max(0, int(self._clock()))
         payload = _PREFIX.pack(issued_at, len(replica_bytes)) + replica_bytes + session_bytes
         kid = self.keyring.current

@@ -11,6 +11,7 @@ https://html.spec.whatwg.org/multipage/server-sent-events.html
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 KEEPALIVE_COMMENT: Final = b": keep-alive\n\n"
@@ -105,3 +106,52 @@ def retry_hint(milliseconds: int) -> bytes:
     if isinstance(milliseconds, bool) or not isinstance(milliseconds, int) or milliseconds < 0:
         raise ValueError(f"retry needs a non-negative integer of milliseconds: {milliseconds!r}")
     return b"retry: %d\n\n" % milliseconds
+
+
+def rewrite_events(body: bytes, rewrite: Callable[[bytes], bytes | None]) -> bytes | None:
+    """A whole SSE body with each event's data passed through ``rewrite`` (the data
+    lines joined, as a client assembles them; None: that event stays byte for byte), or
+    None where no event changed. A rewritten event keeps its other lines (``id:``,
+    ``event:``) and gets one ``data:`` line in place of the first: ``rewrite`` must
+    return data without line breaks (JSON as msgspec writes it)."""
+    out: list[bytes] = []
+    block: list[bytes] = []
+    changed = False
+    lines = body.splitlines(keepends=True)
+    last = len(lines) - 1
+    for i, line in enumerate(lines):
+        block.append(line)
+        # A blank line ends an event. An unfinished last one is no event for a client
+        # that follows the SSE rules, but a lax one may read it: it is rewritten too.
+        if line.strip(b"\r\n") and i != last:
+            continue
+        rewritten = _rewrite_event(block, rewrite)
+        if rewritten is not None:
+            changed = True
+            out.append(rewritten)
+        else:
+            out.extend(block)
+        block = []
+    return b"".join(out) if changed else None
+
+
+def _rewrite_event(lines: list[bytes], rewrite: Callable[[bytes], bytes | None]) -> bytes | None:
+    data = [line for line in lines if line.startswith(b"data:")]
+    if not data:
+        return None
+    rewritten = rewrite(b"\n".join(_field_value(line) for line in data))
+    if rewritten is None:
+        return None
+    ending = data[0][len(data[0].rstrip(b"\r\n")) :]
+    out = []
+    for line in lines:
+        if line is data[0]:
+            out.append(b"data: " + rewritten + ending)
+        elif not line.startswith(b"data:"):
+            out.append(line)
+    return b"".join(out)
+
+
+def _field_value(line: bytes) -> bytes:
+    """The value of an SSE ``data:`` line: after the colon, one leading space dropped."""
+    return line.rstrip(b"\r\n")[5:].removeprefix(b" ")

@@ -35,6 +35,7 @@ from typing import Any
 import msgspec
 
 from proxy.protocol.jsonrpc import Envelope
+from proxy.protocol.sse import rewrite_events
 
 MAX_FILTERED_ANSWER = 8 << 20
 """The largest answer held to be rewritten; a larger one is refused (502) rather than
@@ -93,10 +94,16 @@ class CallerView:
             return None
         return cls(visible, list_ids, renames, sent)
 
-    @property
-    def hides_calls(self) -> bool:
-        """The request calls hidden tools: the answer is rewritten whatever its status."""
-        return bool(self._renames)
+    def holds(self, status: int, *, event_stream: bool) -> bool:
+        """Whether an answer is held until whole, to be rewritten: a successful one, and
+        any answer to calls of hidden tools (their stand-ins are named in it)."""
+        return status == 200 or bool(self._renames)
+
+    def answer_status(self, status: int) -> int:
+        return status
+
+    def answer_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        return ()
 
     def stand_in(self) -> bytes | None:
         """The stand-in of a single hidden call, for its ``Mcp-Name`` header."""
@@ -106,7 +113,11 @@ class CallerView:
         """The answer the caller gets, or None where ``body`` needs no change."""
         out = body
         if self.list_ids:
-            filtered = self._rewrite_stream(body) if event_stream else self._rewrite_message(body)
+            filtered = (
+                rewrite_events(body, self._rewrite_message)
+                if event_stream
+                else self._rewrite_message(body)
+            )
             if filtered is not None:
                 out = filtered
         for stand_in, escaped in self._renames:
@@ -148,52 +159,6 @@ class CallerView:
             result["cacheScope"] = "private"
             changed = True
         return changed
-
-    def _rewrite_stream(self, body: bytes) -> bytes | None:
-        """Each event of the stream in turn: those whose data is a response to a list
-        are rewritten, the others kept byte for byte."""
-        out: list[bytes] = []
-        block: list[bytes] = []
-        changed = False
-        lines = body.splitlines(keepends=True)
-        last = len(lines) - 1
-        for i, line in enumerate(lines):
-            block.append(line)
-            # A blank line ends an event. An unfinished last one is no event for a client
-            # that follows the SSE rules, but a lax one may read it: it is filtered too.
-            if line.strip(b"\r\n") and i != last:
-                continue
-            rewritten = self._rewrite_event(block)
-            if rewritten is not None:
-                changed = True
-                out.append(rewritten)
-            else:
-                out.extend(block)
-            block = []
-        return b"".join(out) if changed else None
-
-    def _rewrite_event(self, lines: list[bytes]) -> bytes | None:
-        data = [line for line in lines if line.startswith(b"data:")]
-        if not data:
-            return None
-        payload = b"\n".join(_field_value(line) for line in data)
-        rewritten = self._rewrite_message(payload)
-        if rewritten is None:
-            return None
-        # One data line in place of the first; JSON as msgspec writes it has no newline.
-        ending = data[0][len(data[0].rstrip(b"\r\n")) :]
-        out = []
-        for line in lines:
-            if line is data[0]:
-                out.append(b"data: " + rewritten + ending)
-            elif not line.startswith(b"data:"):
-                out.append(line)
-        return b"".join(out)
-
-
-def _field_value(line: bytes) -> bytes:
-    """The value of an SSE ``data:`` line: after the colon, one leading space dropped."""
-    return line.rstrip(b"\r\n")[5:].removeprefix(b" ")
 
 
 def _hide_calls(body: bytes, hidden: set[str]) -> tuple[bytes, dict[str, str]]:

@@ -157,7 +157,11 @@ class UpstreamSide(RoutingSide):
         else:
             framing = UNTIL_CLOSE
         rewrite = x.answer_rewrite
-        if rewrite is not None and framing != NO_BODY and (status == 200 or rewrite.hides_calls):
+        if (
+            rewrite is not None
+            and framing != NO_BODY
+            and rewrite.holds(status, event_stream=head.event_stream)
+        ):
             # Rewritten for this caller once whole: nothing goes out before then.
             self.framing = framing
             x.status = status
@@ -249,7 +253,8 @@ class UpstreamSide(RoutingSide):
         self.held_answer = None
         head = held.head
         body = b"".join(held.parts)
-        body = x.answer_rewrite.rewrite(body, event_stream=head.event_stream) or body
+        rewrite = x.answer_rewrite
+        body = rewrite.rewrite(body, event_stream=head.event_stream) or body
         close = self.close_after or (self.env.draining and not self.buf) or self.client_eof
         self.close_after = close
         headers = [
@@ -261,9 +266,13 @@ class UpstreamSide(RoutingSide):
         ]
         headers.append((b"content-length", b"%d" % len(body)))
         self.mcp_response_headers(headers, streaming=False)
+        headers.extend(rewrite.answer_headers())
+        status = rewrite.answer_status(head.status)
+        x.status = status
         x.bytes_out += len(body)
         self.response_started = True
-        self.t.send_client(answers.response_head(head.status, head.reason, headers) + body)
+        reason = head.reason if status == head.status else b""
+        self.t.send_client(answers.response_head(status, reason, headers) + body)
         self.upstream_done = True
         self._exchange_done()
 

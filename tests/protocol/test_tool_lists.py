@@ -131,7 +131,7 @@ def call(request_id: int, name: str) -> dict[str, Any]:
 def test_a_hidden_call_goes_under_a_stand_in_and_its_answer_names_it_again() -> None:
     body = json.dumps(call(5, "secret")).encode()
     view = CallerView.of((decode_message(body),), body, allowed_only("a"), {"secret"})
-    assert view is not None and view.body is not None and view.hides_calls
+    assert view is not None and view.body is not None and view.holds(404, event_stream=False)
     sent = json.loads(view.body)
     stand_in = sent["params"]["name"]
     assert stand_in.startswith(STAND_IN_PREFIX) and b"secret" not in view.body.replace(

@@ -92,6 +92,14 @@ class SeenRequest:
     query: str
     headers: dict[str, str]
     """Lower-case names; a repeated header keeps its last value."""
+    body: bytearray = field(default_factory=bytearray)
+    """The request body as far as the app has read it."""
+
+    def message(self) -> dict[str, Any]:
+        """The JSON-RPC message the body holds."""
+        decoded = json.loads(self.body)
+        assert isinstance(decoded, dict)
+        return decoded
 
     @property
     def session_id(self) -> str | None:
@@ -150,6 +158,11 @@ class McpBackend:
     """Answer ``tools/list`` in pages of this many tools (0: one page)."""
     public_lists: bool = False
     """Mark list results (2026-07-28) ``cacheScope: public`` with a 60 s ``ttlMs``."""
+    modern_only: bool = False
+    """Streamable HTTP: speak 2026-07-28 only. A request without a 2026-07-28
+    ``MCP-Protocol-Version`` (initialize and every handshake-era request) gets 400 with
+    JSON-RPC -32022 "Unsupported protocol version", a GET or DELETE 405 (recorded in
+    ``requests`` all the same)."""
     port: int = 0
     whoami_calls: list[tuple[str | None, str]] = field(default_factory=list)
     requests: list[SeenRequest] = field(default_factory=list)
@@ -225,6 +238,8 @@ class McpBackend:
                 json_response=self.json_response,
                 transport_security=security,
             )
+        if self.modern_only:
+            app = _modern_only(app)
         return self._recording(app)
 
     def _recording(self, app: ASGIApp) -> ASGIApp:
@@ -235,15 +250,17 @@ class McpBackend:
             headers = {
                 k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
             }
-            self.requests.append(
-                SeenRequest(
-                    scope["method"],
-                    scope["path"],
-                    scope["query_string"].decode("latin-1"),
-                    headers,
-                )
+            seen = SeenRequest(
+                scope["method"], scope["path"], scope["query_string"].decode("latin-1"), headers
             )
+            self.requests.append(seen)
             responses = 0
+
+            async def recording_receive() -> Message:
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen.body.extend(message.get("body", b""))
+                return message
 
             async def recording_send(message: Message) -> None:
                 nonlocal responses
@@ -261,7 +278,7 @@ class McpBackend:
                     return
                 await send(message)
 
-            await app(scope, receive, recording_send)
+            await app(scope, recording_receive, recording_send)
 
         return recording_app
 
@@ -271,6 +288,40 @@ class McpBackend:
         async with trio.open_nursery() as nursery:
             self.port = await nursery.start(partial(serve_asgi, self.build_app(), self.port))
             task_status.started(self.port)
+
+
+def _modern_only(app: ASGIApp) -> ASGIApp:
+    """``app`` refusing what is not a 2026-07-28 request, as a server that speaks only
+    that revision does."""
+
+    async def modern_app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        version = dict(scope["headers"]).get(b"mcp-protocol-version", b"").decode("latin-1")
+        if scope["method"] == "POST" and version == MODERN_VERSION:
+            await app(scope, receive, send)
+            return
+        if scope["method"] == "POST":
+            status = 400
+            error = {
+                "code": -32022,
+                "message": "Unsupported protocol version",
+                "data": {"supported": [MODERN_VERSION], "requested": version or None},
+            }
+            body = json.dumps({"jsonrpc": "2.0", "id": None, "error": error}).encode()
+        else:
+            status, body = 405, b""
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"allow", b"POST")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    return modern_app
 
 
 # -- MCP over plain HTTP ---------------------------------------------------------------------
