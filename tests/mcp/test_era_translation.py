@@ -36,6 +36,7 @@ from tests.support.mcp_servers import (
     rpc_response,
 )
 from tests.support.proxy_process import ProxyProcess
+from tests.support.ts_client import run_handshake_client
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -248,3 +249,32 @@ async def test_a_translated_session_continues_on_every_worker_and_another_proxy(
         meta = message["params"]["_meta"]
         assert meta[CLIENT_INFO_META_KEY] == {"name": "roaming-agent", "version": "7"}
         assert meta[CLIENT_CAPABILITIES_META_KEY] == {"experimental": {"x": {}}}
+
+
+async def test_the_typescript_v1_client_uses_a_2026_07_28_only_backend(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    backend = McpBackend("r1", modern_only=True)
+    await nursery.start(backend.serve)
+    async with proxy_running(tmp_path, [_route(backend)], sections=key_sections()) as proxy:
+        report = await run_handshake_client(f"{proxy.url}/mcp", REPLICA_URI)
+    assert report.get("error") is None
+    assert report["protocolVersion"] == HANDSHAKE_VERSION
+    assert report["serverInfo"]["name"] == "test-r1"
+    steps = report["steps"]
+    assert steps["tools/list"] == {"ok": True, "value": sorted(TOOL_NAMES)}
+    assert steps["tools/call"] == {
+        "ok": True,
+        "value": {"text": "counted 2", "progress": [[1, 2, "step 1"], [2, 2, "step 2"]]},
+    }
+    assert steps["resources/read"] == {"ok": True, "value": "replica r1"}
+    assert steps["resources/read missing"]["code"] == -32002
+    assert steps["prompts/get"] == {"ok": True, "value": "Describe proxies (asked of r1)"}
+    assert steps["ping"]["ok"]
+    assert {r.headers["mcp-method"] for r in backend.mcp_posts()} == {
+        "server/discover",
+        "tools/list",
+        "tools/call",
+        "resources/read",
+        "prompts/get",
+    }
