@@ -184,16 +184,20 @@ def switchboard(
     route_kind: str = "http",
     name: str = "switchboard",
     tracing: dict[str, object] | None = None,
+    route_options: dict[str, object] | None = None,
+    session_keys: dict[str, str] | None = None,
 ) -> Iterator[Target]:
     """Switchboard with ``workers`` workers, one route ``/`` to the backends round-robin
-    (``tracing``: its [tracing] section; ``name``: the target's name in results)."""
+    (``tracing``: its [tracing] section; ``name``: the target's name in results;
+    ``route_options``: more keys of the route; ``session_keys``: [mcp] session_keys)."""
     port = free_port()
-    route = {
+    route: dict[str, object] = {
         "prefix": "/",
         "backends": [f"http://127.0.0.1:{p}" for p in backend_ports],
     }
     if route_kind != "http":
         route["kind"] = route_kind
+    route.update(route_options or {})
     sections: dict[str, dict[str, object]] = {
         "server": {
             "listen": [f"127.0.0.1:{port}"],
@@ -209,6 +213,10 @@ def switchboard(
     if tracing is not None:
         sections["tracing"] = tracing
     lines = []
+    if session_keys:
+        # Before any other table: an inline table keeps the keys' own names.
+        keys = ", ".join(f"{kid} = {_toml(secret)}" for kid, secret in session_keys.items())
+        lines.append(f"mcp = {{ session_keys = {{ {keys} }} }}")
     for section, values in sections.items():
         lines.append(f"[{section}]")
         lines.extend(f"{k} = {_toml(v)}" for k, v in values.items())

@@ -134,16 +134,18 @@ def _wrk_rounds(
     rounds: int,
     duration: float,
     backend: ProcessTree | None = None,
+    scripts: dict[str, Path] | None = None,
 ) -> dict[str, list[JSON]]:
     """A B C A B C ...: every round runs every target once, in the same order. With
-    ``backend``, also how many cores the backend got during each run."""
+    ``backend``, also how many cores the backend got during each run; ``scripts``: a
+    target's own script, by target name, in place of ``script``."""
     runs: dict[str, list[JSON]] = {t.name: [] for t in targets}
     for rnd in range(1, rounds + 1):
         for target in targets:
             per_pid0 = target.proxy.cpu_by_pid() if target.proxy else {}
             backend0 = backend.cpu() if backend else 0.0
             res = wrk.run(
-                script,
+                (scripts or {}).get(target.name, script),
                 f"http://127.0.0.1:{target.port}/mcp",
                 connections=connections,
                 duration=duration,
@@ -672,6 +674,15 @@ def _tracing(tmp: Path, s: Settings) -> JSON:
 
 
 WORKLOADS["tracing"] = _tracing
+
+
+def _translation(tmp: Path, s: Settings) -> JSON:
+    from bench.translation_cost import translation  # it imports from this module
+
+    return translation(tmp, s)
+
+
+WORKLOADS["translation"] = _translation
 
 
 def iter_names(selected: str) -> Iterator[str]:
