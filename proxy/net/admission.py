@@ -1,7 +1,8 @@
-"""Admission checks that need Redis (rate limits, connection caps), run beside the
-reactor: each in a Trio task of its own, whose answer goes back to the connection
-machine that asked (``Connection.admitted``). Only requests on routes that have such
-limits pay for a task; everything else never leaves the reactor.
+"""Admission checks that need Redis (rate limits, connection caps) or a backend (the
+upstream session a translated request goes within), run beside the reactor: each in a
+Trio task of its own, whose answer goes back to the connection machine that asked
+(``Connection.admitted``). Only requests on routes that have such limits, or that are
+translated, pay for a task; everything else never leaves the reactor.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from proxy.admission import Buckets
 from proxy.conncaps import CapDecision, Lease
 from proxy.metrics import metrics
 from proxy.protocol.exchange import Check
+from proxy.protocol.upstream_sessions import SessionRequest
+from proxy.routing import Backend
 
 if TYPE_CHECKING:
     from proxy.net.client_io import ClientIO
@@ -32,12 +35,16 @@ class Admission:
 
     async def _run(self, io: ClientIO, check: Check) -> None:
         control = self.ctx.control
-        assert control is not None  # checks come only from the control plane's limits
         result: object
-        if check.kind == Check.RATE:
+        if check.kind == Check.SESSION:
+            request = cast(SessionRequest, check.arg)
+            pool = self.ctx.pools[cast(Backend, request.backend).url]
+            result = await self.ctx.session_opener.session(pool, request)
+        elif check.kind == Check.RATE:
+            assert control is not None  # these come only from the control plane's limits
             result = await control.rate_limit(cast(Buckets, check.arg))
         else:
-            assert control.caps is not None
+            assert control is not None and control.caps is not None
             scope, limit = cast(tuple[str, int], check.arg)
             result = await control.caps.acquire(scope, limit)
             if isinstance(result, CapDecision):

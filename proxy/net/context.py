@@ -25,12 +25,14 @@ from proxy.config import Config
 from proxy.labels import status_label
 from proxy.mcp_routing import method_label
 from proxy.metrics import LIMIT_BY_STATUS, RequestMetrics, metrics
+from proxy.net.session_opener import SessionOpener
 from proxy.net.upstream import UpstreamPool
 from proxy.oauth import authenticate_oauth
 from proxy.observability import AccessLine, AccessLog
 from proxy.protocol.exchange import Check, Exchange
 from proxy.protocol.http1 import ForwardingPolicy
 from proxy.protocol.session_token import SessionTokens
+from proxy.protocol.upstream_sessions import UpstreamSessions
 from proxy.routing import Backend, Route, RouteTable, pick_least_loaded
 
 if TYPE_CHECKING:
@@ -57,6 +59,12 @@ class WorkerContext:
         self.log = log
         self.access_log = access_log
         self.tokens = tokens
+        self.upstream_sessions = UpstreamSessions()
+        """Sessions the worker holds with 2025-11-25 backends for 2026-07-28 clients
+        (``proxy.protocol.upstream_sessions``)."""
+        self.session_opener = SessionOpener(
+            self.upstream_sessions, config.upstream.response_timeout
+        )
         """Signs and checks the MCP session tokens (None when no route is an MCP route)."""
         self.control: ControlPlane | None = None
         """Keys, JWTs, rate limits, caps and audit (set by the worker before it serves)."""

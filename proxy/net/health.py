@@ -24,7 +24,7 @@ async def probe(pool: UpstreamPool, config: HealthCheckConfig) -> bool:
     backend = pool.backend
     with trio.move_on_after(config.timeout):
         try:
-            stream = await _connect(pool)
+            stream = await connect_fresh(pool)
         except OSError:
             return False
         async with stream:
@@ -62,7 +62,7 @@ async def probe(pool: UpstreamPool, config: HealthCheckConfig) -> bool:
     return False
 
 
-async def _connect(pool: UpstreamPool) -> trio.SocketStream:
+async def connect_fresh(pool: UpstreamPool) -> trio.SocketStream:
     """A new connection to the backend, trying its addresses in order."""
     last_error: OSError = OSError("no address")
     for family, sockaddr in pool.addresses:

@@ -56,6 +56,7 @@ from proxy.protocol.mcp import (
     METHOD_HEADER,
     NAME_BEARING_METHODS,
     NAME_HEADER,
+    SESSION_HEADER,
     VERSION_HEADER,
 )
 from proxy.protocol.session_token import MAX_TRANSLATED_STATE_BYTES
@@ -80,6 +81,8 @@ ANSWERED_HERE: Final = frozenset({"ping", "logging/setLevel"})
 MISSING_SESSION: Final = "Bad Request: Missing session ID"
 """The reference SDK's words for a handshake-era request before ``initialize``."""
 _CLIENT_INFO_FIELDS: Final = ("name", "title", "version")
+_CLIENT_SESSION_HEADERS: Final = frozenset({SESSION_HEADER, b"last-event-id"})
+"""The session stays at the proxy: its id and resumption point do not go upstream."""
 _KEPT_STATUSES: Final = frozenset({401, 403, 407, 429})
 """Statuses that mean something to the client beyond the JSON-RPC error they carry."""
 
@@ -263,7 +266,23 @@ def encode_header_value(value: str) -> str:
     return f"=?base64?{base64.b64encode(raw).decode('ascii')}?="
 
 
-class AnswerTranslation:
+class Translation:
+    """What every translated request carries, whichever way it is translated: the MCP
+    headers its upstream request gets in place of the client's, and those it loses."""
+
+    __slots__ = ("dropped_headers", "request_headers")
+
+    def __init__(self) -> None:
+        self.request_headers: tuple[tuple[bytes, bytes], ...] = ()
+        self.dropped_headers: frozenset[bytes] = frozenset()
+
+    def rewrite(self, body: bytes, *, event_stream: bool) -> bytes | None:
+        """The client's copy of the answer's bytes (whole events where
+        ``event_stream``), or None where they need no change."""
+        raise NotImplementedError
+
+
+class AnswerTranslation(Translation):
     """The backend's answer to one translated request, as the handshake-era client
     gets it. Held until whole where it is one JSON body (or a whole event stream), as
     ``proxy.protocol.upstream_side`` holds rewritten answers."""
@@ -273,7 +292,6 @@ class AnswerTranslation:
         "_session_granted",
         "inner",
         "method",
-        "request_headers",
         "request_id",
         "token",
         "version",
@@ -287,6 +305,8 @@ class AnswerTranslation:
         version: str = HANDSHAKE_ANSWER_VERSION,
         token: str | None = None,
     ) -> None:
+        super().__init__()
+        self.dropped_headers = _CLIENT_SESSION_HEADERS
         self.request_id = request_id
         self.method = method
         self.version = version
@@ -296,8 +316,6 @@ class AnswerTranslation:
         self._session_granted = False
         self.inner: AnswerRewrite | None = None
         """A rewrite applied first (the caller's tool list, ``proxy.protocol.tool_lists``)."""
-        self.request_headers: tuple[tuple[bytes, bytes], ...] = ()
-        """The MCP headers the upstream request carries (``Upstream.headers``)."""
 
     def holds(self, status: int, *, event_stream: bool) -> bool:
         """Every answer but an event stream (its events go as they come) is held."""

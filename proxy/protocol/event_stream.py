@@ -10,7 +10,9 @@ two events (``proxy.protocol.sse.EventStreamTracker``):
   ``keepalive_interval``, so load balancers that cut idle connections (often after
   60 s to 5 min) leave it open;
 - on a legacy 2024-11-05 SSE stream, the first ``endpoint`` event rewritten so the
-  client posts its messages back through the proxy with a session token.
+  client posts its messages back through the proxy with a session token;
+- on an answer translated between MCP eras (``proxy.protocol.era_translation``,
+  ``proxy.protocol.upstream_sessions``), each event rewritten once it is whole.
 
 A silent stream writes nothing, so the client leaving is noticed by its socket closing
 (the machine's ``client_closed``). In the 2026-07-28 era that is the cancellation of
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING
 from proxy.mcp_routing import event_payloads, response_id, rewrite_endpoint_block
 from proxy.protocol.chunked import LAST_CHUNK
 from proxy.protocol.connection_core import CHUNKED
+from proxy.protocol.era_translation import Translation
 from proxy.protocol.fast_response import END, ResponseHead
 from proxy.protocol.mcp import EndpointRewriteError, parse_endpoint_event, rewrite_endpoint_event
 from proxy.protocol.sse import KEEPALIVE_COMMENT, EventStreamTracker, retry_hint
@@ -49,6 +52,8 @@ class StreamRelay:
         "_pending",
         "_target",
         "_tracker",
+        "_translation",
+        "_untranslated",
         "c",
         "can_add",
         "ending",
@@ -65,6 +70,11 @@ class StreamRelay:
         mcp = x.mcp
         legacy = mcp is not None and mcp.legacy_stream
         self._endpoint_block: bytearray | None = bytearray() if legacy else None
+        answer: object = x.answer_rewrite
+        self._translation = answer if isinstance(answer, Translation) else None
+        """An answer translated between eras: its events go out rewritten, each run of
+        whole events as it completes (``_untranslated`` holds an event still coming)."""
+        self._untranslated = b""
         head = c.head
         self._target = head.info.target if legacy and head is not None else b""
         """The request's target, for the legacy ``endpoint`` rewrite (the request head
@@ -107,6 +117,8 @@ class StreamRelay:
         out: list[bytes] = []
         for event in events:
             if event is END:
+                if self._untranslated:  # an unfinished last event: lax clients read it
+                    self._relay_translated(self._untranslated, out)
                 self._send(out, head=head, last=True)
                 self._ended(last_sent=True)
                 return
@@ -250,6 +262,8 @@ class StreamRelay:
     def _on_data(self, data: bytes, out: list[bytes]) -> bool:
         """Relay (or, for a legacy stream's first event, rewrite) backend bytes; False
         when the stream cannot go on (the reason is on the exchange)."""
+        if self._translation is not None:
+            return self._translate_events(data, out)
         block = self._endpoint_block
         if block is None:
             self._tracker.feed(data)
@@ -274,6 +288,30 @@ class StreamRelay:
         self._tracker.feed(rewritten)
         out.append(rewritten)
         return True
+
+    def _translate_events(self, data: bytes, out: list[bytes]) -> bool:
+        """Backend bytes of a translated answer: kept until they end an event, then the
+        events they complete go out rewritten."""
+        pending = self._untranslated + data
+        tracker = EventStreamTracker()
+        tracker.feed(pending)
+        if not tracker.at_boundary:
+            if len(pending) > _MAX_EVENT_BYTES:
+                self._fail("event stream: an event over 1 MiB could not be translated")
+                return False
+            self._untranslated = pending
+            return True
+        self._untranslated = b""
+        self._relay_translated(pending, out)
+        return True
+
+    def _relay_translated(self, events: bytes, out: list[bytes]) -> None:
+        assert self._translation is not None
+        rewritten = self._translation.rewrite(events, event_stream=True) or events
+        self._tracker.feed(rewritten)
+        out.append(rewritten)
+        if self._awaited is not None:
+            self._look_for_response(rewritten)
 
     def _fail(self, reason: str) -> None:
         x = self.c.x

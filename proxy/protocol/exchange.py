@@ -25,6 +25,7 @@ from proxy.protocol.fast_response import ResponseReader
 from proxy.protocol.http1 import ForwardingPolicy
 from proxy.protocol.session_token import SessionTokens
 from proxy.protocol.trace_context import Trace
+from proxy.protocol.upstream_sessions import UpstreamSessions
 from proxy.routing import Backend, Route, RouteTable
 
 
@@ -156,6 +157,9 @@ class Check:
     """A rate-limit decision; ``arg`` is the request's ``Buckets``."""
     CAP = 2
     """A lease on a connection cap; ``arg`` is ``(scope, limit)``."""
+    SESSION = 3
+    """An upstream session opened for a translated request; ``arg`` is its
+    ``proxy.protocol.upstream_sessions.SessionRequest``."""
 
     def __init__(self, kind: int, arg: object) -> None:
         self.kind = kind
@@ -166,6 +170,8 @@ class Env(Protocol):
     config: Config
     routes: RouteTable
     tokens: SessionTokens | None
+    upstream_sessions: UpstreamSessions
+    """The worker's upstream sessions (era translation to 2025-11-25 backends)."""
     draining: bool
     via: bytes
     """The proxy's pseudonym in Via headers (forwarding.via)."""

@@ -54,6 +54,9 @@ _METADATA_HEADERS = (
 )
 _FAILED_AUTH_RATE = 100
 """Pending marker: the IP rate check of a request whose credentials failed."""
+SESSION_STEP = 101
+"""Pending marker: the upstream session a translated request waits for
+(``proxy.protocol.translating_side``)."""
 
 
 class RequestSide(ConnectionCore):
@@ -73,6 +76,9 @@ class RequestSide(ConnectionCore):
         raise NotImplementedError
 
     def _choose_backend(self) -> None:
+        raise NotImplementedError
+
+    def session_opened(self, result: object) -> None:
         raise NotImplementedError
 
     # -- the PROXY header ---------------------------------------------------------------
@@ -273,6 +279,9 @@ class RequestSide(ConnectionCore):
             return
         x = self.x
         assert x is not None
+        if step == SESSION_STEP:
+            self.session_opened(result)
+            return
         if isinstance(result, CapDecision):
             self._refuse_limited(result, step)
             return

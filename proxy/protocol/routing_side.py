@@ -7,7 +7,6 @@ the request head it gets is written; plus the MCP changes to response heads. San
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from proxy.auth import Identity, ToolDenied, check_tool_allowed, strip_credentials
 from proxy.mcp_routing import (
@@ -21,17 +20,13 @@ from proxy.mcp_routing import (
 from proxy.oauth import insufficient_scope
 from proxy.protocol import answers
 from proxy.protocol.era_translation import (
-    MODERN_VERSION,
-    AnswerTranslation,
-    LocalAnswer,
-    translate,
+    Translation,
 )
 from proxy.protocol.exchange import Exchange
 from proxy.protocol.http1 import upstream_request_headers
 from proxy.protocol.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST
-from proxy.protocol.mcp import SESSION_HEADER, VERSION_HEADER, Era
-from proxy.protocol.request_side import MCP_RATE_STEP, RequestSide
-from proxy.protocol.session_token import TRANSLATED
+from proxy.protocol.mcp import SESSION_HEADER, VERSION_HEADER
+from proxy.protocol.request_side import MCP_RATE_STEP
 from proxy.protocol.tool_lists import CallerView
 from proxy.protocol.trace_context import (
     TRACEPARENT,
@@ -39,13 +34,13 @@ from proxy.protocol.trace_context import (
     start_trace,
     with_meta_traceparent,
 )
+from proxy.protocol.translating_side import TranslatingSide
 from proxy.routing import Backend, Route
 
 _RETRY_LATER = ((b"retry-after", b"1"),)
-_SESSION_HEADERS = frozenset({SESSION_HEADER, b"last-event-id"})
 
 
-class RoutingSide(RequestSide):
+class RoutingSide(TranslatingSide):
     __slots__ = ()
 
     def _after_body(self, *, streaming: bool = False) -> None:
@@ -77,62 +72,9 @@ class RoutingSide(RequestSide):
         identity = x.identity
         if identity is not None and self._apply_caller_view(identity, decision):
             return
-        if decision.era is Era.STATEFUL and x.route.backend_era == MODERN_VERSION:
-            if self._translate(decision):
-                return
-        elif decision.session_state is not None:
-            # A translated session's token on a route that no longer translates.
-            refusal = McpRefusal(404, INVALID_REQUEST, SESSION_NOT_FOUND, decision.request_id)
-            self._refuse(refusal.status, refusal.message, rpc=refusal)
+        if self._translated_here(decision):
             return
         self._mcp_rate_limit()
-
-    def _translate(self, decision: McpDecision) -> bool:
-        """A handshake-era request on a route whose backends speak only 2026-07-28
-        (``proxy.protocol.era_translation``): answered here, or rewritten for the
-        backend with its answer translated back. True when answered here."""
-        x = self.x
-        head = self.head
-        assert x is not None and head is not None
-        decision.translated_to = MODERN_VERSION
-        envelope = decision.envelope
-        if head.method == b"DELETE":
-            self._answer_here(200, b"", None)  # the session ends with its token
-            return True
-        if head.method != b"POST" or envelope is None:
-            # The translated session has no standalone stream, which a 2025-11-25 server
-            # may say with 405; batches (2025-03-26) are not translated.
-            refusal = McpRefusal(
-                405 if envelope is None and not decision.batch else 400,
-                INVALID_REQUEST,
-                "batches are not translated for a 2026-07-28 backend"
-                if decision.batch
-                else "Method not allowed: this session has no standalone stream",
-                None,
-                headers=() if decision.batch else [(b"allow", b"POST, DELETE")],
-            )
-            self._refuse(refusal.status, refusal.message, rpc=refusal)
-            return True
-        if not self.request_done:
-            self._refuse(413, "request body too large to translate")
-            return True
-        tokens = self._tokens()
-        outcome = translate(
-            envelope,
-            b"".join(self.held),
-            decision.session_state,
-            lambda state: tokens.issue(TRANSLATED, state),
-        )
-        if isinstance(outcome, LocalAnswer):
-            self._answer_here(outcome.status, outcome.body, outcome.reason, outcome.headers)
-            return True
-        self._rewrite_body(outcome.body)
-        answer = outcome.answer
-        answer.inner = x.answer_rewrite  # a caller's tool list is filtered first
-        answer.request_headers = outcome.headers
-        x.answer_rewrite = answer
-        decision.issue_session = False
-        return False
 
     def _apply_caller_view(self, identity: Identity, decision: McpDecision) -> bool:
         """Per-caller tool lists (``proxy.protocol.tool_lists``): note how the answer is
@@ -180,11 +122,6 @@ class RoutingSide(RequestSide):
         x.answer_rewrite = view
         return False
 
-    def _rewrite_body(self, body: bytes) -> None:
-        """The held request body, as the proxy rewrote it, goes to the backend."""
-        self.held = [body]
-        self.rewritten_length = len(body)
-
     def _mcp_rate_limit(self) -> None:
         x = self.x
         assert x is not None and x.mcp is not None
@@ -194,12 +131,6 @@ class RoutingSide(RequestSide):
             self._wait(MCP_RATE_STEP, check)
             return
         self._choose_backend()
-
-    def _tokens(self) -> Any:
-        tokens = self.env.tokens
-        if tokens is None:
-            raise McpRefusal(500, INTERNAL_ERROR, "MCP session keys are not configured", None)
-        return tokens
 
     def _answer_in_band(self, status: int, body: bytes, reason: str) -> None:
         """A JSON-RPC error answered with 200 (what the protocol expects for an
@@ -217,6 +148,8 @@ class RoutingSide(RequestSide):
             self._no_backend()
             return
         x.backend = backend
+        if self._waits_for_session(backend):
+            return
         ratio = self.env.trace_ratio
         if ratio and x.trace is None:
             self._start_trace(x, ratio)
@@ -258,7 +191,7 @@ class RoutingSide(RequestSide):
         if decision is None:
             self._refuse(503, "no healthy backend for this route")
             return
-        if decision.replica is not None:
+        if decision.replica is not None and decision.translated_to is None:
             # The session's replica is gone or out of rotation: the client must start a
             # new session, which the spec signals with 404.
             refusal = McpRefusal(404, INVALID_REQUEST, SESSION_NOT_FOUND, decision.request_id)
@@ -332,10 +265,10 @@ class RoutingSide(RequestSide):
                 )
                 for n, v in headers
             ]
-        answer = x.answer_rewrite
-        if isinstance(answer, AnswerTranslation):
-            # The 2026-07-28 request's own headers; the proxy's session stays here.
-            names = {n for n, _ in answer.request_headers} | _SESSION_HEADERS
+        answer: object = x.answer_rewrite
+        if isinstance(answer, Translation):
+            # The MCP headers of the backend's era in place of the client's.
+            names = {n for n, _ in answer.request_headers} | answer.dropped_headers
             headers = [(n, v) for n, v in headers if n not in names]
             headers.extend(answer.request_headers)
         trace = x.trace

@@ -26,6 +26,7 @@ from proxy.protocol.http1 import downstream_response_headers, reason_phrase
 from proxy.protocol.routing_side import RoutingSide
 from proxy.protocol.tool_lists import MAX_FILTERED_ANSWER
 from proxy.protocol.tunnel import Tunnel
+from proxy.protocol.upstream_sessions import ModernAnswer
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _REFRAMED = frozenset({b"content-length", b"transfer-encoding"})
@@ -157,10 +158,14 @@ class UpstreamSide(RoutingSide):
         else:
             framing = UNTIL_CLOSE
         rewrite = x.answer_rewrite
+        up = self.up
+        # Held unless its events can go out one by one as they come: a stream that the
+        # proxy frames anew, not all here yet.
+        streams = head.event_stream and framing != AS_IS and not (up and up.reader.complete)
         if (
             rewrite is not None
             and framing != NO_BODY
-            and rewrite.holds(status, event_stream=head.event_stream)
+            and rewrite.holds(status, event_stream=streams)
         ):
             # Rewritten for this caller once whole: nothing goes out before then.
             self.framing = framing
@@ -209,7 +214,6 @@ class UpstreamSide(RoutingSide):
         self.response_started = True
         if streaming and framing != NO_BODY:
             x.streamed = True
-            up = self.up
             if (
                 up is not None
                 and up.reader.complete
@@ -254,6 +258,12 @@ class UpstreamSide(RoutingSide):
         head = held.head
         body = b"".join(held.parts)
         rewrite = x.answer_rewrite
+        if (
+            isinstance(rewrite, ModernAnswer)
+            and rewrite.session_lost(head.status)
+            and self._session_lost(rewrite)
+        ):
+            return
         body = rewrite.rewrite(body, event_stream=head.event_stream) or body
         close = self.close_after or (self.env.draining and not self.buf) or self.client_eof
         self.close_after = close

@@ -23,6 +23,7 @@ from proxy.protocol.exchange import Check, Exchange
 from proxy.protocol.fast_response import ResponseReader
 from proxy.protocol.http1 import ForwardingPolicy
 from proxy.protocol.session_token import Keyring, SessionTokens
+from proxy.protocol.upstream_sessions import UpstreamSessions
 from proxy.routing import Backend, Route, RouteTable
 
 SESSION_KEY = b"k" * 32
@@ -132,6 +133,7 @@ class FakeEnv:
         self.config = config
         self.routes = RouteTable.from_config(config.routes, config.upstream)
         self.tokens = SessionTokens(Keyring({"k1": SESSION_KEY}, "k1"))
+        self.upstream_sessions = UpstreamSessions()
         self.draining = False
         self.checking = True
         self.trace_ratio = config.tracing.sample_ratio

@@ -158,6 +158,10 @@ class McpBackend:
     """Answer ``tools/list`` in pages of this many tools (0: one page)."""
     public_lists: bool = False
     """Mark list results (2026-07-28) ``cacheScope: public`` with a 60 s ``ttlMs``."""
+    handshake_only: bool = False
+    """Streamable HTTP: speak the handshake era only (2025-11-25 and before), as servers
+    on earlier SDKs do. A request with a 2026-07-28 ``MCP-Protocol-Version`` gets 400
+    with JSON-RPC -32022 "Unsupported protocol version"."""
     modern_only: bool = False
     """Streamable HTTP: speak 2026-07-28 only. A request without a 2026-07-28
     ``MCP-Protocol-Version`` (initialize and every handshake-era request) gets 400 with
@@ -240,6 +244,8 @@ class McpBackend:
             )
         if self.modern_only:
             app = _modern_only(app)
+        if self.handshake_only:
+            app = _handshake_only(app)
         return self._recording(app)
 
     def _recording(self, app: ASGIApp) -> ASGIApp:
@@ -322,6 +328,33 @@ def _modern_only(app: ASGIApp) -> ASGIApp:
         await send({"type": "http.response.body", "body": body})
 
     return modern_app
+
+
+def _handshake_only(app: ASGIApp) -> ASGIApp:
+    """``app`` refusing 2026-07-28 requests, as a server that speaks only the handshake
+    era does."""
+
+    async def handshake_app(scope: Scope, receive: Receive, send: Send) -> None:
+        version = dict(scope.get("headers", ())).get(b"mcp-protocol-version", b"")
+        if scope["type"] != "http" or version.decode("latin-1") != MODERN_VERSION:
+            await app(scope, receive, send)
+            return
+        error = {
+            "code": -32022,
+            "message": "Unsupported protocol version",
+            "data": {"supported": [HANDSHAKE_VERSION], "requested": MODERN_VERSION},
+        }
+        body = json.dumps({"jsonrpc": "2.0", "id": None, "error": error}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 400,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    return handshake_app
 
 
 # -- MCP over plain HTTP ---------------------------------------------------------------------
