@@ -75,7 +75,7 @@ bench: apt venv $(VENV)/.stamp-bench
 bench-quick: apt venv $(VENV)/.stamp-bench
 	$(BIN)/python -m bench.run --quick
 
-conformance: $(VENV)/.stamp-demo
+conformance: $(VENV)/.stamp-demo node
 	$(BIN)/python conformance/run.py
 
 clean:

@@ -43,6 +43,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+if not __package__:  # run as a script: the repository's root makes `conformance` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from conformance import translation
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 NODE_MODULES = HERE / "node_modules"
@@ -389,8 +393,11 @@ def everything_server(
         stop("everything server", proc)
 
 
-def proxy_config(listen: int, admin: int, backend: int, workers: int, origins: str) -> str:
-    """The TOML Switchboard runs with: one ``mcp`` route, nothing else changed.
+def proxy_config(
+    listen: int, admin: int, backend: int, workers: int, origins: str, backend_era: str = "any"
+) -> str:
+    """The TOML Switchboard runs with: one ``mcp`` route, nothing else changed (but the
+    route's ``backend_era`` for the translated runs).
 
     ``origins = "none"`` (the default) keeps the route's default Origin rule (same-origin
     and loopback origins); ``"backend"`` lists the Origins the everything server itself
@@ -415,6 +422,8 @@ def proxy_config(listen: int, admin: int, backend: int, workers: int, origins: s
     if origins == "backend":
         allowed = [f"http://{h}:{listen}" for h in ("127.0.0.1", "localhost", "[::1]")]
         lines.append("origins = [" + ", ".join(f'"{o}"' for o in allowed) + "]")
+    if backend_era != "any":
+        lines.append(f'backend_era = "{backend_era}"')
     return "\n".join(lines) + "\n"
 
 
@@ -426,9 +435,10 @@ def switchboard(
     origins: str,
     config_path: Path,
     log_file: IO[bytes],
+    backend_era: str = "any",
 ) -> Iterator[int]:
     port, admin = free_port(), free_port()
-    config_path.write_text(proxy_config(port, admin, backend_port, workers, origins))
+    config_path.write_text(proxy_config(port, admin, backend_port, workers, origins, backend_era))
     proc = subprocess.Popen(
         [str(switchboard_bin), "run", "--config", str(config_path)],
         cwd=REPO,
@@ -542,7 +552,79 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--skip-install", action="store_true", help="use what is installed, install nothing"
     )
+    parser.add_argument(
+        "--no-translation",
+        dest="translation",
+        action="store_false",
+        help="skip the era-translation runs (each suite through the proxy to a backend of "
+        "the other era, see conformance/translation.py)",
+    )
     return parser.parse_args(argv)
+
+
+def translated_runs(
+    node: Path, version: str, server_root: Path, args: argparse.Namespace, out: Path
+) -> dict[str, SuiteRun]:
+    """The ``version`` suite through Switchboard to a backend of the other era; for
+    2026-07-28, also directly against that backend (what a client gets without us)."""
+    other = translation.OTHER_ERA[version]
+    python = BACKEND_VENV / "bin" / "python"
+    found: dict[str, SuiteRun] = {}
+    if version == "2026-07-28":
+        with (out / f"other-era-direct-{version}.log").open("wb") as backend_log:
+            port = free_port()
+            with translation.other_era_backend(
+                version, server_root, python, port, backend_log
+            ) as proc:
+                wait_until(f"{other} backend", lambda: _port_open(port), proc, 60)
+                found["other-direct"] = run_suite(
+                    node, f"http://127.0.0.1:{port}/mcp", version, args.suite,
+                    f"direct to the {other} backend", out / f"other-direct-{version}",
+                    args.timeout,
+                )  # fmt: skip
+    with (
+        (out / f"other-era-translated-{version}.log").open("wb") as backend_log,
+        (out / f"switchboard-translated-{version}.log").open("wb") as proxy_log,
+    ):
+        port = free_port()
+        with translation.other_era_backend(version, server_root, python, port, backend_log) as proc:
+            wait_until(f"{other} backend", lambda: _port_open(port), proc, 60)
+            with switchboard(
+                args.switchboard, port, args.workers, args.origins,
+                out / f"switchboard-translated-{version}.toml", proxy_log, backend_era=other,
+            ) as proxy_port:  # fmt: skip
+                found["translated"] = run_suite(
+                    node, f"http://127.0.0.1:{proxy_port}/mcp", version, args.suite,
+                    f"translated to {other}", out / f"translated-{version}", args.timeout,
+                )  # fmt: skip
+    return found
+
+
+def report_translation(version: str, pair: dict[str, SuiteRun], markdown: list[str]) -> int:
+    """Print and add to ``markdown`` the translated run beside the direct one; the
+    number of differences docs/conformance.md does not explain as they are."""
+    direct, translated = pair["direct"], pair["translated"]
+    keys = list(direct.checks) + [k for k in translated.checks if k not in direct.checks]
+    rows = [(k, direct.checks.get(k, MISSING), translated.checks.get(k, MISSING)) for k in keys]
+    other_direct = pair["other-direct"].checks if "other-direct" in pair else None
+    markdown.append(translation.markdown_table(version, rows, other_direct))
+    explained = translation.explained_differences()
+    missing = translation.unexplained(version, rows, explained)
+    differing = sum(d != t for _, d, t in rows)
+    print(f"era translation, {version} clients on a {translation.OTHER_ERA[version]} backend:")
+    print(
+        f"  {len(rows)} checks, {differing} differ from the direct run, {len(missing)} unexplained"
+    )
+    if other_direct is not None:
+        passed = sum(status == "pass" for status in other_direct.values())
+        print(f"  directly against that backend: {passed} of {len(other_direct)} checks pass")
+    for check, d, t in missing:
+        message = translated.messages.get(check, "")
+        print(f"    UNEXPLAINED {check}: direct {d}, translated {t} {message}")
+    for check in translation.stale_explanations(version, rows, explained):
+        print(f"    (docs/conformance.md explains {check}, which no longer differs)")
+    print()
+    return len(missing)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -599,7 +681,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         out / f"proxy-{version}", args.timeout,
                     )  # fmt: skip
                 timings[f"{version} proxy"] = time.monotonic() - t
-    except SetupError as exc:
+            if args.translation:
+                t = time.monotonic()
+                runs[version].update(
+                    translated_runs(node, version, server_root, args, out)
+                )  # fmt: skip
+                timings[f"{version} translated"] = time.monotonic() - t
+    except (SetupError, FileNotFoundError) as exc:
         log(f"error: {exc}")
         return 2
 
@@ -626,6 +714,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if message:
                     print(f"    {r.key} ({target}): {message}")
         print()
+        if "translated" in pair:
+            failures = report_translation(version, pair, markdown)
+            total_diffs += failures
         report["spec_versions"][version] = {
             target: {
                 "url": run.url,
@@ -637,7 +728,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             for target, run in pair.items()
         } | {
-            "checks": [{"check": r.key, "direct": r.direct, "proxy": r.proxy} for r in rows],
+            "checks": [
+                {"check": r.key, "direct": r.direct, "proxy": r.proxy}
+                | (
+                    {"translated": pair["translated"].checks.get(r.key, MISSING)}
+                    if "translated" in pair
+                    else {}
+                )
+                for r in rows
+            ],
             "different": [r.key for r in diffs],
         }
     timings["total"] = time.monotonic() - started
@@ -650,7 +749,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"time: {name}: {seconds:.1f} s")
     log(f"results: {out.relative_to(REPO)}/ (summary.json, summary.md), results/latest.json")
     if total_diffs:
-        log(f"FAILED: {total_diffs} check(s) differ between direct and proxied runs")
+        log(
+            f"FAILED: {total_diffs} check(s) differ between direct and proxied runs, or "
+            "between direct and translated runs without an explanation in docs/conformance.md"
+        )
         return 1
     log("OK: every check has the same result directly and through the proxy")
     return 0

@@ -36,7 +36,6 @@ session's GET stream. docs/mcp.md ("Era translation") lists this.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -58,6 +57,7 @@ from proxy.protocol.mcp import (
     NAME_HEADER,
     SESSION_HEADER,
     VERSION_HEADER,
+    encode_header_value,
 )
 from proxy.protocol.session_token import MAX_TRANSLATED_STATE_BYTES
 from proxy.protocol.sse import rewrite_events
@@ -71,6 +71,7 @@ HANDSHAKE_ANSWER_VERSION: Final = "2025-11-25"
 CLIENT_INFO_META_KEY: Final = "io.modelcontextprotocol/clientInfo"
 CLIENT_CAPABILITIES_META_KEY: Final = "io.modelcontextprotocol/clientCapabilities"
 SERVER_INFO_META_KEY: Final = "io.modelcontextprotocol/serverInfo"
+LOG_LEVEL_META_KEY: Final = "io.modelcontextprotocol/logLevel"
 RESOURCE_NOT_FOUND: Final = -32002
 """2025-11-25's code for a resource the server does not have."""
 WITHHELD_CAPABILITIES: Final = ("elicitation", "sampling", "roots")
@@ -238,6 +239,9 @@ def _envelope_meta(state: ClientState) -> dict[str, Any]:
     meta: dict[str, Any] = {
         PROTOCOL_VERSION_META_KEY: MODERN_VERSION,
         CLIENT_CAPABILITIES_META_KEY: state.capabilities,
+        # A handshake-era server sends the log messages it likes until the client sets a
+        # level; a 2026-07-28 one sends none unless the request names one.
+        LOG_LEVEL_META_KEY: "debug",
     }
     if state.info is not None:
         meta[CLIENT_INFO_META_KEY] = state.info
@@ -246,24 +250,6 @@ def _envelope_meta(state: ClientState) -> dict[str, Any]:
 
 def _result_body(request_id: RequestId | None, result: dict[str, Any]) -> bytes:
     return _encode({"jsonrpc": "2.0", "id": request_id, "result": result})
-
-
-_HEADER_SAFE = frozenset(range(0x21, 0x7F)) | {0x20}
-
-
-def encode_header_value(value: str) -> str:
-    """A value as ``Mcp-Name`` carries it: as it is where it is printable ASCII without
-    edge spaces, else in the ``=?base64?...?=`` sentinel (the inverse of
-    ``proxy.protocol.mcp.decode_header_value``)."""
-    raw = value.encode("utf-8")
-    if (
-        raw
-        and all(b in _HEADER_SAFE for b in raw)
-        and value == value.strip()
-        and not (value.startswith("=?base64?") and value.endswith("?="))
-    ):
-        return value
-    return f"=?base64?{base64.b64encode(raw).decode('ascii')}?="
 
 
 class Translation:

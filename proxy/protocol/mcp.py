@@ -214,6 +214,23 @@ def decode_header_value(value: str) -> str | None:
         return None
 
 
+_HEADER_SAFE = frozenset(range(0x21, 0x7F)) | {0x20}
+
+
+def encode_header_value(value: str) -> str:
+    """A value as ``Mcp-Name`` carries it: as it is where it is printable ASCII without
+    edge spaces, else in the ``=?base64?...?=`` sentinel (the inverse of
+    ``decode_header_value``)."""
+    raw = value.encode("utf-8")
+    if (
+        all(b in _HEADER_SAFE for b in raw)
+        and value == value.strip()
+        and not (value.startswith("=?base64?") and value.endswith("?="))
+    ):
+        return value
+    return f"=?base64?{base64.b64encode(raw).decode('ascii')}?="
+
+
 def _mismatch(message: str) -> HeaderMismatch:
     return HeaderMismatch(HEADER_MISMATCH, f"Header mismatch: {message}")
 

@@ -26,6 +26,7 @@ from proxy.protocol.upstream_sessions import (
     SessionRequest,
     UpstreamSession,
     discover_body,
+    refusal,
 )
 from proxy.routing import Backend
 
@@ -127,6 +128,11 @@ class TranslatingSide(RequestSide):
             message = None
         if not isinstance(message, dict):
             self._refuse(400, "request body is not one JSON-RPC message")
+            return True
+        refused = refusal(message, envelope.id)
+        if refused is not None:
+            status, body = refused
+            self._answer_here(status, body, "refused as a 2026-07-28 server refuses it")
             return True
         x.answer_rewrite = ModernAnswer(message, envelope.id, envelope.method or "")
         return False

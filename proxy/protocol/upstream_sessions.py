@@ -37,6 +37,7 @@ from proxy.mcp_routing import event_payloads
 from proxy.protocol.era_translation import (
     CLIENT_CAPABILITIES_META_KEY,
     CLIENT_INFO_META_KEY,
+    LOG_LEVEL_META_KEY,
     MODERN_VERSION,
     RESOURCE_NOT_FOUND,
     SERVER_INFO_META_KEY,
@@ -45,23 +46,41 @@ from proxy.protocol.era_translation import (
 )
 from proxy.protocol.jsonrpc import (
     INVALID_PARAMS,
+    METHOD_NOT_FOUND,
     PROTOCOL_VERSION_META_KEY,
     RequestId,
+    error_body,
 )
 from proxy.protocol.mcp import METHOD_HEADER, NAME_HEADER, SESSION_HEADER, VERSION_HEADER
 from proxy.protocol.sse import rewrite_events
 
 HANDSHAKE_VERSION: Final = "2025-11-25"
-LOG_LEVEL_META_KEY: Final = "io.modelcontextprotocol/logLevel"
 ENVELOPE_KEYS: Final = (
     PROTOCOL_VERSION_META_KEY,
     CLIENT_CAPABILITIES_META_KEY,
     CLIENT_INFO_META_KEY,
     LOG_LEVEL_META_KEY,
 )
-LIST_METHODS: Final = frozenset(
-    {"tools/list", "prompts/list", "resources/list", "resources/templates/list"}
+CACHEABLE_METHODS: Final = frozenset(
+    {"tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read"}
 )
+"""Methods whose 2026-07-28 results carry ``ttlMs`` and ``cacheScope``."""
+REMOVED_METHODS: Final = frozenset(
+    {"initialize", "ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"}
+)
+"""Handshake-era methods 2026-07-28 removed: a 2026-07-28 request of one is refused
+(404, -32601) as a 2026-07-28 server refuses it, not sent into the session."""
+ERROR_STATUS: Final = {
+    -32700: 400,
+    -32600: 400,
+    -32602: 400,
+    -32020: 400,
+    -32021: 400,
+    -32022: 400,
+    -32601: 404,
+}
+"""The HTTP status 2026-07-28 gives a JSON-RPC error (the reference SDK's table;
+-32603 and unlisted codes: 200)."""
 INITIALIZE_ID: Final = "switchboard-initialize"
 MAX_SESSIONS: Final = 4096
 """Upstream sessions a worker keeps; the oldest goes first (the backend expires it)."""
@@ -202,6 +221,37 @@ def initialize_result(content_type: bytes, body: bytes) -> dict[str, Any] | str:
     return "no initialize result in the backend's answer"
 
 
+UNSUPPORTED_PROTOCOL_VERSION: Final = -32022
+
+
+def refusal(message: dict[str, Any], request_id: RequestId | None) -> tuple[int, bytes] | None:
+    """What a 2026-07-28 server answers a request it will not serve — a method the
+    revision removed (404 -32601), a ``_meta`` without the envelope's client
+    capabilities (400 -32602), a protocol version it does not speak (400 -32022) — as
+    (status, body); None for a request that goes within a session."""
+    method = message.get("method")
+    if method in REMOVED_METHODS:
+        return 404, error_body(request_id, METHOD_NOT_FOUND, "Method not found")
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    if CLIENT_CAPABILITIES_META_KEY not in meta:
+        return 400, error_body(
+            request_id,
+            INVALID_PARAMS,
+            f"params._meta is missing the required envelope key(s): {CLIENT_CAPABILITIES_META_KEY}",
+        )
+    version = meta.get(PROTOCOL_VERSION_META_KEY)
+    if version != MODERN_VERSION:
+        error = {
+            "code": UNSUPPORTED_PROTOCOL_VERSION,
+            "message": "Unsupported protocol version",
+            "data": {"supported": [MODERN_VERSION], "requested": version},
+        }
+        return 400, _encode({"jsonrpc": "2.0", "id": request_id, "error": error})
+    return None
+
+
 def discover_body(request_id: RequestId | None, session: UpstreamSession) -> bytes:
     """The proxy's answer to ``server/discover``, from the session's initialize result."""
     init = session.result
@@ -238,7 +288,7 @@ class ModernAnswer(Translation):
     """A 2026-07-28 client's request within an upstream session, and the backend's
     answer as that client gets it (``proxy.protocol.exchange.AnswerRewrite``)."""
 
-    __slots__ = ("client", "key", "message", "method", "request_id", "session")
+    __slots__ = ("_error_code", "client", "key", "message", "method", "request_id", "session")
 
     def __init__(self, message: dict[str, Any], request_id: RequestId | None, method: str) -> None:
         super().__init__()
@@ -249,6 +299,8 @@ class ModernAnswer(Translation):
         self.key: SessionKey | None = None
         self.session: UpstreamSession | None = None
         self.dropped_headers = frozenset({METHOD_HEADER, NAME_HEADER})
+        self._error_code: int | None = None
+        """The code of the JSON-RPC error the answer carried, if it was one."""
 
     def within(self, key: SessionKey, session: UpstreamSession) -> bytes:
         """The request body within ``session``; its headers are set here."""
@@ -276,6 +328,10 @@ class ModernAnswer(Translation):
         return self._rewrite_message(body)
 
     def answer_status(self, status: int) -> int:
+        """A JSON-RPC error goes out with the status 2026-07-28 gives its code."""
+        code = self._error_code
+        if status == 200 and code is not None:
+            return ERROR_STATUS.get(code, 200)
         return status
 
     def answer_headers(self) -> tuple[tuple[bytes, bytes], ...]:
@@ -292,11 +348,24 @@ class ModernAnswer(Translation):
         error = message.get("error")
         if isinstance(result, dict):
             result.setdefault("resultType", "complete")
-            if self.method in LIST_METHODS:
+            if self.method in CACHEABLE_METHODS:
                 result.setdefault("ttlMs", 0)
                 result.setdefault("cacheScope", "private")
-        elif isinstance(error, dict) and error.get("code") == RESOURCE_NOT_FOUND:
-            error["code"] = INVALID_PARAMS
+        elif isinstance(error, dict):
+            code = error.get("code")
+            self._error_code = code if isinstance(code, int) else None
+            params = self.message.get("params")
+            uri = params.get("uri") if isinstance(params, dict) else None
+            if (
+                self.method != "resources/read"
+                or code not in (RESOURCE_NOT_FOUND, INVALID_PARAMS)
+                or (code == INVALID_PARAMS and isinstance(error.get("data"), dict))
+            ):
+                return None  # the status may change; the bytes need not
+            # A resource not found: 2026-07-28 says -32602, with the URI in data (SEP-2164).
+            error["code"] = self._error_code = INVALID_PARAMS
+            if not isinstance(error.get("data"), dict) and isinstance(uri, str):
+                error["data"] = {"uri": uri}
         else:
             return None
         return _encode(message)

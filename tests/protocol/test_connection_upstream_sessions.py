@@ -190,3 +190,20 @@ def test_notifications_are_accepted_here_and_listen_is_refused(bytewise: bool) -
     answer = client_answer(w.t.take_client(), b"POST")
     assert json.loads(answer.body)["error"]["code"] == -32601
     assert w.t.checks == [] and w.t.upstreams == []
+
+
+def test_a_method_2026_07_28_removed_is_refused_as_its_servers_refuse_it(bytewise: bool) -> None:
+    w = world()
+    w.feed(modern("ping", 8), byte_at_a_time=bytewise)
+    answer = client_answer(w.t.take_client(), b"POST")
+    assert answer.status == 404 and json.loads(answer.body)["error"]["code"] == -32601
+    assert w.t.checks == [] and w.t.upstreams == []
+
+
+def test_an_error_answer_gets_the_status_2026_07_28_gives_it(bytewise: bool) -> None:
+    w = world()
+    w.feed(modern("tools/call", name="nope"))
+    w.c.admitted(UpstreamSession("backend-1", INIT_RESULT))
+    w.answer(json_answer({"id": 3, "error": {"code": -32601, "message": "Unknown tool"}}))
+    answer = client_answer(w.t.take_client(), b"POST")
+    assert answer.status == 404 and json.loads(answer.body)["error"]["code"] == -32601

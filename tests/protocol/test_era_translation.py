@@ -13,6 +13,7 @@ import pytest
 from proxy.protocol.era_translation import (
     CLIENT_CAPABILITIES_META_KEY,
     CLIENT_INFO_META_KEY,
+    LOG_LEVEL_META_KEY,
     MISSING_SESSION,
     MODERN_VERSION,
     RESOURCE_NOT_FOUND,
@@ -22,11 +23,9 @@ from proxy.protocol.era_translation import (
     LocalAnswer,
     Upstream,
     decode_state,
-    encode_header_value,
     translate,
 )
 from proxy.protocol.jsonrpc import PROTOCOL_VERSION_META_KEY, decode_message
-from proxy.protocol.mcp import decode_header_value
 from proxy.protocol.session_token import MAX_TRANSLATED_STATE_BYTES
 
 CAPABILITIES: dict[str, Any] = {
@@ -167,6 +166,7 @@ def test_a_later_request_carries_the_session_state_in_its_meta_and_headers() -> 
         PROTOCOL_VERSION_META_KEY: MODERN_VERSION,
         CLIENT_CAPABILITIES_META_KEY: {"experimental": {}},
         CLIENT_INFO_META_KEY: {"name": "agent", "title": "Agent", "version": "1.2"},
+        LOG_LEVEL_META_KEY: "debug",
     }
     assert dict(outcome.headers) == {
         b"mcp-protocol-version": b"2026-07-28",
@@ -181,17 +181,6 @@ def test_a_request_without_params_gets_them_for_its_meta() -> None:
     assert isinstance(outcome, Upstream)
     assert PROTOCOL_VERSION_META_KEY in json.loads(outcome.body)["params"]["_meta"]
     assert b"mcp-name" not in dict(outcome.headers)
-
-
-@pytest.mark.parametrize("name", ["naïve", " padded", "=?base64?eA==?=", "tab\tname", ""])
-def test_a_name_that_is_no_plain_header_value_goes_in_the_base64_sentinel(name: str) -> None:
-    encoded = encode_header_value(name)
-    assert encoded.startswith("=?base64?")
-    assert decode_header_value(encoded) == name
-
-
-def test_a_plain_name_goes_as_it_is() -> None:
-    assert encode_header_value("test://replica") == "test://replica"
 
 
 def test_ping_and_set_level_are_answered_here_with_empty_results() -> None:

@@ -37,6 +37,7 @@ from proxy.protocol.mcp import (
     restore_message_target,
     rewrite_endpoint_event,
 )
+from proxy.protocol.mcp import encode_header_value as encode_name
 
 V = "2026-07-28"
 META_KEY = "io.modelcontextprotocol/protocolVersion"
@@ -450,3 +451,17 @@ def test_restore_keeps_other_parameters() -> None:
     assert restore_message_target(target, "backend-sess") == b"/p/m?a=1&sessionId=backend-sess&b=2"
     with pytest.raises(EndpointRewriteError):
         restore_message_target(b"/p/m?a=1", "x")
+
+
+@pytest.mark.parametrize("name", ["naïve", " padded", "=?base64?eA==?=", "tab\tname"])
+def test_a_name_that_is_no_plain_header_value_goes_in_the_base64_sentinel(name: str) -> None:
+    encoded = encode_name(name)
+    assert encoded == encode_header_value(name)  # as the reference SDK writes it
+    assert encoded.startswith("=?base64?")
+    assert decode_header_value(encoded) == name
+
+
+def test_a_plain_name_goes_as_it_is() -> None:
+    assert (
+        encode_name("test://replica") == encode_header_value("test://replica") == "test://replica"
+    )

@@ -22,6 +22,7 @@ from proxy.protocol.upstream_sessions import (
     discover_body,
     handshake_form,
     initialize_result,
+    refusal,
 )
 
 META = {
@@ -183,3 +184,55 @@ def test_the_session_table_is_bounded_oldest_first() -> None:
     assert table.get(("r", "", "1")) is not None
     table.forget(("r", "", "1"), "1")
     assert table.get(("r", "", "1")) is None
+
+
+def test_what_a_2026_07_28_server_refuses_is_refused_here() -> None:
+    for method in ("initialize", "ping", "logging/setLevel", "resources/subscribe"):
+        assert refusal(message(method), 9) == (
+            404,
+            b'{"jsonrpc":"2.0","id":9,"error":{"code":-32601,"message":"Method not found"}}',
+        )
+    bare = message()
+    del bare["params"]["_meta"][CLIENT_CAPABILITIES_META_KEY]
+    refused = refusal(bare, 9)
+    assert refused is not None and refused[0] == 400
+    assert json.loads(refused[1])["error"]["code"] == -32602
+    future = message()
+    future["params"]["_meta"][PROTOCOL_VERSION_META_KEY] = "2099-01-01"
+    refused = refusal(future, 9)
+    assert refused is not None and refused[0] == 400
+    assert json.loads(refused[1])["error"]["data"] == {
+        "supported": ["2026-07-28"],
+        "requested": "2099-01-01",
+    }
+    assert refusal(message(), 9) is None
+
+
+def test_an_error_goes_out_with_the_status_2026_07_28_gives_its_code() -> None:
+    for code, status in ((-32601, 404), (-32602, 400), (-32603, 200), (-32002, 400)):
+        answer = ModernAnswer(message("resources/read", uri="x://y"), 9, "resources/read")
+        reply = {"jsonrpc": "2.0", "id": 9, "error": {"code": code, "message": "no"}}
+        answer.rewrite(json.dumps(reply).encode(), event_stream=False)
+        assert answer.answer_status(200) == status, code
+    assert ModernAnswer(message(), 9, "tools/call").answer_status(200) == 200
+
+
+def test_a_missing_resource_names_its_uri() -> None:
+    answer = ModernAnswer(message("resources/read", uri="x://y"), 9, "resources/read")
+    reply = {"jsonrpc": "2.0", "id": 9, "error": {"code": -32002, "message": "gone"}}
+    out = answer.rewrite(json.dumps(reply).encode(), event_stream=False)
+    assert out is not None
+    assert json.loads(out)["error"] == {"code": -32602, "message": "gone", "data": {"uri": "x://y"}}
+
+
+def test_a_read_resource_gets_cache_fields_too() -> None:
+    out = answer_of("resources/read", {"result": {"contents": []}})
+    assert (out["result"]["ttlMs"], out["result"]["cacheScope"]) == (0, "private")
+
+
+def test_a_resource_not_found_as_minus_32602_gets_its_uri_too() -> None:
+    answer = ModernAnswer(message("resources/read", uri="x://y"), 9, "resources/read")
+    reply = {"jsonrpc": "2.0", "id": 9, "error": {"code": -32602, "message": "not found"}}
+    out = answer.rewrite(json.dumps(reply).encode(), event_stream=False)
+    assert out is not None and json.loads(out)["error"]["data"] == {"uri": "x://y"}
+    assert answer.answer_status(200) == 400
