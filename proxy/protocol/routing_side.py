@@ -250,7 +250,19 @@ class RoutingSide(TranslatingSide):
         if decision is not None and decision.backend_session is not None:
             with_session(headers, decision.backend_session)
         length = self.rewritten_length
-        if length is not None:
+        answer: object = x.answer_rewrite
+        if isinstance(answer, Translation):
+            # The MCP headers of the backend's era in place of the client's, and the
+            # rewritten body's length, in one pass.
+            replaced = answer.dropped_headers.union(n for n, _ in answer.request_headers)
+            size = b"%d" % length if length is not None else None
+            headers = [
+                (n, size if size is not None and n == b"content-length" else v)
+                for n, v in headers
+                if n not in replaced
+            ]
+            headers.extend(answer.request_headers)
+        elif length is not None:
             # A body the proxy rewrote: its length, and a hidden call's stand-in name.
             view = x.answer_rewrite
             stand_in = view.stand_in() if view is not None else None
@@ -265,12 +277,6 @@ class RoutingSide(TranslatingSide):
                 )
                 for n, v in headers
             ]
-        answer: object = x.answer_rewrite
-        if isinstance(answer, Translation):
-            # The MCP headers of the backend's era in place of the client's.
-            names = {n for n, _ in answer.request_headers} | answer.dropped_headers
-            headers = [(n, v) for n, v in headers if n not in names]
-            headers.extend(answer.request_headers)
         trace = x.trace
         if trace is not None:
             # The backend's parent is this attempt's span; the client's own is replaced.
