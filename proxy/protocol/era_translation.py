@@ -267,6 +267,10 @@ class Translation:
         ``event_stream``), or None where they need no change."""
         raise NotImplementedError
 
+    def rewrite_relayed(self, events: bytes) -> bytes | None:
+        """The client's copy of whole events of a stream relayed as it comes."""
+        return self.rewrite(events, event_stream=True)
+
 
 class AnswerTranslation(Translation):
     """The backend's answer to one translated request, as the handshake-era client
@@ -335,6 +339,9 @@ class AnswerTranslation(Translation):
         if self._answered and status >= 400 and status not in _KEPT_STATUSES:
             return 200
         return status
+
+    def answer_content_type(self) -> bytes | None:
+        return None
 
     def answer_headers(self) -> tuple[tuple[bytes, bytes], ...]:
         if self._session_granted and self.token is not None:

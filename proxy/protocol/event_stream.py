@@ -307,7 +307,7 @@ class StreamRelay:
 
     def _relay_translated(self, events: bytes, out: list[bytes]) -> None:
         assert self._translation is not None
-        rewritten = self._translation.rewrite(events, event_stream=True) or events
+        rewritten = self._translation.rewrite_relayed(events) or events
         self._tracker.feed(rewritten)
         out.append(rewritten)
         if self._awaited is not None:

@@ -45,6 +45,8 @@ class AnswerRewrite(Protocol):
 
     def answer_headers(self) -> tuple[tuple[bytes, bytes], ...]: ...
 
+    def answer_content_type(self) -> bytes | None: ...
+
 
 class Exchange:
     """A request/response pair: what is known of it when it is accounted for."""

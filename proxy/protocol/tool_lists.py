@@ -105,6 +105,9 @@ class CallerView:
     def answer_headers(self) -> tuple[tuple[bytes, bytes], ...]:
         return ()
 
+    def answer_content_type(self) -> bytes | None:
+        return None
+
     def stand_in(self) -> bytes | None:
         """The stand-in of a single hidden call, for its ``Mcp-Name`` header."""
         return self._renames[0][0] if len(self._renames) == 1 else None

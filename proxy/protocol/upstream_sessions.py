@@ -288,7 +288,16 @@ class ModernAnswer(Translation):
     """A 2026-07-28 client's request within an upstream session, and the backend's
     answer as that client gets it (``proxy.protocol.exchange.AnswerRewrite``)."""
 
-    __slots__ = ("_error_code", "client", "key", "message", "method", "request_id", "session")
+    __slots__ = (
+        "_error_code",
+        "client",
+        "json_instead",
+        "key",
+        "message",
+        "method",
+        "request_id",
+        "session",
+    )
 
     def __init__(self, message: dict[str, Any], request_id: RequestId | None, method: str) -> None:
         super().__init__()
@@ -301,6 +310,8 @@ class ModernAnswer(Translation):
         self.dropped_headers = frozenset({METHOD_HEADER, NAME_HEADER})
         self._error_code: int | None = None
         """The code of the JSON-RPC error the answer carried, if it was one."""
+        self.json_instead = False
+        """The held answer was a stream of one error event, and goes out as JSON."""
 
     def within(self, key: SessionKey, session: UpstreamSession) -> bytes:
         """The request body within ``session``; its headers are set here."""
@@ -323,12 +334,37 @@ class ModernAnswer(Translation):
         return status == 404 and self.session is not None
 
     def rewrite(self, body: bytes, *, event_stream: bool) -> bytes | None:
+        self.json_instead = False
         if event_stream:
-            return rewrite_events(body, self._rewrite_message)
+            # (Priming events, with empty data, dispatch nothing: they do not count.)
+            payloads = [p for p in event_payloads(body) if p.strip()]
+            if len(payloads) == 1:
+                # A whole stream whose one message is the answer: a 2026-07-28 server
+                # sends that as JSON, an error with its status (the client reads it so).
+                out = self._rewrite_message(payloads[0])
+                if self._error_code is not None:
+                    self.json_instead = True
+                    return out or payloads[0]
+            # An error after other events keeps the stream's 200, as a 2026-07-28 server
+            # that has begun its stream sends it.
+            self._error_code = None
+            out = rewrite_events(body, self._rewrite_message)
+            self._error_code = None
+            return out
         return self._rewrite_message(body)
 
+    def rewrite_relayed(self, events: bytes) -> bytes | None:
+        """Events of a stream relayed as it comes: its status and type are sent."""
+        self._error_code = None
+        return rewrite_events(events, self._rewrite_message)
+
+    def answer_content_type(self) -> bytes | None:
+        """The content type of the rewritten answer, where it is not the backend's."""
+        return b"application/json" if self.json_instead else None
+
     def answer_status(self, status: int) -> int:
-        """A JSON-RPC error goes out with the status 2026-07-28 gives its code."""
+        """A JSON-RPC error in a JSON answer goes out with the status 2026-07-28 gives
+        its code."""
         code = self._error_code
         if status == 200 and code is not None:
             return ERROR_STATUS.get(code, 200)

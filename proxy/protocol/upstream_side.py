@@ -274,6 +274,10 @@ class UpstreamSide(RoutingSide):
             )
             if name not in _REFRAMED
         ]
+        content_type = rewrite.answer_content_type()
+        if content_type is not None:
+            headers = [(n, v) for n, v in headers if n != b"content-type"]
+            headers.append((b"content-type", content_type))
         headers.append((b"content-length", b"%d" % len(body)))
         self.mcp_response_headers(headers, streaming=False)
         headers.extend(rewrite.answer_headers())

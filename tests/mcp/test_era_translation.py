@@ -36,7 +36,7 @@ from tests.support.mcp_servers import (
     rpc_response,
 )
 from tests.support.proxy_process import ProxyProcess
-from tests.support.ts_client import run_handshake_client
+from tests.support.ts_client import run_ts_client
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -257,7 +257,7 @@ async def test_the_typescript_v1_client_uses_a_2026_07_28_only_backend(
     backend = McpBackend("r1", modern_only=True)
     await nursery.start(backend.serve)
     async with proxy_running(tmp_path, [_route(backend)], sections=key_sections()) as proxy:
-        report = await run_handshake_client(f"{proxy.url}/mcp", REPLICA_URI)
+        report = await run_ts_client("v1", f"{proxy.url}/mcp", REPLICA_URI)
     assert report.get("error") is None
     assert report["protocolVersion"] == HANDSHAKE_VERSION
     assert report["serverInfo"]["name"] == "test-r1"

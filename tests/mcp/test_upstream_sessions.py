@@ -28,6 +28,7 @@ from tests.support.mcp_servers import (
     TOOL_NAMES,
     McpBackend,
 )
+from tests.support.ts_client import run_ts_client
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -157,3 +158,24 @@ async def test_a_2026_07_28_client_uses_npm_server_everything(
                     result = await client.call_tool("echo", {"message": "through"})
                     assert isinstance(result.content[0], TextContent)
                     assert "through" in result.content[0].text
+
+
+async def test_the_typescript_v2_client_uses_a_2025_11_25_only_backend(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    backend = McpBackend("r1", handshake_only=True)
+    await nursery.start(backend.serve)
+    async with proxy_running(tmp_path, [_route(backend.url)], sections=key_sections()) as proxy:
+        report = await run_ts_client("v2", f"{proxy.url}/mcp", REPLICA_URI)
+    assert report.get("error") is None, report
+    steps = report["steps"]
+    assert steps["tools/list"] == {"ok": True, "value": sorted(TOOL_NAMES)}, steps
+    assert steps["tools/call"] == {
+        "ok": True,
+        "value": {"text": "counted 2", "progress": [[1, 2, "step 1"], [2, 2, "step 2"]]},
+    }
+    assert steps["resources/read"] == {"ok": True, "value": "replica r1"}
+    assert steps["resources/read missing"]["code"] == -32602
+    assert steps["prompts/get"] == {"ok": True, "value": "Describe proxies (asked of r1)"}
+    sessions = {r.headers.get("mcp-session-id") for r in backend.mcp_posts()} - {None}
+    assert sessions and sessions <= set(backend.sessions_created)

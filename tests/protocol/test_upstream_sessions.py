@@ -236,3 +236,25 @@ def test_a_resource_not_found_as_minus_32602_gets_its_uri_too() -> None:
     out = answer.rewrite(json.dumps(reply).encode(), event_stream=False)
     assert out is not None and json.loads(out)["error"]["data"] == {"uri": "x://y"}
     assert answer.answer_status(200) == 400
+
+
+def test_a_stream_of_one_error_goes_out_as_json_with_its_status() -> None:
+    answer = ModernAnswer(message("resources/read", uri="x://y"), 9, "resources/read")
+    reply = {"jsonrpc": "2.0", "id": 9, "error": {"code": -32002, "message": "gone"}}
+    out = answer.rewrite(
+        b"event: message\ndata: " + json.dumps(reply).encode() + b"\n\n", event_stream=True
+    )
+    assert out is not None and json.loads(out)["error"]["code"] == -32602
+    assert answer.answer_content_type() == b"application/json"
+    assert answer.answer_status(200) == 400
+
+
+def test_an_error_after_other_events_keeps_the_streams_status() -> None:
+    answer = ModernAnswer(message("resources/read", uri="x://y"), 9, "resources/read")
+    note = b'data: {"jsonrpc":"2.0","method":"notifications/message","params":{}}\n\n'
+    reply = {"jsonrpc": "2.0", "id": 9, "error": {"code": -32002, "message": "gone"}}
+    stream = note + b"data: " + json.dumps(reply).encode() + b"\n\n"
+    out = answer.rewrite(stream, event_stream=True)
+    assert out is not None and out.startswith(note) and b"-32602" in out
+    assert answer.answer_content_type() is None
+    assert answer.answer_status(200) == 200
