@@ -57,6 +57,38 @@ def _tail(path: Path) -> str:
 
 
 @contextmanager
+def handshake_responder(tmp: Path, result: str) -> Iterator[Target]:
+    """HAProxy as a 2025-11-25 MCP backend: ``initialize`` (the proxy's, whose id is
+    ``switchboard-initialize``) opens session ``bench-session``, ``notifications/
+    initialized`` gets 202, anything else ``result`` (JSON)."""
+    port = free_port()
+    cfg = tmp / f"handshake-{port}.cfg"
+    init = tmp / f"handshake-{port}.init"
+    body = tmp / f"handshake-{port}.body"
+    init.write_text(
+        '{"jsonrpc":"2.0","id":"switchboard-initialize","result":{"protocolVersion":'
+        '"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"bench","version":"1"}}}'
+    )
+    body.write_text(result)
+    cfg.write_text(
+        "global\n  maxconn 4000\n  nbthread 1\n"
+        "defaults\n  mode http\n  timeout client 60s\n  timeout server 60s\n"
+        "  timeout connect 5s\n  timeout http-keep-alive 60s\n"
+        f"frontend backend\n  bind 127.0.0.1:{port}\n  option http-buffer-request\n"
+        f"  http-request return status 200 content-type application/json file {init} "
+        "hdr mcp-session-id bench-session if { req.body -m sub switchboard-initialize }\n"
+        "  http-request return status 202 if { req.body -m sub notifications/initialized }\n"
+        f"  http-request return status 200 content-type application/json file {body}\n"
+    )
+    process = _haproxy(cfg)
+    try:
+        wait_port(port)
+        yield Target("direct-2025", (port,), None, ProcessTree(process.pid))
+    finally:
+        stop_process(process)
+
+
+@contextmanager
 def responder(tmp: Path, result: str, content_type: str = "application/json") -> Iterator[Target]:
     """HAProxy answering every request with ``result`` itself (from a file, so that any
     bytes, newlines included, are answered exactly; with a Content-Length)."""

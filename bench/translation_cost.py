@@ -10,10 +10,14 @@ and a session id) at concurrency 64, interleaved, to:
   2026-07-28 form (``_meta``, headers) and its answer held and rewritten back;
 - ``switchboard-2026``: the SDK-shaped 2026-07-28 ``tools/call`` on the first proxy,
   untranslated (what a 2026-07-28 client costs);
+- ``switchboard-to-2025``: the same 2026-07-28 request through an ``mcp`` route with
+  ``backend_era = "2025-11-25"`` to a 2025-11-25 backend (HAProxy opening a session on
+  ``initialize``, ``bench.targets.handshake_responder``): each request sent within the
+  worker's upstream session, its answer rewritten for the 2026-07-28 client;
 - ``haproxy``: the anchor, with the 2026-07-28 request.
 
-The backend is HAProxy answering the 2026-07-28 result (``resultType`` and all) to
-everything. Cost per request = proxy CPU-seconds / requests.
+The backends are HAProxy answering the 2026-07-28 result (``resultType`` and all) to
+every call. Cost per request = proxy CPU-seconds / requests.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from bench import wrk
 from bench.common import JSON, progress
-from bench.targets import haproxy_proxy, responder, switchboard
+from bench.targets import handshake_responder, haproxy_proxy, responder, switchboard
 from bench.workloads import (
     MCP_ANSWERS,
     SDK_BODY,
@@ -50,7 +54,13 @@ HANDSHAKE_BODY = json.dumps(
     },
     separators=(",", ":"),
 )
-NAMES = ("switchboard-2025", "switchboard-translated", "switchboard-2026", "haproxy")
+NAMES = (
+    "switchboard-2025",
+    "switchboard-translated",
+    "switchboard-2026",
+    "switchboard-to-2025",
+    "haproxy",
+)
 
 
 def _handshake_headers(session: str) -> dict[str, str]:
@@ -107,6 +117,14 @@ def translation(tmp: Path, s: Settings) -> JSON:
                 route_options={"backend_era": "2026-07-28"},
             )
         )  # fmt: skip
+        old_backend = stack.enter_context(handshake_responder(tmp, answer))
+        downgrading = stack.enter_context(
+            switchboard(
+                tmp, [old_backend.port], workers=s.workers, route_kind="mcp",
+                name="switchboard-to-2025", session_keys=keys,
+                route_options={"backend_era": "2025-11-25"},
+            )
+        )  # fmt: skip
         anchor = stack.enter_context(haproxy_proxy(tmp, [direct.port], threads=s.workers))
         tokens = SessionTokens(Keyring({"bench": secret.encode()}, "bench"))
         replica_session = tokens.issue(
@@ -123,7 +141,13 @@ def translation(tmp: Path, s: Settings) -> JSON:
             ),
         }
         modern = wrk.write_script(tmp / "modern.lua", wrk.Request(SDK_BODY, SDK_HEADERS))
-        targets = [plain, translating, replace(plain, name="switchboard-2026"), anchor]
+        targets = [
+            plain,
+            translating,
+            replace(plain, name="switchboard-2026"),
+            downgrading,
+            anchor,
+        ]
         progress("translation: targets up (untranslated 2025, translated, 2026); warming up")
         for target in targets:
             _warm_up(scripts.get(target.name, modern), [target], c)
@@ -146,7 +170,8 @@ def translation(tmp: Path, s: Settings) -> JSON:
     return {
         "description": "a 2025-11-25 tools/call through an mcp route untranslated (the "
         "session a replica's) and translated to a 2026-07-28 backend (backend_era), the "
-        "SDK-shaped 2026-07-28 call untranslated, HAProxy as the anchor; wrk + Lua",
+        "SDK-shaped 2026-07-28 call untranslated and translated to a 2025-11-25 backend "
+        "(within an upstream session), HAProxy as the anchor; wrk + Lua",
         "concurrency": c,
         "rounds": s.rounds,
         "duration_s": s.duration,
