@@ -72,7 +72,9 @@ class RoutingSide(TranslatingSide):
         identity = x.identity
         if identity is not None and self._apply_caller_view(identity, decision):
             return
-        if self._translated_here(decision):
+        if (
+            x.route.backend_era != "any" or decision.session_state is not None
+        ) and self._translated_here(decision):
             return
         self._mcp_rate_limit()
 
@@ -148,7 +150,7 @@ class RoutingSide(TranslatingSide):
             self._no_backend()
             return
         x.backend = backend
-        if self._waits_for_session(backend):
+        if x.answer_rewrite is not None and self._waits_for_session(backend):
             return
         ratio = self.env.trace_ratio
         if ratio and x.trace is None:

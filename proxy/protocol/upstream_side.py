@@ -158,14 +158,10 @@ class UpstreamSide(RoutingSide):
         else:
             framing = UNTIL_CLOSE
         rewrite = x.answer_rewrite
-        up = self.up
-        # Held unless its events can go out one by one as they come: a stream that the
-        # proxy frames anew, not all here yet.
-        streams = head.event_stream and framing != AS_IS and not (up and up.reader.complete)
         if (
             rewrite is not None
             and framing != NO_BODY
-            and rewrite.holds(status, event_stream=streams)
+            and rewrite.holds(status, event_stream=self._streams(head, framing))
         ):
             # Rewritten for this caller once whole: nothing goes out before then.
             self.framing = framing
@@ -214,6 +210,7 @@ class UpstreamSide(RoutingSide):
         self.response_started = True
         if streaming and framing != NO_BODY:
             x.streamed = True
+            up = self.up
             if (
                 up is not None
                 and up.reader.complete
@@ -233,6 +230,12 @@ class UpstreamSide(RoutingSide):
         else:
             self.state = RESPONSE
         return True
+
+    def _streams(self, head: ResponseHead, framing: int) -> bool:
+        """Whether an answer's events can go out one by one as they come: a stream the
+        proxy frames anew, not all here yet (else a rewritten answer is held whole)."""
+        up = self.up
+        return head.event_stream and framing != AS_IS and not (up and up.reader.complete)
 
     def _hold(self, events: list[ResponseHead | bytes | None]) -> None:
         """Body of a held answer: kept until its end, then rewritten and sent whole."""
