@@ -29,6 +29,13 @@ class Admission:
     def start(self, io: ClientIO, check: Check) -> None:
         self.ctx.nursery.start_soon(self._run, io, check)
 
+    def notify(
+        self, backend: Backend, target: bytes, headers: tuple[tuple[bytes, bytes], ...], body: bytes
+    ) -> None:
+        """A notification for the backend (``Transport.notify_upstream``), sent by a task."""
+        pool = self.ctx.pools[backend.url]
+        self.ctx.nursery.start_soon(self.ctx.session_opener.notify, pool, target, headers, body)
+
     def release(self, leases: Sequence[object]) -> None:
         if leases:
             self.ctx.nursery.start_soon(self._release, list(leases))

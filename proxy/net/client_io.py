@@ -284,6 +284,11 @@ class ClientIO:
     def release_leases(self, leases: Sequence[object]) -> None:
         self.r.admission.release(leases)
 
+    def notify_upstream(
+        self, backend: Backend, target: bytes, headers: tuple[tuple[bytes, bytes], ...], body: bytes
+    ) -> None:
+        self.r.admission.notify(backend, target, headers, body)
+
     # -- inside ------------------------------------------------------------------------------------
 
     def _flush(self) -> None:

@@ -50,6 +50,8 @@ class SessionOpener:
         self._opening: dict[SessionKey, trio.Event] = {}
         self.opened = 0
         """Sessions opened by this worker (for tests and logs)."""
+        self.notified = 0
+        """Notifications delivered."""
 
     async def session(
         self, pool: UpstreamPool, request: SessionRequest
@@ -103,6 +105,22 @@ class SessionOpener:
             except (OSError, h11.ProtocolError, trio.BrokenResourceError) as exc:
                 return SessionRefused(502, f"opening a session upstream failed: {exc}")
         return SessionRefused(504, "backend did not open a session in time")
+
+    async def notify(
+        self,
+        pool: UpstreamPool,
+        target: bytes,
+        headers: tuple[tuple[bytes, bytes], ...],
+        body: bytes,
+    ) -> None:
+        """POST a notification within a session (``notifications/cancelled``); a backend
+        that cannot take it is let be: a notification has no answer to wait for."""
+        with trio.move_on_after(self.timeout):
+            try:
+                await _post(pool, target, body, headers)
+                self.notified += 1
+            except (OSError, h11.ProtocolError, trio.BrokenResourceError):
+                pass
 
 
 async def _post(

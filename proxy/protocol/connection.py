@@ -113,7 +113,9 @@ class Connection(UpstreamSide):
             return
         if state == UPSTREAM and self._left_to_finish():
             # A 2025-11-25 (or legacy) request: the client leaving is no cancellation.
-            # The answer is read (and dropped, the writes failing) to its end.
+            # The answer is read (and dropped, the writes failing) to its end. A
+            # translated 2026-07-28 client's leaving is: its backend is told.
+            self._cancel_upstream()
             return
         if reset:
             self._client_gone("client reset the connection")

@@ -156,6 +156,8 @@ class StreamRelay:
             if not self.ending:
                 x.error = x.error or "client closed the stream (request left to finish upstream)"
             self.left = True
+            if not self.ending and self._translation is not None:
+                c._cancel_upstream()  # a 2026-07-28 client's leaving, told upstream
             self._arm()
             return
         why = " (cancels the request upstream)" if cancels else ""

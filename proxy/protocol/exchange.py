@@ -149,6 +149,12 @@ class Transport(Protocol):
 
     def release_leases(self, leases: Sequence[object]) -> None: ...
 
+    def notify_upstream(
+        self, backend: Backend, target: bytes, headers: tuple[tuple[bytes, bytes], ...], body: bytes
+    ) -> None:
+        """POST a notification to ``backend`` on a connection of its own, its answer not
+        waited for (``proxy.net.session_opener``)."""
+
 
 class Check:
     """An admission check the machine waits for (``Transport.admit``)."""

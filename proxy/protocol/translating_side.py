@@ -162,7 +162,9 @@ class TranslatingSide(RequestSide):
         if answer.method == "server/discover":
             self._answer_here(200, discover_body(answer.request_id, session), None)
             return True
-        self._rewrite_body(answer.within(key, session))
+        assert x.route is not None and self.head is not None
+        target = x.route.upstream_target(x.backend, self.head.info.target)
+        self._rewrite_body(answer.within(key, session, target))
         x.mcp.replica = x.backend.replica  # the session's replica, if the choice is made again
         return False
 
@@ -198,6 +200,17 @@ class TranslatingSide(RequestSide):
         if not self._waits_for_session(x.backend):
             self._choose_backend()
         return True
+
+    def _cancel_upstream(self) -> None:
+        """A 2026-07-28 client left a request sent within an upstream session before its
+        answer: the 2025-11-25 backend is told with ``notifications/cancelled``."""
+        x = self.x
+        answer: object = x.answer_rewrite if x is not None else None
+        if x is None or x.backend is None or not isinstance(answer, ModernAnswer):
+            return
+        body = answer.cancellation()
+        if body is not None:
+            self.t.notify_upstream(x.backend, answer.target, answer.request_headers, body)
 
     def _rewrite_body(self, body: bytes) -> None:
         """The held request body, as the proxy rewrote it, goes to the backend."""

@@ -18,6 +18,8 @@ A request whose session is not there yet waits while the worker opens it
   requires, a list its ``ttlMs`` and ``cacheScope`` (the conservative 0 and
   ``private``); a missing resource is -32602 again (2025-11-25 says -32002). A 404 means
   the backend forgot the session: it is dropped, and the next request opens another.
+- A client that closes its stream before the answer cancels the request, as 2026-07-28
+  has it: the backend is sent ``notifications/cancelled`` within the session.
 - Not carried: the capabilities for server-to-client requests (``elicitation``,
   ``sampling``, ``roots``) are not declared upstream, since a request the backend sent
   mid-call would have to become an ``input_required`` answer whose retry, on any
@@ -290,6 +292,7 @@ class ModernAnswer(Translation):
 
     __slots__ = (
         "_error_code",
+        "cancelled",
         "client",
         "json_instead",
         "key",
@@ -297,6 +300,7 @@ class ModernAnswer(Translation):
         "method",
         "request_id",
         "session",
+        "target",
     )
 
     def __init__(self, message: dict[str, Any], request_id: RequestId | None, method: str) -> None:
@@ -312,9 +316,13 @@ class ModernAnswer(Translation):
         """The code of the JSON-RPC error the answer carried, if it was one."""
         self.json_instead = False
         """The held answer was a stream of one error event, and goes out as JSON."""
+        self.target = b""
+        """The MCP endpoint's target on the backend (for the cancellation)."""
+        self.cancelled = False
 
-    def within(self, key: SessionKey, session: UpstreamSession) -> bytes:
+    def within(self, key: SessionKey, session: UpstreamSession, target: bytes = b"") -> bytes:
         """The request body within ``session``; its headers are set here."""
+        self.target = target
         self.key = key
         self.session = session
         self.request_headers = (
@@ -325,6 +333,16 @@ class ModernAnswer(Translation):
 
     def holds(self, status: int, *, event_stream: bool) -> bool:
         return not event_stream
+
+    def cancellation(self) -> bytes | None:
+        """The ``notifications/cancelled`` that tells the 2025-11-25 backend the client
+        has gone (2026-07-28: closing the stream is the cancellation), once; None where
+        there is nothing to cancel."""
+        if self.cancelled or self.session is None or self.request_id is None:
+            return None
+        self.cancelled = True
+        params = {"requestId": self.request_id, "reason": "the client closed its stream"}
+        return _encode({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params})
 
     def stand_in(self) -> bytes | None:
         return None

@@ -27,6 +27,8 @@ from tests.support.mcp_servers import (
     REPLICA_URI,
     TOOL_NAMES,
     McpBackend,
+    modern_headers,
+    modern_request,
 )
 from tests.support.ts_client import run_ts_client
 
@@ -179,3 +181,45 @@ async def test_the_typescript_v2_client_uses_a_2025_11_25_only_backend(
     assert steps["prompts/get"] == {"ok": True, "value": "Describe proxies (asked of r1)"}
     sessions = {r.headers.get("mcp-session-id") for r in backend.mcp_posts()} - {None}
     assert sessions and sessions <= set(backend.sessions_created)
+
+
+async def test_a_2026_07_28_client_closing_its_stream_cancels_the_upstream_request(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    backend = McpBackend("r1", handshake_only=True)
+    await nursery.start(backend.serve)
+    body = modern_request(7, "tools/call", {"name": "count", "arguments": {"n": 50, "delay": 0.1}})
+    body["params"]["_meta"]["progressToken"] = "p7"
+    async with proxy_running(
+        tmp_path, [_route(backend.url)], sections=key_sections(), workers=1
+    ) as proxy:
+        with trio.fail_after(30):
+            async with (
+                httpx2.AsyncClient(timeout=10) as http,
+                http.stream(
+                    "POST",
+                    f"{proxy.url}/mcp",
+                    json=body,
+                    headers=dict(modern_headers("tools/call", "count")),
+                ) as answer,
+            ):
+                assert answer.status_code == 200
+                async for chunk in answer.aiter_raw():
+                    if b"notifications/progress" in chunk:
+                        break  # one step reported: the client goes
+
+            def told() -> list[dict[str, Any]]:
+                return [
+                    r.message()
+                    for r in backend.mcp_posts()
+                    if r.message().get("method") == "notifications/cancelled"
+                ]
+
+            await poll_until(lambda: bool(told()), limit=10)
+    [cancel] = told()
+    assert cancel["params"]["requestId"] == 7
+    [call] = [r for r in backend.mcp_posts() if r.message().get("method") == "tools/call"]
+    [note] = [
+        r for r in backend.mcp_posts() if r.message().get("method") == "notifications/cancelled"
+    ]
+    assert note.headers["mcp-session-id"] == call.headers["mcp-session-id"]

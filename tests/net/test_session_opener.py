@@ -106,3 +106,25 @@ async def test_a_backend_that_cannot_be_reached_is_refused(nursery: trio.Nursery
     pool = _pool(f"http://127.0.0.1:{port}")
     refused = await opener.session(pool, _request(pool.backend))
     assert isinstance(refused, SessionRefused) and "failed" in refused.message
+
+
+async def test_a_notification_is_delivered_and_a_dead_backend_is_let_be(
+    nursery: trio.Nursery,
+) -> None:
+    backend = McpBackend("r1", handshake_only=True)
+    await nursery.start(backend.serve)
+    pool = _pool(backend.url)
+    opener = SessionOpener(UpstreamSessions(), timeout=10)
+    session = await opener.session(pool, _request(pool.backend))
+    assert isinstance(session, UpstreamSession)
+    note = b'{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}}'
+    headers = ((b"mcp-session-id", session.id.encode()), (b"mcp-protocol-version", b"2025-11-25"))
+    await opener.notify(pool, b"/mcp", headers, note)
+    assert opener.notified == 1
+    assert backend.mcp_posts()[-1].message()["method"] == "notifications/cancelled"
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    dead = _pool(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    listener.close()
+    await opener.notify(dead, b"/mcp", headers, note)  # no exception, nothing delivered
+    assert opener.notified == 1

@@ -207,3 +207,47 @@ def test_an_error_answer_gets_the_status_2026_07_28_gives_it(bytewise: bool) -> 
     w.answer(json_answer({"id": 3, "error": {"code": -32601, "message": "Unknown tool"}}))
     answer = client_answer(w.t.take_client(), b"POST")
     assert answer.status == 404 and json.loads(answer.body)["error"]["code"] == -32601
+
+
+def cancelled(w: World) -> list[dict[str, Any]]:
+    return [json.loads(body) for _, _, _, body in w.t.notified]
+
+
+def test_a_client_leaving_before_the_answer_head_cancels_upstream(bytewise: bool) -> None:
+    w = world()
+    w.feed(modern("tools/call", name="count"))
+    w.c.admitted(UpstreamSession("backend-1", INIT_RESULT))
+    w.c.client_closed()
+    [(backend, target, headers, _)] = w.t.notified
+    assert (backend.url, target) == ("http://10.0.8.1:80", b"/old")
+    assert dict(headers)[b"mcp-session-id"] == b"backend-1"
+    assert cancelled(w) == [
+        {
+            "jsonrpc": "2.0",
+            "method": "notifications/cancelled",
+            "params": {"requestId": 3, "reason": "the client closed its stream"},
+        }
+    ]
+    w.c.client_closed(reset=True)  # told again: still once
+    assert len(w.t.notified) == 1
+
+
+def test_a_client_leaving_a_stream_before_its_answer_cancels_upstream(bytewise: bool) -> None:
+    w = world()
+    w.feed(modern("tools/call", name="count"))
+    w.c.admitted(UpstreamSession("backend-1", INIT_RESULT))
+    progress = b'data: {"jsonrpc":"2.0","method":"notifications/progress","params":{}}\n\n'
+    w.answer(SSE_HEAD + chunk(progress), byte_at_a_time=bytewise)
+    assert w.state == "STREAM"
+    w.c.client_closed()
+    assert [m["params"]["requestId"] for m in cancelled(w)] == [3]
+
+
+def test_a_client_leaving_after_its_answer_cancels_nothing(bytewise: bool) -> None:
+    w = world()
+    w.feed(modern("tools/call", name="count"))
+    w.c.admitted(UpstreamSession("backend-1", INIT_RESULT))
+    result = b'data: {"jsonrpc":"2.0","id":3,"result":{"content":[]}}\n\n'
+    w.answer(SSE_HEAD + chunk(result), byte_at_a_time=bytewise)
+    w.c.client_closed()
+    assert w.t.notified == []

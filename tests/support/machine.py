@@ -62,6 +62,8 @@ class FakeTransport:
         """New connections are connected at once (else ``upstream_connected`` says)."""
         self.checks: list[Check] = []
         self.released: list[object] = []
+        self.notified: list[tuple[Backend, bytes, tuple[tuple[bytes, bytes], ...], bytes]] = []
+        """Notifications POSTed to backends (``notify_upstream``)."""
 
     @property
     def up(self) -> FakeUpstream:
@@ -126,6 +128,11 @@ class FakeTransport:
 
     def release_leases(self, leases: Sequence[object]) -> None:
         self.released.extend(leases)
+
+    def notify_upstream(
+        self, backend: Backend, target: bytes, headers: tuple[tuple[bytes, bytes], ...], body: bytes
+    ) -> None:
+        self.notified.append((backend, target, headers, body))
 
 
 class FakeEnv:
