@@ -251,3 +251,15 @@ def test_a_client_leaving_after_its_answer_cancels_nothing(bytewise: bool) -> No
     w.answer(SSE_HEAD + chunk(result), byte_at_a_time=bytewise)
     w.c.client_closed()
     assert w.t.notified == []
+
+
+def test_a_whole_stream_of_one_error_goes_out_as_json_with_its_status(bytewise: bool) -> None:
+    w = world()
+    w.feed(modern("tools/call", name="nope"))
+    w.c.admitted(UpstreamSession("backend-1", INIT_RESULT))
+    error = b'{"jsonrpc":"2.0","id":3,"error":{"code":-32601,"message":"Unknown tool"}}'
+    stream = b"id: 1\ndata: \n\nevent: message\ndata: " + error + b"\n\n"
+    w.answer(ok(stream, b"Content-Type: text/event-stream"), byte_at_a_time=bytewise)
+    answer = client_answer(w.t.take_client(), b"POST")
+    assert (answer.status, answer.header(b"content-type")) == (404, b"application/json")
+    assert answer.body == error
