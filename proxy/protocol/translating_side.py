@@ -22,12 +22,13 @@ from proxy.protocol.session_token import TRANSLATED
 from proxy.protocol.upstream_sessions import (
     HANDSHAKE_VERSION,
     ModernAnswer,
+    SessionKey,
     SessionRefused,
     SessionRequest,
     UpstreamSession,
     discover_body,
-    refusal,
 )
+from proxy.protocol.upstream_sessions import refusal as modern_refusal
 from proxy.routing import Backend
 
 
@@ -63,19 +64,16 @@ class TranslatingSide(RequestSide):
         if head.method == b"DELETE":
             self._answer_here(200, b"", None)  # the session ends with its token
             return True
+        if decision.batch:  # 2025-03-26 batches are not translated
+            message = "batches are not translated for a 2026-07-28 backend"
+            self._refuse(400, message, rpc=McpRefusal(400, INVALID_REQUEST, message, None))
+            return True
         if head.method != b"POST" or envelope is None:
             # The translated session has no standalone stream, which a 2025-11-25 server
-            # may say with 405; batches (2025-03-26) are not translated.
-            refusal = McpRefusal(
-                405 if envelope is None and not decision.batch else 400,
-                INVALID_REQUEST,
-                "batches are not translated for a 2026-07-28 backend"
-                if decision.batch
-                else "Method not allowed: this session has no standalone stream",
-                None,
-                headers=() if decision.batch else [(b"allow", b"POST, DELETE")],
-            )
-            self._refuse(refusal.status, refusal.message, rpc=refusal)
+            # may say with 405.
+            message = "Method not allowed: this session has no standalone stream"
+            allow = ((b"allow", b"POST, DELETE"),)
+            self._refuse(405, message, rpc=McpRefusal(405, INVALID_REQUEST, message, None, allow))
             return True
         if not self.request_done:
             self._refuse(413, "request body too large to translate")
@@ -107,7 +105,9 @@ class TranslatingSide(RequestSide):
         envelope = decision.envelope
         assert envelope is not None  # a 2026-07-28 request is one POSTed message
         decision.translated_to = HANDSHAKE_VERSION
-        decision.cancel_on_disconnect = False  # closing a 2025-11-25 stream cancels nothing
+        # Closing a 2025-11-25 connection cancels nothing: when the client leaves, the
+        # request is left to finish and the backend told (``_cancel_upstream``).
+        decision.cancel_on_disconnect = False
         if envelope.kind != "request":
             self._answer_here(202, b"", None)
             return True
@@ -129,7 +129,7 @@ class TranslatingSide(RequestSide):
         if not isinstance(message, dict):
             self._refuse(400, "request body is not one JSON-RPC message")
             return True
-        refused = refusal(message, envelope.id)
+        refused = modern_refusal(message, envelope.id)
         if refused is not None:
             status, body = refused
             self._answer_here(status, body, "refused as a 2026-07-28 server refuses it")
@@ -156,7 +156,9 @@ class TranslatingSide(RequestSide):
             return True
         return self._within(answer, key, session)
 
-    def _within(self, answer: ModernAnswer, key: Any, session: UpstreamSession) -> bool:
+    def _within(self, answer: ModernAnswer, key: SessionKey, session: UpstreamSession) -> bool:
+        """Send the request within ``session`` (or answer ``server/discover`` from it);
+        True when answered here."""
         x = self.x
         assert x is not None and x.mcp is not None and x.backend is not None
         if answer.method == "server/discover":
