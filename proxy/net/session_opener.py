@@ -13,9 +13,11 @@ import trio
 
 from proxy.net.health import connect_fresh
 from proxy.net.upstream import RECV_SIZE, UpstreamPool
+from proxy.protocol.eras import (
+    HANDSHAKE_VERSION,
+)
 from proxy.protocol.mcp import SESSION_HEADER, VERSION_HEADER
 from proxy.protocol.upstream_sessions import (
-    HANDSHAKE_VERSION,
     INITIALIZED_BODY,
     MAX_HANDSHAKE_ANSWER,
     SessionKey,

@@ -41,6 +41,18 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
+from proxy.protocol.eras import (
+    CLIENT_CAPABILITIES_META_KEY,
+    CLIENT_INFO_META_KEY,
+    HANDSHAKE_VERSION,
+    LOG_LEVEL_META_KEY,
+    MODERN_VERSION,
+    RESOURCE_NOT_FOUND,
+    SERVER_INFO_META_KEY,
+    WITHHELD_CAPABILITIES,
+    Translation,
+    response_to,
+)
 from proxy.protocol.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -65,18 +77,6 @@ from proxy.protocol.sse import rewrite_events
 if TYPE_CHECKING:
     from proxy.protocol.exchange import AnswerRewrite
 
-MODERN_VERSION: Final = "2026-07-28"
-HANDSHAKE_ANSWER_VERSION: Final = "2025-11-25"
-"""The version a translated session settles on when the client offers none we know."""
-CLIENT_INFO_META_KEY: Final = "io.modelcontextprotocol/clientInfo"
-CLIENT_CAPABILITIES_META_KEY: Final = "io.modelcontextprotocol/clientCapabilities"
-SERVER_INFO_META_KEY: Final = "io.modelcontextprotocol/serverInfo"
-LOG_LEVEL_META_KEY: Final = "io.modelcontextprotocol/logLevel"
-RESOURCE_NOT_FOUND: Final = -32002
-"""2025-11-25's code for a resource the server does not have."""
-WITHHELD_CAPABILITIES: Final = ("elicitation", "sampling", "roots")
-"""Client capabilities for server-to-client requests, which a translated session cannot
-carry (above)."""
 MODERN_RESULT_FIELDS: Final = ("resultType", "ttlMs", "cacheScope")
 ANSWERED_HERE: Final = frozenset({"ping", "logging/setLevel"})
 MISSING_SESSION: Final = "Bad Request: Missing session ID"
@@ -200,7 +200,7 @@ def _initialize(
     if not isinstance(params, dict):
         params = {}
     offered = params.get("protocolVersion")
-    version = offered if offered in HANDSHAKE_VERSIONS else HANDSHAKE_ANSWER_VERSION
+    version = offered if offered in HANDSHAKE_VERSIONS else HANDSHAKE_VERSION
     capabilities = params.get("capabilities")
     if not isinstance(capabilities, dict):
         capabilities = {}
@@ -252,26 +252,6 @@ def _result_body(request_id: RequestId | None, result: dict[str, Any]) -> bytes:
     return _encode({"jsonrpc": "2.0", "id": request_id, "result": result})
 
 
-class Translation:
-    """What every translated request carries, whichever way it is translated: the MCP
-    headers its upstream request gets in place of the client's, and those it loses."""
-
-    __slots__ = ("dropped_headers", "request_headers")
-
-    def __init__(self) -> None:
-        self.request_headers: tuple[tuple[bytes, bytes], ...] = ()
-        self.dropped_headers: frozenset[bytes] = frozenset()
-
-    def rewrite(self, body: bytes, *, event_stream: bool) -> bytes | None:
-        """The client's copy of the answer's bytes (whole events where
-        ``event_stream``), or None where they need no change."""
-        raise NotImplementedError
-
-    def rewrite_relayed(self, events: bytes) -> bytes | None:
-        """The client's copy of whole events of a stream relayed as it comes."""
-        return self.rewrite(events, event_stream=True)
-
-
 class AnswerTranslation(Translation):
     """The backend's answer to one translated request, as the handshake-era client
     gets it. Held until whole where it is one JSON body (or a whole event stream), as
@@ -292,7 +272,7 @@ class AnswerTranslation(Translation):
         request_id: RequestId | None,
         method: str,
         *,
-        version: str = HANDSHAKE_ANSWER_VERSION,
+        version: str = HANDSHAKE_VERSION,
         token: str | None = None,
     ) -> None:
         super().__init__()
@@ -349,11 +329,8 @@ class AnswerTranslation(Translation):
         return ()
 
     def _rewrite_message(self, payload: bytes) -> bytes | None:
-        try:
-            message = _decode(payload)
-        except msgspec.DecodeError:
-            return None
-        if not isinstance(message, dict) or message.get("id") != self.request_id:
+        message = response_to(payload, self.request_id)
+        if message is None:
             return None  # a notification on the way, or not JSON-RPC: as it came
         result = message.get("result")
         error = message.get("error")

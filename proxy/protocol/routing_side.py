@@ -19,7 +19,7 @@ from proxy.mcp_routing import (
 )
 from proxy.oauth import insufficient_scope
 from proxy.protocol import answers
-from proxy.protocol.era_translation import (
+from proxy.protocol.eras import (
     Translation,
 )
 from proxy.protocol.exchange import Exchange

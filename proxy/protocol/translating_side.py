@@ -13,14 +13,20 @@ from typing import Any
 import msgspec
 
 from proxy.mcp_routing import SESSION_NOT_FOUND, McpDecision, McpRefusal
-from proxy.protocol.era_translation import MODERN_VERSION, LocalAnswer, translate
+from proxy.protocol.era_translation import LocalAnswer, translate
+from proxy.protocol.eras import (
+    HANDSHAKE_VERSION,
+    MODERN_VERSION,
+)
+from proxy.protocol.eras import (
+    refusal as modern_refusal,
+)
 from proxy.protocol.exchange import Check
 from proxy.protocol.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, error_body
 from proxy.protocol.mcp import Era
 from proxy.protocol.request_side import SESSION_STEP, RequestSide
 from proxy.protocol.session_token import TRANSLATED
 from proxy.protocol.upstream_sessions import (
-    HANDSHAKE_VERSION,
     ModernAnswer,
     SessionKey,
     SessionRefused,
@@ -28,7 +34,6 @@ from proxy.protocol.upstream_sessions import (
     UpstreamSession,
     discover_body,
 )
-from proxy.protocol.upstream_sessions import refusal as modern_refusal
 from proxy.routing import Backend
 
 

@@ -36,53 +36,34 @@ from typing import Any, Final
 import msgspec
 
 from proxy.mcp_routing import event_payloads
-from proxy.protocol.era_translation import (
+from proxy.protocol.eras import (
+    CACHEABLE_METHODS,
     CLIENT_CAPABILITIES_META_KEY,
     CLIENT_INFO_META_KEY,
+    ERROR_STATUS,
+    HANDSHAKE_VERSION,
     LOG_LEVEL_META_KEY,
     MODERN_VERSION,
     RESOURCE_NOT_FOUND,
     SERVER_INFO_META_KEY,
     WITHHELD_CAPABILITIES,
     Translation,
+    response_to,
 )
 from proxy.protocol.jsonrpc import (
     INVALID_PARAMS,
-    METHOD_NOT_FOUND,
     PROTOCOL_VERSION_META_KEY,
     RequestId,
-    error_body,
 )
 from proxy.protocol.mcp import METHOD_HEADER, NAME_HEADER, SESSION_HEADER, VERSION_HEADER
 from proxy.protocol.sse import rewrite_events
 
-HANDSHAKE_VERSION: Final = "2025-11-25"
 ENVELOPE_KEYS: Final = (
     PROTOCOL_VERSION_META_KEY,
     CLIENT_CAPABILITIES_META_KEY,
     CLIENT_INFO_META_KEY,
     LOG_LEVEL_META_KEY,
 )
-CACHEABLE_METHODS: Final = frozenset(
-    {"tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read"}
-)
-"""Methods whose 2026-07-28 results carry ``ttlMs`` and ``cacheScope``."""
-REMOVED_METHODS: Final = frozenset(
-    {"initialize", "ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"}
-)
-"""Handshake-era methods 2026-07-28 removed: a 2026-07-28 request of one is refused
-(404, -32601) as a 2026-07-28 server refuses it, not sent into the session."""
-ERROR_STATUS: Final = {
-    -32700: 400,
-    -32600: 400,
-    -32602: 400,
-    -32020: 400,
-    -32021: 400,
-    -32022: 400,
-    -32601: 404,
-}
-"""The HTTP status 2026-07-28 gives a JSON-RPC error (the reference SDK's table;
--32603 and unlisted codes: 200)."""
 INITIALIZE_ID: Final = "switchboard-initialize"
 MAX_SESSIONS: Final = 4096
 """Upstream sessions a worker keeps; the oldest goes first (the backend expires it)."""
@@ -223,37 +204,6 @@ def initialize_result(content_type: bytes, body: bytes) -> dict[str, Any] | str:
     return "no initialize result in the backend's answer"
 
 
-UNSUPPORTED_PROTOCOL_VERSION: Final = -32022
-
-
-def refusal(message: dict[str, Any], request_id: RequestId | None) -> tuple[int, bytes] | None:
-    """What a 2026-07-28 server answers a request it will not serve — a method the
-    revision removed (404 -32601), a ``_meta`` without the envelope's client
-    capabilities (400 -32602), a protocol version it does not speak (400 -32022) — as
-    (status, body); None for a request that goes within a session."""
-    method = message.get("method")
-    if method in REMOVED_METHODS:
-        return 404, error_body(request_id, METHOD_NOT_FOUND, "Method not found")
-    params = message.get("params")
-    meta = params.get("_meta") if isinstance(params, dict) else None
-    meta = meta if isinstance(meta, dict) else {}
-    if CLIENT_CAPABILITIES_META_KEY not in meta:
-        return 400, error_body(
-            request_id,
-            INVALID_PARAMS,
-            f"params._meta is missing the required envelope key(s): {CLIENT_CAPABILITIES_META_KEY}",
-        )
-    version = meta.get(PROTOCOL_VERSION_META_KEY)
-    if version != MODERN_VERSION:
-        error = {
-            "code": UNSUPPORTED_PROTOCOL_VERSION,
-            "message": "Unsupported protocol version",
-            "data": {"supported": [MODERN_VERSION], "requested": version},
-        }
-        return 400, _encode({"jsonrpc": "2.0", "id": request_id, "error": error})
-    return None
-
-
 def discover_body(request_id: RequestId | None, session: UpstreamSession) -> bytes:
     """The proxy's answer to ``server/discover``, from the session's initialize result."""
     init = session.result
@@ -392,11 +342,8 @@ class ModernAnswer(Translation):
         return ()
 
     def _rewrite_message(self, payload: bytes) -> bytes | None:
-        try:
-            message = _decode(payload)
-        except msgspec.DecodeError:
-            return None
-        if not isinstance(message, dict) or message.get("id") != self.request_id:
+        message = response_to(payload, self.request_id)
+        if message is None:
             return None
         result = message.get("result")
         error = message.get("error")

@@ -21,7 +21,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp_types import TextContent, TextResourceContents
 
-from proxy.protocol.era_translation import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY
+from proxy.protocol.eras import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY
 from tests.mcp.conftest import key_sections
 from tests.support.backends import poll_until, proxy_running
 from tests.support.mcp_servers import (

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from proxy.protocol.era_translation import CLIENT_INFO_META_KEY, SERVER_INFO_META_KEY
+from proxy.protocol.eras import CLIENT_INFO_META_KEY, SERVER_INFO_META_KEY
 from proxy.protocol.jsonrpc import PROTOCOL_VERSION_META_KEY
 from proxy.protocol.session_token import TRANSLATED
 from tests.support.machine import World, make_config

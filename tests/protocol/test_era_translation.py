@@ -11,19 +11,21 @@ import msgspec
 import pytest
 
 from proxy.protocol.era_translation import (
-    CLIENT_CAPABILITIES_META_KEY,
-    CLIENT_INFO_META_KEY,
-    LOG_LEVEL_META_KEY,
     MISSING_SESSION,
-    MODERN_VERSION,
-    RESOURCE_NOT_FOUND,
-    SERVER_INFO_META_KEY,
     AnswerTranslation,
     ClientState,
     LocalAnswer,
     Upstream,
     decode_state,
     translate,
+)
+from proxy.protocol.eras import (
+    CLIENT_CAPABILITIES_META_KEY,
+    CLIENT_INFO_META_KEY,
+    LOG_LEVEL_META_KEY,
+    MODERN_VERSION,
+    RESOURCE_NOT_FOUND,
+    SERVER_INFO_META_KEY,
 )
 from proxy.protocol.jsonrpc import PROTOCOL_VERSION_META_KEY, decode_message
 from proxy.protocol.session_token import MAX_TRANSLATED_STATE_BYTES

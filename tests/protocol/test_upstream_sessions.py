@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from proxy.protocol.era_translation import (
+from proxy.protocol.eras import (
     CLIENT_CAPABILITIES_META_KEY,
     CLIENT_INFO_META_KEY,
     SERVER_INFO_META_KEY,
@@ -22,7 +22,6 @@ from proxy.protocol.upstream_sessions import (
     discover_body,
     handshake_form,
     initialize_result,
-    refusal,
 )
 
 META = {
@@ -184,28 +183,6 @@ def test_the_session_table_is_bounded_oldest_first() -> None:
     assert table.get(("r", "", "1")) is not None
     table.forget(("r", "", "1"), "1")
     assert table.get(("r", "", "1")) is None
-
-
-def test_what_a_2026_07_28_server_refuses_is_refused_here() -> None:
-    for method in ("initialize", "ping", "logging/setLevel", "resources/subscribe"):
-        assert refusal(message(method), 9) == (
-            404,
-            b'{"jsonrpc":"2.0","id":9,"error":{"code":-32601,"message":"Method not found"}}',
-        )
-    bare = message()
-    del bare["params"]["_meta"][CLIENT_CAPABILITIES_META_KEY]
-    refused = refusal(bare, 9)
-    assert refused is not None and refused[0] == 400
-    assert json.loads(refused[1])["error"]["code"] == -32602
-    future = message()
-    future["params"]["_meta"][PROTOCOL_VERSION_META_KEY] = "2099-01-01"
-    refused = refusal(future, 9)
-    assert refused is not None and refused[0] == 400
-    assert json.loads(refused[1])["error"]["data"] == {
-        "supported": ["2026-07-28"],
-        "requested": "2099-01-01",
-    }
-    assert refusal(message(), 9) is None
 
 
 def test_an_error_goes_out_with_the_status_2026_07_28_gives_its_code() -> None:
