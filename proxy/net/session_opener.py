@@ -60,6 +60,10 @@ class SessionOpener:
     ) -> UpstreamSession | SessionRefused:
         """The session ``request`` names: the one already open, the one being opened,
         or a new one."""
+        if request.dedicated:
+            result = await self._open(pool, request)
+            self.opened += isinstance(result, UpstreamSession)
+            return result
         key = request.key
         while (opening := self._opening.get(key)) is not None:
             await opening.wait()
@@ -103,6 +107,12 @@ class SessionOpener:
                     return SessionRefused(
                         502, f"backend answered notifications/initialized with {answer.status}"
                     )
+                for body in request.subscribe:
+                    answer = await _post(pool, request.target, body, headers)
+                    if answer.status != 200:
+                        return SessionRefused(
+                            502, f"backend answered resources/subscribe with {answer.status}"
+                        )
                 return session
             except (OSError, h11.ProtocolError, trio.BrokenResourceError) as exc:
                 return SessionRefused(502, f"opening a session upstream failed: {exc}")

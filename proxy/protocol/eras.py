@@ -27,6 +27,7 @@ CLIENT_INFO_META_KEY: Final = "io.modelcontextprotocol/clientInfo"
 CLIENT_CAPABILITIES_META_KEY: Final = "io.modelcontextprotocol/clientCapabilities"
 SERVER_INFO_META_KEY: Final = "io.modelcontextprotocol/serverInfo"
 LOG_LEVEL_META_KEY: Final = "io.modelcontextprotocol/logLevel"
+SUBSCRIPTION_ID_META_KEY: Final = "io.modelcontextprotocol/subscriptionId"
 RESOURCE_NOT_FOUND: Final = -32002
 """2025-11-25's code for a resource the server does not have."""
 WITHHELD_CAPABILITIES: Final = ("elicitation", "sampling", "roots")
@@ -93,9 +94,16 @@ class Translation:
 
     __slots__ = ("dropped_headers", "request_headers")
 
+    upstream_method: bytes | None = None
+    """The upstream request's method where it is not the client's."""
+
     def __init__(self) -> None:
         self.request_headers: tuple[tuple[bytes, bytes], ...] = ()
         self.dropped_headers: frozenset[bytes] = frozenset()
+
+    def stream_prelude(self) -> bytes:
+        """Events of the proxy's own that open a relayed answer stream."""
+        return b""
 
     def rewrite(self, body: bytes, *, event_stream: bool) -> bytes | None:
         """The client's copy of the answer's bytes (whole events where

@@ -103,6 +103,10 @@ class StreamRelay:
     def start(self, head: bytes, events: list[ResponseHead | bytes | None]) -> None:
         """``head``: the stream's response head, to go out first; ``events`` came with
         it (a short answer, its head, its one event and its end, goes in one write)."""
+        prelude = self._translation.stream_prelude() if self._translation is not None else b""
+        if prelude:  # the proxy's own first events (a translated listen's acknowledgment)
+            self._send([prelude], track=True, head=head)
+            head = b""
         if events:
             self.events(events, head)
         else:
@@ -255,7 +259,8 @@ class StreamRelay:
             for piece in pieces:
                 self._tracker.feed(piece)
         if c.framing == CHUNKED:
-            body = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pieces)
+            # (No empty piece: an empty chunk is the last one.)
+            body = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pieces if p)
             if last:
                 body += LAST_CHUNK
         else:
@@ -311,7 +316,11 @@ class StreamRelay:
 
     def _relay_translated(self, events: bytes, out: list[bytes]) -> None:
         assert self._translation is not None
-        rewritten = self._translation.rewrite_relayed(events) or events
+        rewritten = self._translation.rewrite_relayed(events)
+        if rewritten is None:
+            rewritten = events
+        if not rewritten:
+            return  # every event in it was left out (an empty chunk would end the body)
         self._tracker.feed(rewritten)
         out.append(rewritten)
         if self._awaited is not None:

@@ -292,7 +292,8 @@ class RoutingSide(TranslatingSide):
             headers = [(n, v) for n, v in headers if n not in names]
             if x.identity is not None:
                 headers += oauth.caller_header_values(x.identity)
-        return answers.request_head(head.method, target, headers)
+        method = answer.upstream_method if isinstance(answer, Translation) else None
+        return answers.request_head(method or head.method, target, headers)
 
     def mcp_response_headers(self, headers: list[tuple[bytes, bytes]], *, streaming: bool) -> None:
         """MCP response header changes: the backend's session id becomes the proxy's

@@ -108,12 +108,17 @@ def retry_hint(milliseconds: int) -> bytes:
     return b"retry: %d\n\n" % milliseconds
 
 
+DROP_EVENT: Final = b""
+"""What a ``rewrite_events`` callback returns for an event that is not to go out at all."""
+
+
 def rewrite_events(body: bytes, rewrite: Callable[[bytes], bytes | None]) -> bytes | None:
     """A whole SSE body with each event's data passed through ``rewrite`` (the data
     lines joined, as a client assembles them; None: that event stays byte for byte), or
     None where no event changed. A rewritten event keeps its other lines (``id:``,
     ``event:``) and gets one ``data:`` line in place of the first: ``rewrite`` must
-    return data without line breaks (JSON as msgspec writes it)."""
+    return data without line breaks (JSON as msgspec writes it). ``DROP_EVENT`` from
+    ``rewrite`` takes the whole event out."""
     out: list[bytes] = []
     block: list[bytes] = []
     changed = False
@@ -142,6 +147,8 @@ def _rewrite_event(lines: list[bytes], rewrite: Callable[[bytes], bytes | None])
     rewritten = rewrite(b"\n".join(_field_value(line) for line in data))
     if rewritten is None:
         return None
+    if rewritten == DROP_EVENT:
+        return b""
     ending = data[0][len(data[0].rstrip(b"\r\n")) :]
     out = []
     for line in lines:

@@ -22,7 +22,8 @@ from proxy.protocol.eras import (
     refusal as modern_refusal,
 )
 from proxy.protocol.exchange import Check
-from proxy.protocol.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, error_body
+from proxy.protocol.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST
+from proxy.protocol.listen_translation import ListenAnswer
 from proxy.protocol.mcp import Era
 from proxy.protocol.request_side import SESSION_STEP, RequestSide
 from proxy.protocol.session_token import TRANSLATED
@@ -116,14 +117,6 @@ class TranslatingSide(RequestSide):
         if envelope.kind != "request":
             self._answer_here(202, b"", None)
             return True
-        if envelope.method == "subscriptions/listen":
-            body = error_body(
-                envelope.id,
-                METHOD_NOT_FOUND,
-                "subscriptions/listen is not translated for a 2025-11-25 backend",
-            )
-            self._answer_here(200, body, "subscriptions/listen not translated")
-            return True
         if not self.request_done:
             self._refuse(413, "request body too large to translate")
             return True
@@ -139,6 +132,11 @@ class TranslatingSide(RequestSide):
             status, body = refused
             self._answer_here(status, body, "refused as a 2026-07-28 server refuses it")
             return True
+        if envelope.method == "subscriptions/listen":
+            # Its answer is a stream of the backend's events: closing it ends the GET.
+            decision.cancel_on_disconnect = True
+            x.answer_rewrite = ListenAnswer(message, envelope.id)
+            return False
         x.answer_rewrite = ModernAnswer(message, envelope.id, envelope.method or "")
         return False
 
@@ -153,10 +151,18 @@ class TranslatingSide(RequestSide):
             return False
         caller = x.identity.subject if x.identity is not None else ""
         key = answer.client.key(backend.replica, caller)
-        session = self.env.upstream_sessions.get(key)
+        listen = isinstance(answer, ListenAnswer)
+        session = None if listen else self.env.upstream_sessions.get(key)
         if session is None:
             target = x.route.upstream_target(backend, self.head.info.target)
-            request = SessionRequest(backend, key, target, answer.client.initialize_body())
+            request = SessionRequest(
+                backend,
+                key,
+                target,
+                answer.client.initialize_body(),
+                dedicated=listen,
+                subscribe=answer.subscribe_bodies() if isinstance(answer, ListenAnswer) else (),
+            )
             self._wait(SESSION_STEP, Check(Check.SESSION, request))
             return True
         return self._within(answer, key, session)

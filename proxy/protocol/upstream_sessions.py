@@ -23,8 +23,8 @@ A request whose session is not there yet waits while the worker opens it
 - Not carried: the capabilities for server-to-client requests (``elicitation``,
   ``sampling``, ``roots``) are not declared upstream, since a request the backend sent
   mid-call would have to become an ``input_required`` answer whose retry, on any
-  worker, finds the upstream request still waiting; ``subscriptions/listen`` is
-  refused. docs/mcp.md ("Era translation") says so.
+  worker, finds the upstream request still waiting. docs/mcp.md ("Era translation")
+  says so. (``subscriptions/listen``: ``proxy.protocol.listen_translation``.)
 """
 
 from __future__ import annotations
@@ -102,15 +102,29 @@ class SessionRefused:
 class SessionRequest:
     """What the worker needs to open a session (``Check.SESSION``)."""
 
-    __slots__ = ("backend", "body", "key", "target")
+    __slots__ = ("backend", "body", "dedicated", "key", "subscribe", "target")
 
-    def __init__(self, backend: object, key: SessionKey, target: bytes, body: bytes) -> None:
+    def __init__(
+        self,
+        backend: object,
+        key: SessionKey,
+        target: bytes,
+        body: bytes,
+        *,
+        dedicated: bool = False,
+        subscribe: tuple[bytes, ...] = (),
+    ) -> None:
         self.backend = backend
         self.key = key
         self.target = target
         """The MCP endpoint's target on the backend."""
         self.body = body
         """The ``initialize`` request."""
+        self.dedicated = dedicated
+        """A session of the request's own (a listen's: one GET stream per session), not
+        the worker's shared one for the key."""
+        self.subscribe = subscribe
+        """``resources/subscribe`` requests to make within it once it is open."""
 
 
 class UpstreamSessions:

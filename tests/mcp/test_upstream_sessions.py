@@ -223,3 +223,33 @@ async def test_a_2026_07_28_client_closing_its_stream_cancels_the_upstream_reque
         r for r in backend.mcp_posts() if r.message().get("method") == "notifications/cancelled"
     ]
     assert note.headers["mcp-session-id"] == call.headers["mcp-session-id"]
+
+
+async def test_a_2026_07_28_listen_gets_resource_updates_from_a_2025_11_25_backend(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    backend = McpBackend("r1", handshake_only=True, subscriptions=True)
+    await nursery.start(backend.serve)
+    async with proxy_running(
+        tmp_path, [_route(backend.url)], sections=key_sections(), workers=1
+    ) as proxy:
+        with trio.fail_after(30):
+            async with (
+                _client(f"{proxy.url}/mcp", MODERN_VERSION) as client,
+                client.listen(resource_subscriptions=[REPLICA_URI]) as subscription,
+            ):
+                assert backend.subscribed == [REPLICA_URI]
+                touched = await client.call_tool("touch", {})
+                assert isinstance(touched.content[0], TextContent)
+                assert touched.content[0].text == "touched 1"
+                event = await subscription.__anext__()
+                assert getattr(event, "uri", None) == REPLICA_URI
+    gets = [r for r in backend.requests if r.method == "GET"]
+    [initialize_for_listen] = [
+        r for r in backend.mcp_posts() if r.message().get("method") == "resources/subscribe"
+    ]
+    assert len(gets) == 1
+    # The listen's own session: the GET and the subscription in it, not the calls'.
+    assert gets[0].headers["mcp-session-id"] == initialize_for_listen.headers["mcp-session-id"]
+    calls = [r for r in backend.mcp_posts() if r.message().get("method") == "tools/call"]
+    assert calls[0].headers["mcp-session-id"] != gets[0].headers["mcp-session-id"]

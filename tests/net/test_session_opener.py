@@ -128,3 +128,23 @@ async def test_a_notification_is_delivered_and_a_dead_backend_is_let_be(
     listener.close()
     await opener.notify(dead, b"/mcp", headers, note)  # no exception, nothing delivered
     assert opener.notified == 1
+
+
+async def test_a_listens_session_is_its_own_and_subscribes(nursery: trio.Nursery) -> None:
+    backend = McpBackend("r1", handshake_only=True, subscriptions=True)
+    await nursery.start(backend.serve)
+    pool = _pool(backend.url)
+    opener = SessionOpener(UpstreamSessions(), timeout=10)
+    shared = await opener.session(pool, _request(pool.backend))
+    subscribe = b'{"jsonrpc":"2.0","id":"s0","method":"resources/subscribe","params":{"uri":"test://replica"}}'
+    plain = _request(pool.backend)
+    listen = SessionRequest(
+        pool.backend, plain.key, plain.target, plain.body, dedicated=True, subscribe=(subscribe,)
+    )
+    own = await opener.session(pool, listen)
+    assert isinstance(shared, UpstreamSession) and isinstance(own, UpstreamSession)
+    assert own.id != shared.id
+    assert opener.sessions.get(plain.key) is shared  # the shared one stays the key's
+    assert backend.subscribed == ["test://replica"]
+    [seen] = [r for r in backend.mcp_posts() if r.message().get("method") == "resources/subscribe"]
+    assert seen.headers["mcp-session-id"] == own.id

@@ -174,7 +174,7 @@ def test_a_session_lost_twice_is_the_backends_answer(bytewise: bool) -> None:
     assert client_answer(w.t.take_client(), b"POST").status == 404
 
 
-def test_notifications_are_accepted_here_and_listen_is_refused(bytewise: bool) -> None:
+def test_notifications_are_accepted_here(bytewise: bool) -> None:
     w = world()
     note = json.dumps({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {}})
     w.feed(
@@ -186,9 +186,6 @@ def test_notifications_are_accepted_here_and_listen_is_refused(bytewise: bool) -
         )
     )
     assert client_answer(w.t.take_client(), b"POST").status == 202
-    w.feed(modern("subscriptions/listen", 8))
-    answer = client_answer(w.t.take_client(), b"POST")
-    assert json.loads(answer.body)["error"]["code"] == -32601
     assert w.t.checks == [] and w.t.upstreams == []
 
 
@@ -263,3 +260,46 @@ def test_a_whole_stream_of_one_error_goes_out_as_json_with_its_status(bytewise: 
     answer = client_answer(w.t.take_client(), b"POST")
     assert (answer.status, answer.header(b"content-type")) == (404, b"application/json")
     assert answer.body == error
+
+
+def listen_request(*uris: str) -> bytes:
+    params: dict[str, Any] = {
+        "notifications": {"toolsListChanged": True, "resourceSubscriptions": list(uris)},
+        "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+        },
+    }
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": 9, "method": "subscriptions/listen", "params": params}
+    )
+    headers = (b"MCP-Protocol-Version: 2026-07-28", b"Mcp-Method: subscriptions/listen")
+    return mcp_post(body.encode(), *headers, target=b"/old")
+
+
+def test_a_listen_is_the_get_stream_of_a_session_of_its_own(bytewise: bool) -> None:
+    w = world()
+    w.feed(listen_request("test://a"), byte_at_a_time=bytewise)
+    request = waits_for_session(w)
+    assert request.dedicated
+    assert [json.loads(b)["params"]["uri"] for b in request.subscribe] == ["test://a"]
+    w.c.admitted(UpstreamSession("listen-session", INIT_RESULT))
+    sent = backend_request(w.t.up.sent)
+    assert (sent.method, sent.body) == (b"GET", b"")
+    assert sent.header(b"mcp-session-id") == b"listen-session"
+    assert sent.header(b"accept") == b"text/event-stream"
+    assert sent.header(b"content-length") is None
+    assert w.env.upstream_sessions.get(request.key) is None  # not the shared one
+    changed = b'data: {"jsonrpc":"2.0","method":"notifications/tools/list_changed"}\n\n'
+    log = b'data: {"jsonrpc":"2.0","method":"notifications/message","params":{}}\n\n'
+    w.answer(SSE_HEAD + chunk(log + changed), byte_at_a_time=bytewise)
+    body = client_answer(w.t.take_client(), b"POST").body
+    events = [json.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: ")]
+    assert [e["method"] for e in events] == [
+        "notifications/subscriptions/acknowledged",
+        "notifications/tools/list_changed",
+    ]
+    assert {e["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] for e in events} == {9}
+    w.c.client_closed()  # the listen ends: so does the backend's GET
+    assert w.t.up.finished is not None and not w.t.up.finished["reusable"]
+    assert w.t.notified == []

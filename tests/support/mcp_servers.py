@@ -43,7 +43,7 @@ from mcp.server.caching import CacheableMethod, CacheHint
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, Elicit, MCPServer, Resolve
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp_types import ListToolsResult, PaginatedRequestParams
+from mcp_types import EmptyResult, ListToolsResult, PaginatedRequestParams, SubscribeRequestParams
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -158,6 +158,11 @@ class McpBackend:
     """Answer ``tools/list`` in pages of this many tools (0: one page)."""
     public_lists: bool = False
     """Mark list results (2026-07-28) ``cacheScope: public`` with a 60 s ``ttlMs``."""
+    subscriptions: bool = False
+    """Handshake era: take ``resources/subscribe`` (recorded in ``subscribed``), and
+    offer a tool ``touch()`` that sends ``notifications/resources/updated`` for
+    ``test://replica`` to every session subscribed to it, on that session's GET stream."""
+    subscribed: list[str] = field(default_factory=list)
     handshake_only: bool = False
     """Streamable HTTP: speak the handshake era only (2025-11-25 and before), as servers
     on earlier SDKs do. A request with a 2026-07-28 ``MCP-Protocol-Version`` gets 400
@@ -218,6 +223,9 @@ class McpBackend:
             self.elicited.append(form.name)
             return f"hello {form.name} from {replica}"
 
+        if self.subscriptions:
+            self._offer_subscriptions(server)
+
         @server.resource(REPLICA_URI, name="replica", mime_type="text/plain")
         def replica_resource() -> str:
             return f"replica {replica}"
@@ -228,6 +236,27 @@ class McpBackend:
             return f"Describe {topic} (asked of {replica})"
 
         return server
+
+    def _offer_subscriptions(self, server: MCPServer[Any]) -> None:
+        subscribers: list[Any] = []
+
+        async def subscribe(
+            ctx: ServerRequestContext[Any], params: SubscribeRequestParams
+        ) -> EmptyResult:
+            self.subscribed.append(str(params.uri))
+            subscribers.append(ctx.session)
+            return EmptyResult()
+
+        server._lowlevel_server.add_request_handler(
+            "resources/subscribe", SubscribeRequestParams, subscribe
+        )
+
+        @server.tool()
+        async def touch() -> str:
+            """Tell the sessions subscribed to the replica resource that it changed."""
+            for session in subscribers:
+                await session.send_resource_updated(REPLICA_URI)
+            return f"touched {len(subscribers)}"
 
     def build_app(self) -> ASGIApp:
         server = self.build_server()
