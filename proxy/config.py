@@ -197,8 +197,9 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """mcp: the MCP revision the route's backends speak. "any": both (or whichever the
     client speaks), requests pass untranslated; "2026-07-28": handshake-era clients
     (2025-03-26 to 2025-11-25) are translated to stateless requests at the proxy
-    (docs/mcp.md, "Era translation"); "2025-11-25": recorded for metrics and access
-    lines, requests pass untranslated; "auto" is refused: probing is not built."""
+    (docs/mcp.md, "Era translation"); "2025-11-25": 2026-07-28 clients are translated
+    to sessions the proxy opens upstream; "auto": each worker probes one backend of the
+    route (``proxy.protocol.era_probe``) and translates for what it found."""
 
 
 class McpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -420,13 +421,6 @@ def validate_routes(routes: tuple[RouteConfig, ...], source: str) -> None:
         _positive(source, f"{key}.response_timeout", route.response_timeout, allow_zero=True)
         if route.backend_era != "any" and route.kind != "mcp":
             raise ConfigError(source, f"{key}.backend_era", 'applies to kind = "mcp" routes only')
-        if route.backend_era == "auto":
-            raise ConfigError(
-                source,
-                f"{key}.backend_era",
-                '"auto" (probing each backend) is not supported: name the era the backends '
-                'speak, "2025-11-25" or "2026-07-28", or "any" for backends that speak both',
-            )
         health = route.health
         if health.path and not health.path.startswith("/"):
             raise ConfigError(source, f"{key}.health.path", "must start with '/'")

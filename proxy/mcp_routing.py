@@ -102,6 +102,8 @@ class McpDecision:
     ``proxy.protocol.era_translation``), from its token; None for any other request."""
     translated_to: str | None = None
     """The backend's era where the request is translated to it at the proxy."""
+    backend_era: str | None = None
+    """The era an ``auto`` route's backends were found to speak (``era_probe``)."""
 
     @property
     def request_id(self) -> RequestId | None:

@@ -555,7 +555,7 @@ def test_backend_era_is_kept_on_mcp_routes(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("kind", "era", "says"),
-    [("http", "2026-07-28", 'kind = "mcp" routes only'), ("mcp", "auto", "probing")],
+    [("http", "2026-07-28", 'kind = "mcp" routes only'), ("mcp", "2099-01-01", "2026-07-28")],
 )
 def test_backend_era_errors_say_what_is_wrong(
     tmp_path: Path, kind: str, era: str, says: str

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, cast
 from proxy.admission import Buckets
 from proxy.conncaps import CapDecision, Lease
 from proxy.metrics import metrics
+from proxy.protocol.era_probe import ProbeRequest
 from proxy.protocol.exchange import Check
 from proxy.protocol.upstream_sessions import SessionRequest
 from proxy.routing import Backend
@@ -47,6 +48,10 @@ class Admission:
             request = cast(SessionRequest, check.arg)
             pool = self.ctx.pools[cast(Backend, request.backend).url]
             result = await self.ctx.session_opener.session(pool, request)
+        elif check.kind == Check.PROBE:
+            probe = cast(ProbeRequest, check.arg)
+            pool = self.ctx.pools[cast(Backend, probe.backend).url]
+            result = await self.ctx.session_opener.probe(pool, probe, self.ctx.route_eras)
         elif check.kind == Check.RATE:
             assert control is not None  # these come only from the control plane's limits
             result = await control.rate_limit(cast(Buckets, check.arg))

@@ -29,6 +29,7 @@ from proxy.net.session_opener import SessionOpener
 from proxy.net.upstream import UpstreamPool
 from proxy.oauth import authenticate_oauth
 from proxy.observability import AccessLine, AccessLog
+from proxy.protocol.era_probe import RouteEras
 from proxy.protocol.exchange import Check, Exchange
 from proxy.protocol.http1 import ForwardingPolicy
 from proxy.protocol.session_token import SessionTokens
@@ -62,6 +63,8 @@ class WorkerContext:
         self.upstream_sessions = UpstreamSessions()
         """Sessions the worker holds with 2025-11-25 backends for 2026-07-28 clients
         (``proxy.protocol.upstream_sessions``)."""
+        self.route_eras = RouteEras()
+        """What the worker learnt of its ``auto`` routes' eras (``proxy.protocol.era_probe``)."""
         self.session_opener = SessionOpener(
             self.upstream_sessions, config.upstream.response_timeout
         )
@@ -244,7 +247,7 @@ class WorkerContext:
                 line.mcp_name = decision.name
                 line.replica = x.backend.replica if x.backend is not None else None
                 if route is not None and route.backend_era != "any":
-                    line.mcp_backend_era = route.backend_era
+                    line.mcp_backend_era = decision.backend_era or route.backend_era
                     line.mcp_translated = decision.translated_to is not None
             log.add(line)
             if log.full:

@@ -8,15 +8,27 @@ opened wait for that one opening, not one each.
 
 from __future__ import annotations
 
+import time
+
 import h11
 import trio
 
 from proxy.net.health import connect_fresh
 from proxy.net.upstream import RECV_SIZE, UpstreamPool
+from proxy.protocol.era_probe import (
+    ANY,
+    DISCOVER_BODY,
+    INITIALIZE_BODY,
+    PROBE_ID,
+    ProbeRequest,
+    RouteEras,
+    era_of,
+)
 from proxy.protocol.eras import (
     HANDSHAKE_VERSION,
+    MODERN_VERSION,
 )
-from proxy.protocol.mcp import SESSION_HEADER, VERSION_HEADER
+from proxy.protocol.mcp import METHOD_HEADER, SESSION_HEADER, VERSION_HEADER
 from proxy.protocol.upstream_sessions import (
     INITIALIZED_BODY,
     MAX_HANDSHAKE_ANSWER,
@@ -54,6 +66,7 @@ class SessionOpener:
         """Sessions opened by this worker (for tests and logs)."""
         self.notified = 0
         """Notifications delivered."""
+        self._probing: dict[str, trio.Event] = {}
 
     async def session(
         self, pool: UpstreamPool, request: SessionRequest
@@ -118,6 +131,45 @@ class SessionOpener:
                 return SessionRefused(502, f"opening a session upstream failed: {exc}")
         return SessionRefused(504, "backend did not open a session in time")
 
+    async def probe(self, pool: UpstreamPool, request: ProbeRequest, eras: RouteEras) -> str:
+        """The era the route's backends speak (``proxy.protocol.era_probe``), learnt into
+        ``eras``; requests that need it meanwhile wait for the same probe."""
+        route = request.route
+        while (probing := self._probing.get(route)) is not None:
+            await probing.wait()
+        known = eras.era(route, time.monotonic())
+        if known is not None:
+            return known
+        done = self._probing[route] = trio.Event()
+        try:
+            era = await self._probe(pool, request.target)
+        finally:
+            del self._probing[route]
+            done.set()
+        eras.learn(route, era, time.monotonic())
+        return era or ANY
+
+    async def _probe(self, pool: UpstreamPool, target: bytes) -> str | None:
+        with trio.move_on_after(self.timeout):
+            try:
+                modern = (
+                    (VERSION_HEADER, MODERN_VERSION.encode()),
+                    (METHOD_HEADER, b"server/discover"),
+                )
+                discovered = await _post(pool, target, DISCOVER_BODY, modern)
+                answer = await _post(pool, target, INITIALIZE_BODY, ())
+                session = answer.header(SESSION_HEADER)
+                initialized = answer.status == 200 and not isinstance(
+                    initialize_result(answer.header(b"content-type") or b"", answer.body, PROBE_ID),
+                    str,
+                )
+                if session:  # the probe's session ends here
+                    await _request(pool, b"DELETE", target, b"", ((SESSION_HEADER, session),))
+                return era_of(discovered.status == 200, initialized)
+            except (OSError, h11.ProtocolError, trio.BrokenResourceError):
+                return None
+        return None
+
     async def notify(
         self,
         pool: UpstreamPool,
@@ -143,11 +195,21 @@ async def _post(
 ) -> _Answer:
     """One POST on a fresh connection, its whole answer (an SSE answer to a request ends
     with the response to it: the server closes the stream)."""
+    return await _request(pool, b"POST", target, body, headers)
+
+
+async def _request(
+    pool: UpstreamPool,
+    method: bytes,
+    target: bytes,
+    body: bytes,
+    headers: tuple[tuple[bytes, bytes], ...],
+) -> _Answer:
     stream = await connect_fresh(pool)
     async with stream:
         conn = h11.Connection(h11.CLIENT)
         request = h11.Request(
-            method="POST",
+            method=method,
             target=target,
             headers=[
                 (b"host", pool.backend.authority),

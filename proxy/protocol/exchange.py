@@ -21,6 +21,7 @@ from typing import Protocol
 from proxy.auth import AuthFailure, Identity
 from proxy.config import Config
 from proxy.mcp_routing import McpDecision
+from proxy.protocol.era_probe import RouteEras
 from proxy.protocol.fast_response import ResponseReader
 from proxy.protocol.http1 import ForwardingPolicy
 from proxy.protocol.session_token import SessionTokens
@@ -168,6 +169,9 @@ class Check:
     SESSION = 3
     """An upstream session opened for a translated request; ``arg`` is its
     ``proxy.protocol.upstream_sessions.SessionRequest``."""
+    PROBE = 4
+    """The era of an ``auto`` route's backends; ``arg`` is its
+    ``proxy.protocol.era_probe.ProbeRequest``."""
 
     def __init__(self, kind: int, arg: object) -> None:
         self.kind = kind
@@ -180,6 +184,8 @@ class Env(Protocol):
     tokens: SessionTokens | None
     upstream_sessions: UpstreamSessions
     """The worker's upstream sessions (era translation to 2025-11-25 backends)."""
+    route_eras: RouteEras
+    """What the worker learnt of its ``auto`` routes' eras."""
     draining: bool
     via: bytes
     """The proxy's pseudonym in Via headers (forwarding.via)."""

@@ -57,6 +57,8 @@ _FAILED_AUTH_RATE = 100
 SESSION_STEP = 101
 """Pending marker: the upstream session a translated request waits for
 (``proxy.protocol.translating_side``)."""
+PROBE_STEP = 102
+"""Pending marker: the era of an ``auto`` route, which a request waits to learn."""
 
 
 class RequestSide(ConnectionCore):
@@ -79,6 +81,9 @@ class RequestSide(ConnectionCore):
         raise NotImplementedError
 
     def session_opened(self, result: object) -> None:
+        raise NotImplementedError
+
+    def era_probed(self, result: object) -> None:
         raise NotImplementedError
 
     # -- the PROXY header ---------------------------------------------------------------
@@ -281,6 +286,9 @@ class RequestSide(ConnectionCore):
         assert x is not None
         if step == SESSION_STEP:
             self.session_opened(result)
+            return
+        if step == PROBE_STEP:
+            self.era_probed(result)
             return
         if isinstance(result, CapDecision):
             self._refuse_limited(result, step)

@@ -13,19 +13,15 @@ from typing import Any
 import msgspec
 
 from proxy.mcp_routing import SESSION_NOT_FOUND, McpDecision, McpRefusal
+from proxy.protocol.era_probe import ProbeRequest
 from proxy.protocol.era_translation import LocalAnswer, translate
-from proxy.protocol.eras import (
-    HANDSHAKE_VERSION,
-    MODERN_VERSION,
-)
-from proxy.protocol.eras import (
-    refusal as modern_refusal,
-)
+from proxy.protocol.eras import HANDSHAKE_VERSION, MODERN_VERSION
+from proxy.protocol.eras import refusal as modern_refusal
 from proxy.protocol.exchange import Check
 from proxy.protocol.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST
 from proxy.protocol.listen_translation import ListenAnswer
 from proxy.protocol.mcp import Era
-from proxy.protocol.request_side import SESSION_STEP, RequestSide
+from proxy.protocol.request_side import PROBE_STEP, SESSION_STEP, RequestSide
 from proxy.protocol.session_token import TRANSLATED
 from proxy.protocol.upstream_sessions import (
     ModernAnswer,
@@ -37,6 +33,9 @@ from proxy.protocol.upstream_sessions import (
 )
 from proxy.routing import Backend
 
+AUTO = "auto"
+"""``backend_era`` of a route whose backends' era is probed (``proxy.protocol.era_probe``)."""
+
 
 class TranslatingSide(RequestSide):
     __slots__ = ()
@@ -47,6 +46,11 @@ class TranslatingSide(RequestSide):
         x = self.x
         assert x is not None and x.route is not None
         era = x.route.backend_era
+        if era == AUTO:
+            known = self.env.route_eras.era(x.route.prefix, self.env.now())
+            if known is None:
+                return self._probe_era()
+            era = decision.backend_era = known
         if decision.era is Era.STATEFUL and era == MODERN_VERSION:
             return self._translate_up(decision)
         if decision.session_state is not None:
@@ -57,6 +61,27 @@ class TranslatingSide(RequestSide):
         if decision.era is Era.STATELESS and era == HANDSHAKE_VERSION:
             return self._translate_down(decision)
         return False
+
+    def _probe_era(self) -> bool:
+        """An ``auto`` route whose era this worker does not know (yet, or any more):
+        the request waits while a backend of it is probed (``proxy.protocol.era_probe``).
+        True (it waits)."""
+        x = self.x
+        assert x is not None and x.route is not None and self.head is not None
+        backend = self.env.choose_backend(x.route, None)
+        if backend is None:
+            self.env.route_eras.learn(x.route.prefix, None, self.env.now())
+            return False  # nothing to probe: the request meets the route's own refusal
+        target = x.route.upstream_target(backend, self.head.info.target)
+        self._wait(PROBE_STEP, Check(Check.PROBE, ProbeRequest(x.route.prefix, backend, target)))
+        return True
+
+    def era_probed(self, result: object) -> None:
+        """The era the request waited to learn (``PROBE_STEP``; the worker keeps it)."""
+        x = self.x
+        assert x is not None and x.mcp is not None
+        if not self._translated_here(x.mcp):
+            self._mcp_rate_limit()
 
     def _translate_up(self, decision: McpDecision) -> bool:
         """A handshake-era request on a route whose backends speak only 2026-07-28
@@ -188,6 +213,8 @@ class TranslatingSide(RequestSide):
         answer: object = x.answer_rewrite
         assert isinstance(answer, ModernAnswer)
         if isinstance(result, SessionRefused):
+            if x.route is not None and x.route.backend_era == AUTO:
+                self.env.route_eras.forget(x.route.prefix)  # what it speaks: probed anew
             refusal = McpRefusal(result.status, INTERNAL_ERROR, result.message, answer.request_id)
             self._refuse(result.status, result.message, rpc=refusal)
             return

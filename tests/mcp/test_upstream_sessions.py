@@ -253,3 +253,31 @@ async def test_a_2026_07_28_listen_gets_resource_updates_from_a_2025_11_25_backe
     assert gets[0].headers["mcp-session-id"] == initialize_for_listen.headers["mcp-session-id"]
     calls = [r for r in backend.mcp_posts() if r.message().get("method") == "tools/call"]
     assert calls[0].headers["mcp-session-id"] != gets[0].headers["mcp-session-id"]
+
+
+@pytest.mark.parametrize(
+    ("backend_kind", "mode"), [("modern_only", "legacy"), ("handshake_only", MODERN_VERSION)]
+)
+async def test_an_auto_route_translates_for_the_era_it_finds(
+    nursery: trio.Nursery, tmp_path: Path, backend_kind: str, mode: str
+) -> None:
+    backend = McpBackend(
+        "r1",
+        modern_only=backend_kind == "modern_only",
+        handshake_only=backend_kind == "handshake_only",
+    )
+    await nursery.start(backend.serve)
+    route = {**_route(backend.url), "backend_era": "auto"}
+    async with proxy_running(tmp_path, [route], sections=key_sections()) as proxy:
+        with trio.fail_after(30):
+            async with _client(f"{proxy.url}/mcp", mode) as client:
+                result = await client.call_tool("whoami", {})
+                assert isinstance(result.content[0], TextContent)
+                assert result.content[0].text == "r1"
+        await poll_until(lambda: len(proxy.access_lines()) >= 2, limit=10)
+        lines = [line for line in proxy.access_lines() if line.get("mcp_method") == "tools/call"]
+    found = "2026-07-28" if backend_kind == "modern_only" else HANDSHAKE_VERSION
+    assert {(line["mcp_backend_era"], line["mcp_translated"]) for line in lines} == {(found, True)}
+    # Each worker probed at most once: a discover and an initialize each.
+    discovers = [r for r in backend.mcp_posts() if r.headers.get("mcp-method") == "server/discover"]
+    assert 1 <= len(discovers) <= 2

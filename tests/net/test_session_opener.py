@@ -5,6 +5,7 @@ open one gets its requests."""
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Any
 
@@ -13,6 +14,7 @@ import trio
 from proxy.config import UpstreamConfig
 from proxy.net.session_opener import SessionOpener
 from proxy.net.upstream import UpstreamPool
+from proxy.protocol.era_probe import ProbeRequest, RouteEras
 from proxy.protocol.upstream_sessions import (
     ClientEnvelope,
     SessionRefused,
@@ -148,3 +150,35 @@ async def test_a_listens_session_is_its_own_and_subscribes(nursery: trio.Nursery
     assert backend.subscribed == ["test://replica"]
     [seen] = [r for r in backend.mcp_posts() if r.message().get("method") == "resources/subscribe"]
     assert seen.headers["mcp-session-id"] == own.id
+
+
+async def test_a_probe_finds_the_era_a_backend_speaks(nursery: trio.Nursery) -> None:
+    cases = [
+        (McpBackend("m", modern_only=True), "2026-07-28"),
+        (McpBackend("h", handshake_only=True), "2025-11-25"),
+        (McpBackend("b"), "any"),
+    ]
+    for backend, era in cases:
+        await nursery.start(backend.serve)
+        pool = _pool(backend.url)
+        opener = SessionOpener(UpstreamSessions(), timeout=10)
+        eras = RouteEras()
+        probes: list[str] = []
+
+        async def probe(
+            pool: UpstreamPool, opener: SessionOpener, eras: RouteEras, probes: list[str]
+        ) -> None:
+            request = ProbeRequest("/mcp", pool.backend, b"/mcp")
+            probes.append(await opener.probe(pool, request, eras))
+
+        async with trio.open_nursery() as probing:
+            for _ in range(3):
+                probing.start_soon(probe, pool, opener, eras, probes)
+        assert probes == [era] * 3, backend.replica
+        assert eras.era("/mcp", time.monotonic()) == era
+        # One probe for the three: a discover and an initialize (whose session ends).
+        # (A guard that refuses a request does not read its body: count the POSTs.)
+        assert len(backend.mcp_posts()) == 2, backend.replica
+        assert backend.mcp_posts()[0].headers.get("mcp-method") == "server/discover"
+        deletes = [r for r in backend.requests if r.method == "DELETE"]
+        assert len(deletes) == len(backend.sessions_created), backend.replica

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from proxy.protocol.era_probe import ProbeRequest
 from proxy.protocol.exchange import Check
 from proxy.protocol.upstream_sessions import SessionRefused, SessionRequest, UpstreamSession
 from tests.support.machine import World, make_config
@@ -303,3 +304,35 @@ def test_a_listen_is_the_get_stream_of_a_session_of_its_own(bytewise: bool) -> N
     w.c.client_closed()  # the listen ends: so does the backend's GET
     assert w.t.up.finished is not None and not w.t.up.finished["reusable"]
     assert w.t.notified == []
+
+
+def auto_world() -> World:
+    route = {**OLD_ROUTE, "prefix": "/auto", "backend_era": "auto"}
+    return World(make_config((*ROUTES, route), auth=JWT_AUTH))
+
+
+def test_an_auto_route_probes_once_then_translates_for_what_it_found(bytewise: bool) -> None:
+    w = auto_world()
+    w.feed(modern("tools/list").replace(b"POST /old ", b"POST /auto "), byte_at_a_time=bytewise)
+    assert w.state == "ADMISSION"
+    [probe] = w.t.checks
+    assert probe.kind == Check.PROBE and isinstance(probe.arg, ProbeRequest)
+    assert probe.arg.route == "/auto"
+    w.env.route_eras.learn("/auto", "2025-11-25", w.env.now())  # as the worker's probe does
+    w.c.admitted("2025-11-25")
+    assert w.t.checks[-1].kind == Check.SESSION  # translated: it needs an upstream session
+    w2 = auto_world()
+    w2.env.route_eras = w.env.route_eras
+    w2.feed(modern("tools/list").replace(b"POST /old ", b"POST /auto "))
+    assert [c.kind for c in w2.t.checks] == [Check.SESSION]  # no second probe
+
+
+def test_an_auto_route_whose_backends_speak_both_eras_passes_requests_as_they_came(
+    bytewise: bool,
+) -> None:
+    w = auto_world()
+    w.env.route_eras.learn("/auto", "any", w.env.now())
+    request = modern("tools/list").replace(b"POST /old ", b"POST /auto ")
+    w.feed(request, byte_at_a_time=bytewise)
+    assert w.t.checks == []
+    assert request.endswith(backend_request(w.t.up.sent).body)

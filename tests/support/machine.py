@@ -19,6 +19,7 @@ from proxy.auth import AuthFailure, Identity, authenticate, check_access
 from proxy.config import Config, from_mapping
 from proxy.conncaps import CapDecision, Lease
 from proxy.protocol.connection import STATE_NAMES, Connection
+from proxy.protocol.era_probe import RouteEras
 from proxy.protocol.exchange import Check, Exchange
 from proxy.protocol.fast_response import ResponseReader
 from proxy.protocol.http1 import ForwardingPolicy
@@ -141,6 +142,7 @@ class FakeEnv:
         self.routes = RouteTable.from_config(config.routes, config.upstream)
         self.tokens = SessionTokens(Keyring({"k1": SESSION_KEY}, "k1"))
         self.upstream_sessions = UpstreamSessions()
+        self.route_eras = RouteEras()
         self.draining = False
         self.checking = True
         self.trace_ratio = config.tracing.sample_ratio
