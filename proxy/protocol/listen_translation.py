@@ -22,9 +22,9 @@ from typing import Any, Final
 
 import msgspec
 
-from proxy.protocol.eras import HANDSHAKE_VERSION, SUBSCRIPTION_ID_META_KEY
+from proxy.protocol.eras import SUBSCRIPTION_ID_META_KEY
 from proxy.protocol.jsonrpc import INTERNAL_ERROR, RequestId
-from proxy.protocol.mcp import METHOD_HEADER, NAME_HEADER, SESSION_HEADER, VERSION_HEADER
+from proxy.protocol.mcp import METHOD_HEADER, NAME_HEADER
 from proxy.protocol.sse import DROP_EVENT, rewrite_events
 from proxy.protocol.upstream_sessions import ModernAnswer, SessionKey, UpstreamSession
 
@@ -79,15 +79,9 @@ class ListenAnswer(ModernAnswer):
         )
 
     def within(self, key: SessionKey, session: UpstreamSession, target: bytes = b"") -> bytes:
-        """The session's GET: no body, its stream's headers."""
-        self.target = target
-        self.key = key
-        self.session = session
-        self.request_headers = (
-            (VERSION_HEADER, HANDSHAKE_VERSION.encode()),
-            (SESSION_HEADER, session.id.encode("latin-1")),
-            (b"accept", b"text/event-stream"),
-        )
+        """The session's GET: the session's headers and a stream's, no body."""
+        super().within(key, session, target)
+        self.request_headers += ((b"accept", b"text/event-stream"),)
         return b""
 
     def cancellation(self) -> bytes | None:
