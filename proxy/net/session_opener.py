@@ -19,7 +19,6 @@ from proxy.protocol.era_probe import (
     ANY,
     DISCOVER_BODY,
     INITIALIZE_BODY,
-    PROBE_ID,
     ProbeRequest,
     RouteEras,
     era_of,
@@ -160,7 +159,7 @@ class SessionOpener:
                 answer = await _post(pool, target, INITIALIZE_BODY, ())
                 session = answer.header(SESSION_HEADER)
                 initialized = answer.status == 200 and not isinstance(
-                    initialize_result(answer.header(b"content-type") or b"", answer.body, PROBE_ID),
+                    initialize_result(answer.header(b"content-type") or b"", answer.body),
                     str,
                 )
                 if session:  # the probe's session ends here

@@ -27,6 +27,7 @@ from proxy.protocol.eras import (
     MODERN_VERSION,
 )
 from proxy.protocol.jsonrpc import PROTOCOL_VERSION_META_KEY
+from proxy.protocol.upstream_sessions import ClientEnvelope
 
 PROBE_TTL: Final = 60.0
 """Seconds a worker keeps what a probe said."""
@@ -50,18 +51,8 @@ DISCOVER_BODY: Final = msgspec.json.encode(
         },
     }
 )
-INITIALIZE_BODY: Final = msgspec.json.encode(
-    {
-        "jsonrpc": "2.0",
-        "id": PROBE_ID,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": HANDSHAKE_VERSION,
-            "capabilities": {},
-            "clientInfo": _CLIENT_INFO,
-        },
-    }
-)
+INITIALIZE_BODY: Final = ClientEnvelope({}, _CLIENT_INFO).initialize_body()
+"""The same ``initialize`` the proxy opens upstream sessions with, declaring nothing."""
 
 
 def era_of(discovered: bool, initialized: bool) -> str:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
+from proxy.mcp_routing import SESSION_NOT_FOUND
 from proxy.protocol.eras import (
     CLIENT_CAPABILITIES_META_KEY,
     CLIENT_INFO_META_KEY,
@@ -166,7 +167,7 @@ def translate(
         )
     state = decode_state(state_text)
     if state is None:
-        return LocalAnswer(404, error_body(request_id, INVALID_REQUEST, "Session not found"))
+        return LocalAnswer(404, error_body(request_id, INVALID_REQUEST, SESSION_NOT_FOUND))
     if method in ANSWERED_HERE:
         return LocalAnswer(200, _result_body(request_id, {}))
     try:

@@ -13,11 +13,14 @@ import msgspec
 
 from proxy.protocol.jsonrpc import (
     INVALID_PARAMS,
+    INVALID_REQUEST,
     METHOD_NOT_FOUND,
+    PARSE_ERROR,
     PROTOCOL_VERSION_META_KEY,
     RequestId,
     error_body,
 )
+from proxy.protocol.mcp import HEADER_MISMATCH, UNSUPPORTED_PROTOCOL_VERSION
 
 MODERN_VERSION: Final = "2026-07-28"
 HANDSHAKE_VERSION: Final = "2025-11-25"
@@ -42,22 +45,21 @@ REMOVED_METHODS: Final = frozenset(
 )
 """Handshake-era methods 2026-07-28 removed: a 2026-07-28 request of one is refused
 (404, -32601) as a 2026-07-28 server refuses it, not sent into the session."""
+MISSING_REQUIRED_CLIENT_CAPABILITY: Final = -32021
 ERROR_STATUS: Final = {
-    -32700: 400,
-    -32600: 400,
-    -32602: 400,
-    -32020: 400,
-    -32021: 400,
-    -32022: 400,
-    -32601: 404,
+    PARSE_ERROR: 400,
+    INVALID_REQUEST: 400,
+    INVALID_PARAMS: 400,
+    HEADER_MISMATCH: 400,
+    MISSING_REQUIRED_CLIENT_CAPABILITY: 400,
+    UNSUPPORTED_PROTOCOL_VERSION: 400,
+    METHOD_NOT_FOUND: 404,
 }
 """The HTTP status 2026-07-28 gives a JSON-RPC error (the reference SDK's table;
 -32603 and unlisted codes: 200)."""
 
-UNSUPPORTED_PROTOCOL_VERSION: Final = -32022
 
 _decode = msgspec.json.decode
-_encode = msgspec.json.encode
 
 
 def refusal(message: dict[str, Any], request_id: RequestId | None) -> tuple[int, bytes] | None:
@@ -79,12 +81,9 @@ def refusal(message: dict[str, Any], request_id: RequestId | None) -> tuple[int,
         )
     version = meta.get(PROTOCOL_VERSION_META_KEY)
     if version != MODERN_VERSION:
-        error = {
-            "code": UNSUPPORTED_PROTOCOL_VERSION,
-            "message": "Unsupported protocol version",
-            "data": {"supported": [MODERN_VERSION], "requested": version},
-        }
-        return 400, _encode({"jsonrpc": "2.0", "id": request_id, "error": error})
+        data = {"supported": [MODERN_VERSION], "requested": version}
+        unsupported = "Unsupported protocol version"
+        return 400, error_body(request_id, UNSUPPORTED_PROTOCOL_VERSION, unsupported, data)
     return None
 
 

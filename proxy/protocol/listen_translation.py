@@ -23,7 +23,7 @@ from typing import Any, Final
 import msgspec
 
 from proxy.protocol.eras import SUBSCRIPTION_ID_META_KEY
-from proxy.protocol.jsonrpc import INTERNAL_ERROR, RequestId
+from proxy.protocol.jsonrpc import INTERNAL_ERROR, RequestId, error_body
 from proxy.protocol.mcp import METHOD_HEADER, NAME_HEADER
 from proxy.protocol.sse import DROP_EVENT, rewrite_events
 from proxy.protocol.upstream_sessions import ModernAnswer, SessionKey, UpstreamSession
@@ -102,8 +102,7 @@ class ListenAnswer(ModernAnswer):
             events = self.rewrite_relayed(body)
             return self.stream_prelude() + (body if events is None else events)
         message = f"the backend offers no stream for subscriptions: {body[:200]!r}"
-        error = {"code": INTERNAL_ERROR, "message": message}
-        return _encode({"jsonrpc": "2.0", "id": self.request_id, "error": error})
+        return error_body(self.request_id, INTERNAL_ERROR, message)
 
     def answer_status(self, status: int) -> int:
         return 502 if self.json_instead else status

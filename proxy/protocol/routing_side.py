@@ -253,17 +253,18 @@ class RoutingSide(TranslatingSide):
             with_session(headers, decision.backend_session)
         length = self.rewritten_length
         answer: object = x.answer_rewrite
-        if isinstance(answer, Translation):
+        translation = answer if isinstance(answer, Translation) else None
+        if translation is not None:
             # The MCP headers of the backend's era in place of the client's, and the
             # rewritten body's length, in one pass.
-            replaced = answer.dropped_headers.union(n for n, _ in answer.request_headers)
+            replaced = translation.dropped_headers.union(n for n, _ in translation.request_headers)
             size = b"%d" % length if length is not None else None
             headers = [
                 (n, size if size is not None and n == b"content-length" else v)
                 for n, v in headers
                 if n not in replaced
             ]
-            headers.extend(answer.request_headers)
+            headers.extend(translation.request_headers)
         elif length is not None:
             # A body the proxy rewrote: its length, and a hidden call's stand-in name.
             view = x.answer_rewrite
@@ -292,7 +293,7 @@ class RoutingSide(TranslatingSide):
             headers = [(n, v) for n, v in headers if n not in names]
             if x.identity is not None:
                 headers += oauth.caller_header_values(x.identity)
-        method = answer.upstream_method if isinstance(answer, Translation) else None
+        method = translation.upstream_method if translation is not None else None
         return answers.request_head(method or head.method, target, headers)
 
     def mcp_response_headers(self, headers: list[tuple[bytes, bytes]], *, streaming: bool) -> None:

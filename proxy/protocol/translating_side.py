@@ -174,8 +174,7 @@ class TranslatingSide(RequestSide):
         answer: object = x.answer_rewrite
         if not isinstance(answer, ModernAnswer) or answer.session is not None:
             return False
-        caller = x.identity.subject if x.identity is not None else ""
-        key = answer.client.key(backend.replica, caller)
+        key = self._session_key(answer, backend)
         listen = isinstance(answer, ListenAnswer)
         session = None if listen else self.env.upstream_sessions.get(key)
         if session is None:
@@ -191,6 +190,13 @@ class TranslatingSide(RequestSide):
             self._wait(SESSION_STEP, Check(Check.SESSION, request))
             return True
         return self._within(answer, key, session)
+
+    def _session_key(self, answer: ModernAnswer, backend: Backend) -> SessionKey:
+        """The upstream session ``answer``'s request goes within: the replica's, for
+        this caller and the client it declares."""
+        x = self.x
+        caller = x.identity.subject if x is not None and x.identity is not None else ""
+        return answer.client.key(backend.replica, caller)
 
     def _within(self, answer: ModernAnswer, key: SessionKey, session: UpstreamSession) -> bool:
         """Send the request within ``session`` (or answer ``server/discover`` from it);
@@ -219,8 +225,7 @@ class TranslatingSide(RequestSide):
             self._refuse(result.status, result.message, rpc=refusal)
             return
         assert isinstance(result, UpstreamSession) and x.backend is not None
-        caller = x.identity.subject if x.identity is not None else ""
-        if not self._within(answer, answer.client.key(x.backend.replica, caller), result):
+        if not self._within(answer, self._session_key(answer, x.backend), result):
             self._choose_backend()
 
     def _session_lost(self, answer: ModernAnswer) -> bool:

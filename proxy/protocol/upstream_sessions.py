@@ -198,9 +198,7 @@ class ClientEnvelope:
 INITIALIZED_BODY: Final = b'{"jsonrpc":"2.0","method":"notifications/initialized"}'
 
 
-def initialize_result(
-    content_type: bytes, body: bytes, request_id: str = INITIALIZE_ID
-) -> dict[str, Any] | str:
+def initialize_result(content_type: bytes, body: bytes) -> dict[str, Any] | str:
     """The result of the backend's answer to ``initialize`` (JSON, or an event stream),
     or what is wrong with it."""
     payloads = event_payloads(body) if content_type.startswith(b"text/event-stream") else [body]
@@ -209,7 +207,7 @@ def initialize_result(
             message = _decode(payload)
         except msgspec.DecodeError:
             continue
-        if not isinstance(message, dict) or message.get("id") != request_id:
+        if not isinstance(message, dict) or message.get("id") != INITIALIZE_ID:
             continue
         result = message.get("result")
         if isinstance(result, dict):
