@@ -8,12 +8,12 @@ PYTHON ?= $(shell for p in /usr/bin/python3 python3; do \
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Debian packages the test suite starts for real (integration tests) and tools it uses.
-APT_PACKAGES := python3-venv redis-server postgresql pgbouncer haproxy wrk prometheus systemd procps nodejs
+APT_PACKAGES := python3-venv python3-dev gcc redis-server postgresql pgbouncer haproxy wrk prometheus systemd procps nodejs
 # TypeScript-SDK MCP servers some tests run as backends (npm ci from package-lock.json).
 NODE_DIR := tests/support/node
 
 .DEFAULT_GOAL := help
-.PHONY: help run test check lint typecheck unit apt venv node bench bench-quick conformance clean
+.PHONY: help run test check lint typecheck unit apt venv native node bench bench-quick conformance clean
 
 help:
 	@echo "make run    start the proxy on its bundled default (demo MCP backend beside it)"
@@ -36,9 +36,18 @@ $(VENV)/.stamp-test: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@touch $@ $(VENV)/.stamp-demo
 
+# The request path compiled with mypyc (proxy/native.py), rebuilt whenever a source
+# changes. Without a C compiler the proxy runs as Python, only slower.
+NATIVE_SOURCES := $(wildcard proxy/*.py proxy/net/*.py proxy/protocol/*.py)
+$(VENV)/.stamp-native: $(NATIVE_SOURCES) | $(VENV)/.stamp-demo
+	$(BIN)/python -m proxy.native build || echo "the request path runs as Python (see above)"
+	@touch $@
+
+native: $(VENV)/.stamp-native
+
 venv: $(VENV)/.stamp-test
 
-run: $(VENV)/.stamp-demo
+run: $(VENV)/.stamp-demo $(VENV)/.stamp-native
 	$(BIN)/switchboard run
 
 apt:
@@ -52,7 +61,7 @@ typecheck: $(VENV)/.stamp-test
 	$(BIN)/mypy
 	$(BIN)/mypy conformance/run.py
 
-unit: $(VENV)/.stamp-test
+unit: $(VENV)/.stamp-test $(VENV)/.stamp-native
 	$(BIN)/python -m pytest
 
 check: lint typecheck unit
@@ -69,15 +78,16 @@ $(VENV)/.stamp-bench: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	@touch $@
 
-bench: apt venv $(VENV)/.stamp-bench
+bench: apt venv $(VENV)/.stamp-bench $(VENV)/.stamp-native
 	$(BIN)/python -m bench.run --publish
 
-bench-quick: apt venv $(VENV)/.stamp-bench
+bench-quick: apt venv $(VENV)/.stamp-bench $(VENV)/.stamp-native
 	$(BIN)/python -m bench.run --quick
 
-conformance: $(VENV)/.stamp-demo node
+conformance: $(VENV)/.stamp-demo $(VENV)/.stamp-native node
 	$(BIN)/python conformance/run.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
+	find proxy -name '*.so' -delete
+	rm -rf build $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
 	rm -rf conformance/node_modules conformance/.venv conformance/results $(NODE_DIR)/node_modules

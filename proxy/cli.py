@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from proxy import __version__, control
+from proxy import __version__, control, native
 from proxy.config import (
     BUNDLED_CONFIG,
     Config,
@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
 
         demo_main(["--listen", args.listen])
         return
+    native.check()  # never run compiled code older than its source
     origins = Origins()
     try:
         config = config_from_args(args, origins)

@@ -17,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import msgspec
-
 from proxy.labels import (
     HTTP_METHOD_LABELS,
     MCP_METHOD_LABELS,
@@ -315,26 +313,3 @@ def event_payloads(blocks: bytes) -> list[bytes]:
         if data:
             payloads.append(b"\n".join(data))
     return payloads
-
-
-_ABSENT = msgspec.Raw(b"")  # msgspec cannot put Raw in a union: an empty Raw means absent
-
-
-class _ResponseProbe(msgspec.Struct):
-    id: int | str | None = None
-    result: msgspec.Raw = _ABSENT
-    error: msgspec.Raw = _ABSENT
-
-
-_probe = msgspec.json.Decoder(_ResponseProbe)
-
-
-def response_id(payload: bytes) -> int | str | None:
-    """The id of a JSON-RPC response (result or error), None for anything else."""
-    try:
-        message = _probe.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    if not message.result and not message.error:
-        return None
-    return message.id

@@ -284,7 +284,8 @@ def test_origin_port_wildcards() -> None:
 
 
 def test_event_payloads_and_response_ids() -> None:
-    from proxy.mcp_routing import event_payloads, response_id
+    from proxy.mcp_routing import event_payloads
+    from proxy.protocol.jsonrpc import response_id
 
     blocks = (
         b'event: message\r\nid: 1\r\ndata: {"jsonrpc":"2.0","method":"notifications/progress"}'

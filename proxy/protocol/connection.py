@@ -37,6 +37,8 @@ backend half: sending, relaying, failures) and this one (the events and the time
 
 from __future__ import annotations
 
+from mypy_extensions import mypyc_attr
+
 from proxy.protocol.connection_core import (
     ADMISSION,
     AS_IS,
@@ -62,6 +64,7 @@ from proxy.protocol.upstream_side import UpstreamSide
 __all__ = ["AS_IS", "STATE_NAMES", "Connection"]
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Connection(UpstreamSide):
     """One client connection's machine (see the module docstring)."""
 

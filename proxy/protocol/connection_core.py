@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from mypy_extensions import mypyc_attr
+
 from proxy.mcp_routing import McpRefusal
 from proxy.protocol import answers
 from proxy.protocol.exchange import Env, Exchange, Transport, Upstream
@@ -50,6 +52,7 @@ PIPELINE_LIMIT = 1 << 20
 INF = float("inf")
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ConnectionCore:
     __slots__ = (
         "auth_failure",

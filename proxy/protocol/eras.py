@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 import msgspec
+from mypy_extensions import mypyc_attr
 
 from proxy.protocol.jsonrpc import (
     INVALID_PARAMS,
@@ -87,6 +88,7 @@ def refusal(message: dict[str, Any], request_id: RequestId | None) -> tuple[int,
     return None
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Translation:
     """What every translated request carries, whichever way it is translated: the MCP
     headers its upstream request gets in place of the client's, and those it loses."""

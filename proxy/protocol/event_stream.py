@@ -25,13 +25,14 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from proxy.mcp_routing import event_payloads, response_id, rewrite_endpoint_block
+from proxy.mcp_routing import event_payloads, rewrite_endpoint_block
 from proxy.protocol.chunked import LAST_CHUNK
 from proxy.protocol.connection_core import CHUNKED
 from proxy.protocol.eras import (
     Translation,
 )
 from proxy.protocol.fast_response import END, ResponseHead
+from proxy.protocol.jsonrpc import response_id
 from proxy.protocol.mcp import EndpointRewriteError, parse_endpoint_event, rewrite_endpoint_event
 from proxy.protocol.sse import KEEPALIVE_COMMENT, EventStreamTracker, retry_hint
 

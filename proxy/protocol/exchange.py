@@ -16,7 +16,7 @@ asks of the rest of the worker. Sans-IO.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from proxy.auth import AuthFailure, Identity
 from proxy.config import Config
@@ -162,14 +162,14 @@ class Check:
 
     __slots__ = ("arg", "kind")
 
-    RATE = 1
+    RATE: Final = 1
     """A rate-limit decision; ``arg`` is the request's ``Buckets``."""
-    CAP = 2
+    CAP: Final = 2
     """A lease on a connection cap; ``arg`` is ``(scope, limit)``."""
-    SESSION = 3
+    SESSION: Final = 3
     """An upstream session opened for a translated request; ``arg`` is its
     ``proxy.protocol.upstream_sessions.SessionRequest``."""
-    PROBE = 4
+    PROBE: Final = 4
     """The era of an ``auto`` route's backends; ``arg`` is its
     ``proxy.protocol.era_probe.ProbeRequest``."""
 

@@ -110,6 +110,14 @@ class _Wire(Struct):
     error: Raw = _ABSENT
 
 
+class _ResponseProbe(Struct):
+    """Only what tells a response and its id: other members are not validated."""
+
+    id: int | str | None = None
+    result: Raw = _ABSENT
+    error: Raw = _ABSENT
+
+
 class _ErrorObject(Struct):
     code: int
     message: str
@@ -123,6 +131,7 @@ class _ErrorResponse(Struct):
 
 
 _wire_decoder = msgspec.json.Decoder(_Wire)
+_probe_decoder = msgspec.json.Decoder(_ResponseProbe)
 _params_decoder = msgspec.json.Decoder(_NamedParams)
 _array_decoder = msgspec.json.Decoder(list[Raw])
 _any_decoder = msgspec.json.Decoder()
@@ -272,6 +281,17 @@ def decode_message(body: bytes) -> Envelope:
     except (msgspec.DecodeError, UnicodeDecodeError):
         raise JsonRpcDecodeError(PARSE_ERROR, "Parse error") from None
     return _classify(wire)
+
+
+def response_id(payload: bytes) -> int | str | None:
+    """The id of a JSON-RPC response (result or error), None for anything else."""
+    try:
+        message = _probe_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if not message.result and not message.error:
+        return None
+    return message.id
 
 
 def error_body(id: RequestId | None, code: int, message: str, data: Any = None) -> bytes:

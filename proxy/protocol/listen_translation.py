@@ -47,7 +47,7 @@ class ListenAnswer(ModernAnswer):
 
     __slots__ = ("filter", "uris")
 
-    upstream_method = b"GET"
+    upstream_method: bytes | None = b"GET"
 
     def __init__(self, message: dict[str, Any], request_id: RequestId | None) -> None:
         super().__init__(message, request_id, "subscriptions/listen")

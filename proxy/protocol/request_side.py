@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from proxy.auth import AUTH_FAILED, AuthFailure
 from proxy.conncaps import CapDecision, ip_scope, tenant_scope
 from proxy.mcp_routing import (
@@ -61,6 +63,7 @@ PROBE_STEP = 102
 """Pending marker: the era of an ``auto`` route, which a request waits to learn."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class RequestSide(ConnectionCore):
     __slots__ = ()
 

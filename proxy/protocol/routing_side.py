@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+from mypy_extensions import mypyc_attr
+
 from proxy.auth import Identity, ToolDenied, check_tool_allowed, strip_credentials
 from proxy.mcp_routing import (
     SESSION_NOT_FOUND,
@@ -40,6 +42,7 @@ from proxy.routing import Backend, Route
 _RETRY_LATER = ((b"retry-after", b"1"),)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class RoutingSide(TranslatingSide):
     __slots__ = ()
 

@@ -95,13 +95,15 @@ class EventStreamTracker:
         return last in _EOL and before_last in _EOL
 
 
-def retry_hint(milliseconds: int) -> bytes:
+def retry_hint(milliseconds: object) -> bytes:
     """A block that sets the client's reconnection time and dispatches no event.
 
     §9.2.6: a ``retry`` field whose value (one leading space removed) is only ASCII digits
     sets the reconnection time; the blank line then dispatches with an empty data buffer,
     which resets the buffers and fires nothing. Send it only at a boundary, or the field
-    lands in (or is glued to) the upstream's half-sent event.
+    lands in (or is glued to) the upstream's half-sent event. ``milliseconds`` must be a
+    non-negative int (anything else is a ValueError, checked here rather than declared,
+    so that a compiled build refuses it the same way).
     """
     if isinstance(milliseconds, bool) or not isinstance(milliseconds, int) or milliseconds < 0:
         raise ValueError(f"retry needs a non-negative integer of milliseconds: {milliseconds!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from mypy_extensions import mypyc_attr
 
 from proxy.mcp_routing import SESSION_NOT_FOUND, McpDecision, McpRefusal
 from proxy.protocol.era_probe import ProbeRequest
@@ -37,6 +38,7 @@ AUTO = "auto"
 """``backend_era`` of a route whose backends' era is probed (``proxy.protocol.era_probe``)."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class TranslatingSide(RequestSide):
     __slots__ = ()
 

@@ -6,6 +6,8 @@ its answer (one retry where that cannot run the request twice, else 502/504). Sa
 
 from __future__ import annotations
 
+from mypy_extensions import mypyc_attr
+
 from proxy.protocol import answers
 from proxy.protocol.chunked import LAST_CHUNK
 from proxy.protocol.connection_core import (
@@ -44,6 +46,7 @@ class HeldAnswer:
         self.size = 0
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class UpstreamSide(RoutingSide):
     __slots__ = ()
 

@@ -35,6 +35,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Event, Request, TextMessage
 
 from proxy.config import Config, LimitsConfig, LogConfig, RouteConfig, ServerConfig, UpstreamConfig
+from proxy.net import accepting
 from proxy.net.client_io import ClientIO
 from proxy.net.context import WorkerContext
 from proxy.net.reactor import Reactor
@@ -731,14 +732,16 @@ async def test_a_bug_in_one_connection_costs_that_connection_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     backend = Backend()
-    original = Connection.upstream_data
 
-    def buggy(self: Connection, data: bytes) -> None:
-        if b"BOOM" in data:
-            raise RuntimeError("a bug in the connection machine")
-        original(self, data)
+    class BuggyConnection(Connection):
+        def upstream_data(self, data: bytes) -> None:
+            if b"BOOM" in data:
+                raise RuntimeError("a bug in the connection machine")
+            super().upstream_data(data)
 
-    monkeypatch.setattr(Connection, "upstream_data", buggy)
+    # The reactor makes each connection's machine where it accepts (its module's name
+    # for the class), so a subclass put there is what every new connection gets.
+    monkeypatch.setattr(accepting, "Connection", BuggyConnection)
     async with (
         backends_in_thread(backend.serve),
         running_worker([route("/", backend.url)]) as worker,

@@ -210,4 +210,4 @@ def test_retry_hint() -> None:
 @pytest.mark.parametrize("bad", [-1, True, 1.5, "10"])
 def test_retry_hint_rejects_what_is_not_milliseconds(bad: object) -> None:
     with pytest.raises(ValueError, match="non-negative integer"):
-        retry_hint(bad)  # type: ignore[arg-type]
+        retry_hint(bad)

@@ -1,0 +1,18 @@
+"""Checks made once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy import native
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Compiled modules older than their sources would be what the tests import: the
+    # suite would pass or fail on code that is no longer there.
+    old = native.stale()
+    if old:
+        raise pytest.UsageError(
+            f"compiled modules are older than their sources ({', '.join(old)}): "
+            "run `make native` (or `python -m proxy.native clean`)"
+        )
