@@ -42,6 +42,8 @@ COMPILED = (
     "proxy/routing.py",
     "proxy/net/client_io.py",
     "proxy/net/context.py",
+    "proxy/net/reactor.py",
+    "proxy/net/trio_loop.py",
     "proxy/net/upstream.py",
     "proxy/protocol/answers.py",
     "proxy/protocol/body.py",
@@ -129,6 +131,8 @@ def build() -> int:
         print("proxy.native: mypyc is not installed; the request path runs as Python")
         return 1
     clean()
+    print(f"proxy.native: compiling {len(COMPILED)} modules with mypyc (a minute or two)")
+    sys.stdout.flush()
     script = (
         "import sys\n"
         "from setuptools import setup\n"

@@ -32,6 +32,7 @@ from proxy.net.control_plane import ControlPlane
 from proxy.net.health import check_forever
 from proxy.net.listener import accept_new_handshakes, bind_reuseport
 from proxy.net.reactor import SEAL_LEAD, Reactor
+from proxy.net.trio_loop import task_name
 from proxy.net.upstream import Addresses, UpstreamPool
 from proxy.observability import BATCH_SECONDS, AccessLog, configure_logging, get_logger
 from proxy.protocol.session_token import Keyring, SessionTokens
@@ -196,6 +197,7 @@ async def serve(
             ctx.report_pools()  # the pools' series exist from the start
             background.start_soon(_flush_forever, ctx)
             reactor = Reactor(ctx, Admission(ctx))
+            ctx.reactor = reactor
             for sock in socks:
                 accept_new_handshakes(sock)  # a socket a stopped worker had closed to them
                 reactor.add_listener(sock)
@@ -204,7 +206,7 @@ async def serve(
             gc.freeze()
             gc.set_threshold(_GEN0_THRESHOLD, *gc.get_threshold()[1:])
             async with trio.open_nursery() as serving:
-                serving.start_soon(reactor.run)
+                serving.start_soon(reactor.run, name=task_name(Reactor, Reactor.run))
                 ctx.log.info("worker_ready", listen=list(config.server.listen))
                 task_status.started(ctx)
                 if on_ready is not None:

@@ -38,6 +38,7 @@ from proxy.routing import Backend, Route, RouteTable, pick_least_loaded
 
 if TYPE_CHECKING:
     from proxy.net.control_plane import ControlPlane
+    from proxy.net.reactor import Reactor
     from proxy.net.tracing import Tracer
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -79,6 +80,8 @@ class WorkerContext:
         self.tracer: Tracer | None = None
         """Makes and exports the spans of traced requests (set by the worker)."""
         self.nursery: trio.Nursery = None  # type: ignore[assignment]  # set by the worker
+        self.reactor: Reactor | None = None
+        """The worker's reactor, once it serves (set by the worker)."""
         self.counts = RequestMetrics()
         self.requests = 0
         self.active_connections = 0

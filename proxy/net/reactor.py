@@ -40,6 +40,7 @@ import trio.testing
 from proxy.net.accepting import Listener
 from proxy.net.client_io import ClientIO
 from proxy.net.listener import stop_new_handshakes
+from proxy.net.trio_loop import TrioLoop, task_name
 from proxy.net.upstream import UpstreamIO, UpstreamPool
 
 if TYPE_CHECKING:
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
 _IN = select.EPOLLIN
 _BATCH = 512
 _ROUNDS_PER_CHECKPOINT = 4
+_BUSY_BATCH = 4
+"""A batch this large suggests more sockets are ready already: the loop polls again at
+once instead of going through the wait."""
 """Batches handled between two Trio checkpoints while sockets keep being ready: each
 checkpoint is a trip through Trio's scheduler (and its own epoll), which the other tasks
 (deadlines, admission checks, the control plane) need only every millisecond or so."""
@@ -61,16 +65,6 @@ grace, then time to answer what was accepted."""
 _LONGEST_WAIT = 1.0
 """At most this long in one wait of the reactor's own: Trio checks its deadlines and
 signals in between even if every wake-up were missed."""
-
-
-def _trio_epoll_fd() -> int | None:
-    """The epoll descriptor of the running Trio loop's I/O manager (on Linux), or None
-    where this Trio keeps it elsewhere (the reactor then waits through Trio alone).
-    Trio has no public name for it; the reactor only ever polls it, never changes it."""
-    runner = getattr(getattr(trio._core._run, "GLOBAL_RUN_CONTEXT", None), "runner", None)
-    manager = getattr(runner, "io_manager", None)
-    epoll = getattr(manager, "_epoll", None)
-    return epoll.fileno() if isinstance(epoll, select.epoll) else None
 
 
 _TRIO: Final = object()
@@ -103,6 +97,8 @@ class Reactor:
         yielded to Trio since."""
         self._time_scope: trio.CancelScope | None = None
         self._time_target = math.inf
+        self._trio = TrioLoop()
+        """What the loop reads of Trio's own run loop (set again when it runs)."""
         """The deadline the timekeeper sleeps until."""
         self._waker = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.epoll.register(self._waker, _IN)
@@ -152,13 +148,15 @@ class Reactor:
         """Serve until a drain is over; connections left then are closed."""
         poll = self.epoll.poll
         checkpoint = trio.lowlevel.checkpoint
-        trio_fd = _trio_epoll_fd()
+        self._trio = TrioLoop()
+        trio_fd = self._trio.epoll_fd
         if trio_fd is not None:
             self.register(trio_fd, _TRIO, _IN)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keep_time)
+                nursery.start_soon(self._keep_time, name=task_name(Reactor, Reactor._keep_time))
                 rounds = 0
+                busy = True
                 while True:
                     if self.stopping and len(self.connections) <= self.refusing:
                         # Draining, and only connections refused on arrival are left:
@@ -173,7 +171,10 @@ class Reactor:
                                 self.stop_accepting()
                         elif not self.connections:
                             break
-                    events = poll(0, _BATCH)
+                    # After a small batch the set is most likely empty: straight to the
+                    # wait, which returns at once if it is not (one system call, not two,
+                    # per wake-up when requests come one by one).
+                    events = poll(0, _BATCH) if busy else []
                     if not events:
                         if trio_fd is None:
                             # No cancel scope per wait: deadlines are the timekeeper's,
@@ -192,6 +193,7 @@ class Reactor:
                             await checkpoint()  # Trio's deadline: its turn
                             continue
                     self.handle(events)
+                    busy = len(events) >= _BUSY_BATCH
                     rounds += 1
                     if rounds == _ROUNDS_PER_CHECKPOINT or self.trio_due:
                         # Trio's I/O is ready, or other tasks have waited long enough.
@@ -207,8 +209,8 @@ class Reactor:
         Trio's next deadline (empty: the deadline came). The set holds Trio's own epoll
         descriptor, so Trio's I/O wakes it too; a socket that becomes ready is served
         without a trip through Trio's scheduler."""
-        stats = trio.lowlevel.current_statistics()
-        if not (self.trio_idle and not stats.tasks_runnable and not stats.run_sync_soon_queue_size):
+        idle, wait = self._trio.state()
+        if not (self.trio_idle and idle):
             # Since the loop last yielded, other tasks may have become runnable in ways
             # the statistics do not show (those later in the batch that resumed this
             # one): Trio says when all of them wait. (``wait_all_tasks_blocked`` is in
@@ -218,10 +220,9 @@ class Reactor:
             events = self.epoll.poll(0, _BATCH)
             if events:
                 return events
-            stats = trio.lowlevel.current_statistics()
-        # Every other task waits, and only this loop's own calls (seen in ``stats``)
-        # or Trio's I/O (``trio_due``) can have changed that since.
-        wait = stats.seconds_to_next_deadline
+            wait = self._trio.state()[1]
+        # Every other task waits, and only this loop's own calls (seen in the runner's
+        # state) or Trio's I/O (``trio_due``) can have changed that since.
         if wait <= 0:
             return []
         return self.epoll.poll(min(wait, _LONGEST_WAIT), _BATCH)
@@ -380,7 +381,9 @@ class Reactor:
                 stop_new_handshakes(listener.sock)
             except OSError as exc:
                 self.ctx.log.warning("listener_filter_failed", error=str(exc))
-        self.ctx.nursery.start_soon(self._close_sealed_listeners)
+        self.ctx.nursery.start_soon(
+            self._close_sealed_listeners, name=task_name(Reactor, Reactor._close_sealed_listeners)
+        )
 
     async def _close_sealed_listeners(self) -> None:
         await trio.sleep(_HANDSHAKE_GRACE)

@@ -22,11 +22,10 @@ import signal
 import socket
 import struct
 import threading
-import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import h11
 import pytest
@@ -272,18 +271,6 @@ def route(prefix: str, backend: str, **extra: Any) -> RouteConfig:
     return RouteConfig(prefix=prefix, backends=(backend,), **extra)
 
 
-def _reactor() -> Reactor:
-    """The reactor of the worker running in this loop: ``self`` of its ``run`` task."""
-    for task in all_tasks():
-        if task.name.endswith("Reactor.run"):
-            frame = cast("types.CoroutineType[Any, Any, Any]", task.coro).cr_frame
-            assert frame is not None
-            reactor = frame.f_locals["self"]
-            assert isinstance(reactor, Reactor)
-            return reactor
-    raise LookupError("no reactor task")
-
-
 @asynccontextmanager
 async def running_worker(
     routes: Sequence[RouteConfig],
@@ -317,7 +304,8 @@ async def running_worker(
                 lambda: any(t.name.endswith("Reactor._keep_time") for t in all_tasks()),
                 "the reactor's timekeeper started",
             )
-            yield Worker(port, ctx, _reactor(), stopped)
+            assert ctx.reactor is not None
+            yield Worker(port, ctx, ctx.reactor, stopped)
             nursery.cancel_scope.cancel()
     finally:
         gc.unfreeze()
