@@ -15,8 +15,7 @@ the built modules.
 Left out, on purpose: modules that hold msgspec structs (mypyc compiles class bodies as
 its own classes), the h11 patch (h11 hands it bytearrays where bytes are declared: a
 compiled function checks declared types at run time), modules off the request path
-(configuration, the control plane, the supervisor) and modules with ``async def``
-(they are Trio tasks, not the per-request work).
+(configuration, the control plane, the supervisor, the worker's other Trio tasks).
 """
 
 from __future__ import annotations
