@@ -29,11 +29,11 @@ $(BIN)/python:
 
 # Re-install when the package metadata changes.
 $(VENV)/.stamp-demo: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[demo]'
+	$(BIN)/python -m pip install -q -e '.[demo,native]'
 	@touch $@
 
 $(VENV)/.stamp-test: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,native]'
 	@touch $@ $(VENV)/.stamp-demo
 
 # The request path compiled with mypyc (proxy/native.py), rebuilt whenever a source
@@ -75,7 +75,7 @@ test: apt venv node
 	$(MAKE) --no-print-directory check
 
 $(VENV)/.stamp-bench: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python -m pip install -q -e '.[bench,native]'
 	@touch $@
 
 bench: apt venv $(VENV)/.stamp-bench $(VENV)/.stamp-native

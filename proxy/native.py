@@ -103,14 +103,23 @@ def compiled() -> bool:
     return all(built(source) for source in COMPILED) and bool(_group_libraries())
 
 
+def stale_reason() -> str | None:
+    """Why the compiled modules must not run (some are older than their sources), or
+    None where they may."""
+    old = stale()
+    if not old:
+        return None
+    return (
+        f"compiled modules are older than their sources ({', '.join(old)}): run "
+        "`python -m proxy.native build` (or `make native`), or `python -m proxy.native clean`"
+    )
+
+
 def check() -> None:
     """Refuse to run code older than its source."""
-    old = stale()
-    if old:
-        raise SystemExit(
-            f"compiled modules are older than their sources ({', '.join(old)}): run "
-            "`python -m proxy.native build` (or `make`), or `python -m proxy.native clean`"
-        )
+    reason = stale_reason()
+    if reason is not None:
+        raise SystemExit(reason)
 
 
 def clean() -> None:
@@ -142,11 +151,9 @@ def build() -> int:
         f"setup(name='switchboard-native', packages=[], ext_modules=mypycify(sources, "
         f"opt_level='3', group_name={GROUP!r}))\n"
     )
-    env = dict(os.environ, MYPYC_OPT_LEVEL="3")
     result = subprocess.run(
         [sys.executable, "-c", script, *COMPILED],
         cwd=SOURCE_ROOT,
-        env=env,
         capture_output=True,
         text=True,
     )

@@ -10,9 +10,6 @@ from proxy import native
 def pytest_sessionstart(session: pytest.Session) -> None:
     # Compiled modules older than their sources would be what the tests import: the
     # suite would pass or fail on code that is no longer there.
-    old = native.stale()
-    if old:
-        raise pytest.UsageError(
-            f"compiled modules are older than their sources ({', '.join(old)}): "
-            "run `make native` (or `python -m proxy.native clean`)"
-        )
+    reason = native.stale_reason()
+    if reason is not None:
+        raise pytest.UsageError(reason)

@@ -98,7 +98,8 @@ class Reactor:
         self._time_scope: trio.CancelScope | None = None
         self._time_target = math.inf
         self._trio = TrioLoop()
-        """What the loop reads of Trio's own run loop (set again when it runs)."""
+        """What the loop reads of Trio's own run loop (the worker makes its reactor inside
+        ``trio.run``)."""
         """The deadline the timekeeper sleeps until."""
         self._waker = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.epoll.register(self._waker, _IN)
@@ -148,7 +149,6 @@ class Reactor:
         """Serve until a drain is over; connections left then are closed."""
         poll = self.epoll.poll
         checkpoint = trio.lowlevel.checkpoint
-        self._trio = TrioLoop()
         trio_fd = self._trio.epoll_fd
         if trio_fd is not None:
             self.register(trio_fd, _TRIO, _IN)
