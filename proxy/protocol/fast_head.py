@@ -1,9 +1,9 @@
-"""A fast request-head parser (llhttp via httptools) that agrees with the h11 path.
+"""A fast request-head parser that agrees with the h11 path.
 
 The reference for what a request head means is h11 with the ``strict_h11`` patch,
 followed by ``inspect_request``: that path is pure Python and costs tens of microseconds
 per head. This module parses the common case, an ordinary HTTP/1.1 origin-form request,
-with llhttp in C and returns one of four verdicts:
+and returns one of four verdicts:
 
 * ``FastHead``: the head is accepted. Its method, target, version and header list are
   exactly what h11 would report, and ``info`` is exactly what ``inspect_request`` would
@@ -13,20 +13,18 @@ with llhttp in C and returns one of four verdicts:
 * ``Fallback``: anything unusual; the caller hands the bytes to h11, which decides.
 
 Only ``FastHead``, ``NeedMore`` and ``Rejected`` need to be exact, so the module falls
-back whenever the two parsers could disagree: llhttp is more lenient than h11 in places
-(doubled spaces in the request line, ``Transfer-Encoding: gzip, chunked``, HTTP/0.9) and
-stricter in others (control characters in values, ``HTTP/1.2``, lower-case methods).
-Rather than trusting llhttp's verdict alone, the module checks the h11 grammar's
-constraints itself with cheap whole-buffer operations and uses llhttp for the work that
-is slow in Python, splitting and validating the header lines. The differential tests in
-``tests/protocol/test_fast_head.py`` compare every verdict with the reference.
+back whenever it is not sure of h11's answer: it checks the h11 grammar's constraints
+with cheap whole-buffer operations (no control bytes but HTAB, CRLF line ends only, no
+obs-fold, a request line of three fields), after which every field line h11 accepts is
+``token ":" value`` with the value's bytes already known good; a line of any other shape
+falls back. The differential tests in ``tests/protocol/test_fast_head.py`` compare every
+verdict with the reference.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import httptools
+from typing import Final
 
 from proxy.protocol.http1 import (
     HOP_BY_HOP,
@@ -42,10 +40,6 @@ from proxy.protocol.mcp import MCP_HEADER_NAMES, McpHeaders
 # are rare enough that h11 may as well parse them.
 _METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"HEAD", b"OPTIONS"})
 
-# Bytes a head may contain on the fast path: HTAB, CR, LF, printable ASCII and obs-text.
-# h11 admits other control bytes inside field values, llhttp refuses them: such heads
-# fall back so that h11's answer stands.
-_HEAD_BYTES = bytes([0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0x80, 0x100)])
 # h11 keeps at most this many Content-Length digits (``CONTENT_LENGTH_MAX_DIGITS``).
 _MAX_LENGTH_DIGITS = 20
 
@@ -118,13 +112,66 @@ Verdict = FastHead | NeedMore | Fallback | Rejected
 NEED_MORE = NeedMore()
 
 
+TCHAR: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+"""RFC 9110 tchar: deleting these from a field name leaves nothing if it is a token."""
+VCHAR: Final = bytes(range(0x21, 0x7F))
+HEAD_BYTES: Final = bytes([0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0x80, 0x100)])
+"""Bytes a head may hold on a fast path: HTAB, CR, LF, printable ASCII and obs-text."""
+
+
+def ambiguity(head: bytes) -> str:
+    """Why ``head`` (up to and including the CRLF that ends its last line) is not for a
+    fast parser, or "" if it is."""
+    if head.translate(None, HEAD_BYTES):
+        return "control byte in head"
+    lines = head.count(b"\r\n")
+    if head.count(b"\n") != lines or head.count(b"\r") != lines:
+        # A bare LF ends a line (and may end the head early) for h11; a bare CR is a
+        # line-ending ambiguity parsers judge differently.
+        return "bare CR or LF"
+    # (``find`` rather than ``in``: a bytes ``in`` bytes test first tries the operand as
+    # an integer, and pays for an exception it then discards.)
+    if head.find(b"\r\n ") != -1 or head.find(b"\r\n\t") != -1:
+        # obs-fold, or whitespace before a first field name: strict_h11 refuses both.
+        return "line starting with whitespace"
+    return ""
+
+
+def split_fields(head: bytes, start: int, end: int) -> list[tuple[bytes, bytes]] | None:
+    """The field lines of ``head`` (one ``ambiguity`` passed) from ``start`` to ``end``,
+    where the CRLF after the last one begins: each line's name lower-cased and its value
+    without OWS at either end, as h11 gives them; None if a line is not
+    ``token ":" value``. (A few calls for the whole block and one per line: each call
+    out of compiled code costs more than the bytes it looks at.)"""
+    if start >= end:
+        return []
+    block = head[start:end]
+    lines = block.split(b"\r\n")
+    lowered = block.lower().split(b"\r\n")
+    fields: list[tuple[bytes, bytes]] = []
+    for i in range(len(lines)):
+        line = lines[i]
+        colon = line.find(b":")
+        if colon <= 0:
+            return None  # no colon, or an empty name
+        first = colon + 1
+        last = len(line)
+        while first < last and (line[first] == 0x20 or line[first] == 0x09):
+            first += 1
+        while last > first and (line[last - 1] == 0x20 or line[last - 1] == 0x09):
+            last -= 1
+        fields.append((lowered[i][:colon], line[first:last]))
+    if b"".join([name for name, _ in fields]).translate(None, TCHAR):
+        return None  # a name that is not a token (whitespace before the colon, ...)
+    return fields
+
+
 class HeadCollector:
-    """The httptools callback object: takes each header as llhttp reports it, lower-cased
-    and stripped as h11 gives them, and notes the few whose values the proxy reads."""
+    """Takes each header of a head, lower-cased and stripped as h11 gives them, and notes
+    the few whose values the proxy reads."""
 
     __slots__ = (
         "chunked",
-        "complete",
         "connection",
         "headers",
         "host",
@@ -140,7 +187,6 @@ class HeadCollector:
 
     def reset(self) -> None:
         self.headers: Headers = []
-        self.complete = False
         self.hosts = 0
         self.host = b""
         self.length: int | None = None
@@ -153,15 +199,13 @@ class HeadCollector:
         self.mcp: dict[bytes, list[bytes]] | None = None
         """The headers MCP rules read, every copy (None: none was seen)."""
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # llhttp has checked that the name is a token (RFC 9110 tchar); it drops leading
-        # OWS from the value but keeps trailing OWS, where h11 drops both.
-        name = name.lower()
-        value = value.strip(b" \t")
-        self.headers.append((name, value))
-        kind = _SPECIAL.get(name)
-        if kind is not None:
-            self._special(kind, name, value)
+    def take(self, fields: Headers) -> None:
+        """A head's fields as h11 gives them: names lower-cased, values without OWS."""
+        self.headers = fields
+        for name, value in fields:
+            kind = _SPECIAL.get(name)
+            if kind is not None:
+                self._special(kind, name, value)
 
     def _special(self, kind: int, name: bytes, value: bytes) -> None:
         if kind == _HOST:
@@ -195,9 +239,6 @@ class HeadCollector:
         else:
             self.odd = name.decode("ascii")
 
-    def on_headers_complete(self) -> None:
-        self.complete = True
-
 
 def parse_request_head(data: bytes, max_header_bytes: int) -> Verdict:
     """Classify the request head at the start of ``data``.
@@ -206,20 +247,15 @@ def parse_request_head(data: bytes, max_header_bytes: int) -> Verdict:
     body or a pipelined request); ``max_header_bytes`` is the limit h11 is given as
     ``max_incomplete_event_size`` and the proxy applies to whole heads.
     """
-    collector = HeadCollector()
-    return parse_head_with(
-        data, max_header_bytes, collector, httptools.HttpRequestParser(collector)
-    )
+    return parse_head_with(data, max_header_bytes, HeadCollector())
 
 
 def parse_head_with(
     data: bytes,
     max_header_bytes: int,
     collector: HeadCollector,
-    parser: httptools.HttpRequestParser,
 ) -> Verdict:
-    """``parse_request_head`` with the llhttp parser given: one that has seen exactly the
-    connection's earlier messages (or none), and is left past this head on FastHead."""
+    """``parse_request_head`` with the collector given (a connection keeps one)."""
     if not data:
         return NEED_MORE
     if data[0] < 0x21:
@@ -236,19 +272,9 @@ def parse_head_with(
         return NEED_MORE
     consumed = end + 4
     head = data[:consumed]
-    if head.translate(None, _HEAD_BYTES):
-        return Fallback("control byte in head")
-    lines = head.count(b"\r\n")
-    if head.count(b"\n") != lines or head.count(b"\r") != lines:
-        # A bare LF could end the head earlier for h11; a bare CR is a line-ending
-        # ambiguity h11 and llhttp judge differently.
-        return Fallback("bare CR or LF")
-    # (``find`` rather than ``in``: a bytes ``in`` bytes test first tries the operand as
-    # an integer, and pays for an exception it then discards.)
-    if head.find(b"\r\n ") != -1 or head.find(b"\r\n\t") != -1:
-        # obs-fold, or whitespace before the first field name: strict_h11 rejects both
-        # (400) but llhttp reads the second as part of the request line.
-        return Fallback("line starting with whitespace")
+    why = ambiguity(head)
+    if why:
+        return Fallback(why)
 
     line_end = head.find(b"\r\n")
     parts = head[:line_end].split(b" ")
@@ -259,23 +285,16 @@ def parse_head_with(
         return Fallback("method")
     if version != b"HTTP/1.1":
         return Fallback("version")
-    if not target.startswith(b"/") or not target.isascii():
+    if not target.startswith(b"/") or target.translate(None, VCHAR):
         # Absolute-form and asterisk-form need inspect_request's target handling; a byte
-        # above 0x7e is outside h11's target grammar (vchar only; llhttp refuses the
-        # control bytes, a tab included).
+        # outside 0x21-0x7e is outside h11's target grammar (vchar only).
         return Fallback("target")
 
+    fields = split_fields(head, line_end + 2, end)
+    if fields is None:
+        return Fallback("field line")
     collector.reset()
-    try:
-        parser.feed_data(head)
-    except httptools.HttpParserUpgrade:
-        return Fallback("upgrade")
-    except httptools.HttpParserError as exc:
-        return Fallback(f"llhttp: {exc}")
-    if not collector.complete or len(collector.headers) != lines - 2:
-        # Every header line must have produced exactly one pair, or llhttp read the
-        # head differently from the line structure checked above.
-        return Fallback("header count")
+    collector.take(fields)
     if collector.odd:
         return Fallback(collector.odd)
 

@@ -1,11 +1,9 @@
 """The request heads of one client connection: the fast parser (``proxy.protocol
-.fast_head``) for ordinary heads, with one llhttp parser kept for the connection's
-life, and h11, the reference, for the rest. Sans-IO."""
+.fast_head``) for ordinary heads, and h11, the reference, for the rest. Sans-IO."""
 
 from __future__ import annotations
 
 import h11
-import httptools
 
 from proxy.protocol.fast_head import (
     NEED_MORE,
@@ -27,11 +25,9 @@ from proxy.protocol.mcp import McpHeaders
 class HeadReader:
     """The request heads of one client connection, in order.
 
-    Ordinary heads are parsed by one llhttp parser kept for the connection's life: it
-    sees every head and every Content-Length body (``body``), so it always stands at the
-    start of the next message. Anything ``parse_request_head`` leaves alone is parsed by
-    h11, the reference, then checked by ``inspect_request``; the llhttp parser, which did
-    not follow that message, is replaced (``resync``) before the next head.
+    Ordinary heads are parsed by ``parse_head_with``, which keeps nothing from one head
+    to the next but its collector. Anything it leaves alone is parsed by h11, the
+    reference, then checked by ``inspect_request``.
 
     ``read(data)`` takes everything received for the current head so far and answers
     FastHead (from either parser, ``consumed`` bytes long), NEED_MORE or Rejected. A
@@ -39,12 +35,11 @@ class HeadReader:
     that can never start a valid head is refused at once instead of at the timeout.
     """
 
-    __slots__ = ("_collector", "_h11", "_h11_fed", "_line_checked", "_parser", "max_header_bytes")
+    __slots__ = ("_collector", "_h11", "_h11_fed", "_line_checked", "max_header_bytes")
 
     def __init__(self, max_header_bytes: int) -> None:
         self.max_header_bytes = max_header_bytes
         self._collector = HeadCollector()
-        self._parser: httptools.HttpRequestParser | None = None
         self._h11: h11.Connection | None = None
         """The reference parser, while the current head is an unusual one."""
         self._h11_fed = 0
@@ -52,17 +47,12 @@ class HeadReader:
 
     def read(self, data: bytes) -> FastHead | NeedMore | Rejected:
         if self._h11 is None:
-            parser = self._parser
-            if parser is None:
-                parser = self._parser = httptools.HttpRequestParser(self._collector)
-            verdict = parse_head_with(data, self.max_header_bytes, self._collector, parser)
+            verdict = parse_head_with(data, self.max_header_bytes, self._collector)
             if type(verdict) is FastHead:
                 self._line_checked = False
                 return verdict
             if verdict is NEED_MORE:
                 return self._early_line_check(data)
-            # llhttp has seen (part of) a head it will not follow to its end.
-            self._parser = None
             if type(verdict) is Rejected:
                 self._line_checked = False
                 return verdict
@@ -70,25 +60,9 @@ class HeadReader:
             self._h11_fed = 0
         return self._read_h11(data)
 
-    def body(self, data: bytes | memoryview) -> None:
-        """Body bytes of a Content-Length request read by llhttp, so that it stays in step
-        with the connection."""
-        parser = self._parser
-        if parser is not None:
-            try:
-                parser.feed_data(data)
-            except httptools.HttpParserError:
-                self._parser = None  # out of step: a fresh one before the next head
-
-    def resync(self) -> None:
-        """The current message's body was not shown to llhttp (chunked, or the head came
-        through h11): start the next head on a fresh parser."""
-        self._parser = None
-
     def idle(self) -> None:
-        """No head is due for long (a held stream): let go of the parser and of what
-        the last head left behind; the next head gets a fresh parser."""
-        self._parser = None
+        """No head is due for long (a held stream): let go of what the last head left
+        behind."""
         self._collector.reset()
 
     def _early_line_check(self, data: bytes) -> NeedMore | Rejected:
@@ -104,7 +78,6 @@ class HeadReader:
         try:
             check_request_line(line)
         except RequestRejected as exc:
-            self._parser = None
             return Rejected(exc.status, exc.reason)
         return NEED_MORE
 

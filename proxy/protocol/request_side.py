@@ -198,7 +198,6 @@ class RequestSide(ConnectionCore):
         else:
             body = buf
             self.buf = b""
-        self.heads.body(body)
         self.held = [body]
         x.bytes_in = length
         self.request_done = True
@@ -387,8 +386,6 @@ class RequestSide(ConnectionCore):
             else:
                 self._refuse(exc.status, exc.reason)
             return
-        if not body.chunked:
-            self.heads.body(pieces[0])
         if rest:
             self.buf = rest + self.buf if self.buf else rest
         x.bytes_in = body.received
@@ -424,8 +421,6 @@ class RequestSide(ConnectionCore):
             self._phase(now + x.route.response_timeout)
         else:
             self._phase(self.phase_deadline)
-        if body.chunked:
-            self.heads.resync()
 
     def _hold_whole_body(self) -> bool:
         """An MCP message is routed on its content, and a small body of known length is

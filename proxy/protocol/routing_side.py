@@ -52,9 +52,6 @@ class RoutingSide(TranslatingSide):
         assert x is not None and x.route is not None and self.head is not None
         if streaming:
             self.uploading = True
-        body = self.body
-        if body is not None and self.request_done and body.chunked:
-            self.heads.resync()
         if x.route.kind != "mcp":
             self._choose_backend()
             return
