@@ -50,12 +50,12 @@ if TYPE_CHECKING:
 _IN = select.EPOLLIN
 _BATCH = 512
 _ROUNDS_PER_CHECKPOINT = 4
-_BUSY_BATCH = 4
-"""A batch this large suggests more sockets are ready already: the loop polls again at
-once instead of going through the wait."""
 """Batches handled between two Trio checkpoints while sockets keep being ready: each
 checkpoint is a trip through Trio's scheduler (and its own epoll), which the other tasks
 (deadlines, admission checks, the control plane) need only every millisecond or so."""
+_BUSY_BATCH = 4
+"""A batch this large suggests more sockets are ready already: the loop polls again at
+once instead of going through the wait."""
 _HANDSHAKE_GRACE = 0.2
 """How long sealed listening sockets stay open for handshakes already under way (a
 round trip, with room to spare, for clients on the same network)."""
@@ -97,10 +97,10 @@ class Reactor:
         yielded to Trio since."""
         self._time_scope: trio.CancelScope | None = None
         self._time_target = math.inf
+        """The deadline the timekeeper sleeps until."""
         self._trio = TrioLoop()
         """What the loop reads of Trio's own run loop (the worker makes its reactor inside
         ``trio.run``)."""
-        """The deadline the timekeeper sleeps until."""
         self._waker = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.epoll.register(self._waker, _IN)
         self.now = time.monotonic

@@ -112,17 +112,17 @@ Verdict = FastHead | NeedMore | Fallback | Rejected
 NEED_MORE = NeedMore()
 
 
-TCHAR: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_TCHAR: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 """RFC 9110 tchar: deleting these from a field name leaves nothing if it is a token."""
-VCHAR: Final = bytes(range(0x21, 0x7F))
-HEAD_BYTES: Final = bytes([0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0x80, 0x100)])
-"""Bytes a head may hold on a fast path: HTAB, CR, LF, printable ASCII and obs-text."""
+_VCHAR: Final = bytes(range(0x21, 0x7F))
+_HEAD_BYTES: Final = bytes([0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0x80, 0x100)])
+"""Bytes a head may hold on the fast path: HTAB, CR, LF, printable ASCII and obs-text."""
 
 
-def ambiguity(head: bytes) -> str:
-    """Why ``head`` (up to and including the CRLF that ends its last line) is not for a
-    fast parser, or "" if it is."""
-    if head.translate(None, HEAD_BYTES):
+def _ambiguity(head: bytes) -> str:
+    """Why ``head`` (a whole head, its blank line included) must be left to h11, or ""
+    if its field lines have one reading (then ``_split_fields`` splits them)."""
+    if head.translate(None, _HEAD_BYTES):
         return "control byte in head"
     lines = head.count(b"\r\n")
     if head.count(b"\n") != lines or head.count(b"\r") != lines:
@@ -137,8 +137,8 @@ def ambiguity(head: bytes) -> str:
     return ""
 
 
-def split_fields(head: bytes, start: int, end: int) -> list[tuple[bytes, bytes]] | None:
-    """The field lines of ``head`` (one ``ambiguity`` passed) from ``start`` to ``end``,
+def _split_fields(head: bytes, start: int, end: int) -> Headers | None:
+    """The field lines of ``head`` (one ``_ambiguity`` passed) from ``start`` to ``end``,
     where the CRLF after the last one begins: each line's name lower-cased and its value
     without OWS at either end, as h11 gives them; None if a line is not
     ``token ":" value``. (A few calls for the whole block and one per line: each call
@@ -148,7 +148,7 @@ def split_fields(head: bytes, start: int, end: int) -> list[tuple[bytes, bytes]]
     block = head[start:end]
     lines = block.split(b"\r\n")
     lowered = block.lower().split(b"\r\n")
-    fields: list[tuple[bytes, bytes]] = []
+    fields: Headers = []
     for i in range(len(lines)):
         line = lines[i]
         colon = line.find(b":")
@@ -161,7 +161,7 @@ def split_fields(head: bytes, start: int, end: int) -> list[tuple[bytes, bytes]]
         while last > first and (line[last - 1] == 0x20 or line[last - 1] == 0x09):
             last -= 1
         fields.append((lowered[i][:colon], line[first:last]))
-    if b"".join([name for name, _ in fields]).translate(None, TCHAR):
+    if b"".join([name for name, _ in fields]).translate(None, _TCHAR):
         return None  # a name that is not a token (whitespace before the colon, ...)
     return fields
 
@@ -272,7 +272,7 @@ def parse_head_with(
         return NEED_MORE
     consumed = end + 4
     head = data[:consumed]
-    why = ambiguity(head)
+    why = _ambiguity(head)
     if why:
         return Fallback(why)
 
@@ -285,12 +285,12 @@ def parse_head_with(
         return Fallback("method")
     if version != b"HTTP/1.1":
         return Fallback("version")
-    if not target.startswith(b"/") or target.translate(None, VCHAR):
+    if not target.startswith(b"/") or target.translate(None, _VCHAR):
         # Absolute-form and asterisk-form need inspect_request's target handling; a byte
         # outside 0x21-0x7e is outside h11's target grammar (vchar only).
         return Fallback("target")
 
-    fields = split_fields(head, line_end + 2, end)
+    fields = _split_fields(head, line_end + 2, end)
     if fields is None:
         return Fallback("field line")
     collector.reset()
