@@ -77,8 +77,11 @@ class McpRefusal(Exception):
         return error_body(self.request_id, self.code, self.message)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class McpDecision:
+    """How one MCP request is routed. (Its own ``__init__``: the one ``dataclass`` writes
+    would run as plain Python, once per request.)"""
+
     era: Era
     envelope: Envelope | None
     replica: str | None
@@ -102,6 +105,35 @@ class McpDecision:
     """The backend's era where the request is translated to it at the proxy."""
     backend_era: str | None = None
     """The era an ``auto`` route's backends were found to speak (``era_probe``)."""
+
+    def __init__(
+        self,
+        era: Era,
+        envelope: Envelope | None,
+        replica: str | None,
+        backend_session: str | None = None,
+        target: bytes | None = None,
+        *,
+        issue_session: bool = False,
+        legacy_stream: bool = False,
+        cancel_on_disconnect: bool = False,
+        batch: tuple[Envelope, ...] = (),
+        session_state: str | None = None,
+        translated_to: str | None = None,
+        backend_era: str | None = None,
+    ) -> None:
+        self.era = era
+        self.envelope = envelope
+        self.replica = replica
+        self.backend_session = backend_session
+        self.target = target
+        self.issue_session = issue_session
+        self.legacy_stream = legacy_stream
+        self.cancel_on_disconnect = cancel_on_disconnect
+        self.batch = batch
+        self.session_state = session_state
+        self.translated_to = translated_to
+        self.backend_era = backend_era
 
     @property
     def request_id(self) -> RequestId | None:

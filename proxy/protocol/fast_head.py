@@ -23,7 +23,7 @@ verdict with the reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from proxy.protocol.http1 import (
@@ -63,7 +63,7 @@ _SPECIAL: dict[bytes, int] = {
 }
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class FastHead:
     """An accepted request head, as the reference path would have reported it."""
 
@@ -77,12 +77,33 @@ class FastHead:
     request."""
     info: RequestInfo
     """What ``inspect_request`` returns for this head."""
-    plain: bytes | None = None
+    plain: bytes | None
     """The header lines as received (each with its CRLF), when none of them is one a
     proxy rewrites or removes (hop-by-hop, X-Forwarded-*, Via): the backend can be sent
     them as they are. None otherwise, and for heads parsed by h11."""
-    mcp_headers: McpHeaders = field(default_factory=McpHeaders)
-    """The headers the MCP rules read, gathered while the head was parsed."""
+    mcp_headers: McpHeaders
+    """The headers the MCP rules read, gathered while the head was parsed (an empty
+    set where none was given)."""
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        http_version: bytes,
+        headers: Headers,
+        consumed: int,
+        info: RequestInfo,
+        plain: bytes | None = None,
+        mcp_headers: McpHeaders | None = None,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.http_version = http_version
+        self.headers = headers
+        self.consumed = consumed
+        self.info = info
+        self.plain = plain
+        self.mcp_headers = _NO_MCP_HEADERS if mcp_headers is None else mcp_headers
 
 
 @dataclass(frozen=True, slots=True)

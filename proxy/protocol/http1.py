@@ -53,9 +53,13 @@ class RequestRejected(Exception):
         self.headers = tuple(headers)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class RequestInfo:
-    """What the proxy learned from a request head, beyond the h11 event."""
+    """What the proxy learned from a request head, beyond the h11 event.
+
+    (``init=False`` and an ``__init__`` of its own, here and on the request path's other
+    dataclasses: the one ``dataclass`` writes is plain Python even in a compiled module,
+    one interpreted call per request.)"""
 
     path: str
     """Path without the query, for routing."""
@@ -72,6 +76,28 @@ class RequestInfo:
     expect_continue: bool = False
     """An HTTP/1.1 request with ``Expect: 100-continue``: its client waits for a 100
     before it sends the body."""
+
+    def __init__(
+        self,
+        path: str,
+        target: bytes,
+        host: bytes,
+        chunked: bool,
+        content_length: int | None,
+        upgrade: bytes | None,
+        connection_tokens: frozenset[bytes],
+        host_missing: bool = False,
+        expect_continue: bool = False,
+    ) -> None:
+        self.path = path
+        self.target = target
+        self.host = host
+        self.chunked = chunked
+        self.content_length = content_length
+        self.upgrade = upgrade
+        self.connection_tokens = connection_tokens
+        self.host_missing = host_missing
+        self.expect_continue = expect_continue
 
 
 def _connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
