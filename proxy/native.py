@@ -56,6 +56,7 @@ COMPILED = (
     "proxy/protocol/fast_head.py",
     "proxy/protocol/fast_response.py",
     "proxy/protocol/head_reader.py",
+    "proxy/protocol/jsonrpc.py",
     "proxy/protocol/http1.py",
     "proxy/protocol/listen_translation.py",
     "proxy/protocol/mcp.py",
