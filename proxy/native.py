@@ -46,6 +46,7 @@ COMPILED = (
     "proxy/net/upstream.py",
     "proxy/protocol/answers.py",
     "proxy/protocol/body.py",
+    "proxy/protocol/byte_classes.py",
     "proxy/protocol/chunked.py",
     "proxy/protocol/connection.py",
     "proxy/protocol/connection_core.py",

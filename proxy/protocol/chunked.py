@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from proxy.protocol.byte_classes import FIELD_BYTES, TCHAR
+
 
 class ChunkedError(Exception):
     """The body is not valid chunked framing; the request gets 400."""
@@ -33,8 +35,6 @@ MAX_SIZE_DIGITS: Final = 16
 MAX_LINE: Final = 4096
 """Bytes in a chunk-size line (with its extensions) or a trailer line."""
 _HEX: Final = b"0123456789abcdefABCDEF"
-# Bytes allowed after the size (extensions) and in trailer lines: HTAB, SP, VCHAR, obs-text.
-_LINE_BYTES: Final = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 
 _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
 
@@ -124,8 +124,8 @@ class ChunkedDecoder:
             if (
                 not colon
                 or not name
-                or name.translate(None, _TOKEN)
-                or line.translate(None, _LINE_BYTES)
+                or not TCHAR.holds_only(name)
+                or not FIELD_BYTES.holds_only(line)
             ):
                 raise ChunkedError("malformed trailer field")
 
@@ -137,7 +137,7 @@ class ChunkedDecoder:
             raise ChunkedError("chunk size too large")
         rest = line[digits:]
         # Extensions (BWS ";" ...) are checked for stray bytes, then dropped.
-        if rest and (rest.lstrip(b" \t")[:1] != b";" or rest.translate(None, _LINE_BYTES)):
+        if rest and (rest.lstrip(b" \t")[:1] != b";" or not FIELD_BYTES.holds_only(rest)):
             raise ChunkedError("malformed chunk extension")
         size = int(line[:digits], 16)
         if size:
@@ -145,10 +145,6 @@ class ChunkedDecoder:
             self._state = _DATA
         else:
             self._state = _TRAILER
-
-
-# RFC 9110 tchar: the bytes of a field name.
-_TOKEN: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 def encode_chunk(data: bytes) -> bytes:

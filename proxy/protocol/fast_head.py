@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from proxy.protocol.byte_classes import TCHAR, VCHAR, ByteClass
 from proxy.protocol.http1 import (
     HOP_BY_HOP,
     Headers,
@@ -133,17 +134,14 @@ Verdict = FastHead | NeedMore | Fallback | Rejected
 NEED_MORE = NeedMore()
 
 
-_TCHAR: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-"""RFC 9110 tchar: deleting these from a field name leaves nothing if it is a token."""
-_VCHAR: Final = bytes(range(0x21, 0x7F))
-_HEAD_BYTES: Final = bytes([0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0x80, 0x100)])
+_HEAD_BYTES: Final = ByteClass(bytes([0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0x80, 0x100)]))
 """Bytes a head may hold on the fast path: HTAB, CR, LF, printable ASCII and obs-text."""
 
 
 def _ambiguity(head: bytes) -> str:
     """Why ``head`` (a whole head, its blank line included) must be left to h11, or ""
     if its field lines have one reading (then ``_split_fields`` splits them)."""
-    if head.translate(None, _HEAD_BYTES):
+    if not _HEAD_BYTES.holds_only(head):
         return "control byte in head"
     lines = head.count(b"\r\n")
     if head.count(b"\n") != lines or head.count(b"\r") != lines:
@@ -182,7 +180,7 @@ def _split_fields(head: bytes, start: int, end: int) -> Headers | None:
         while last > first and (line[last - 1] == 0x20 or line[last - 1] == 0x09):
             last -= 1
         fields.append((lowered[i][:colon], line[first:last]))
-    if b"".join([name for name, _ in fields]).translate(None, _TCHAR):
+    if not TCHAR.holds_only(b"".join([name for name, _ in fields])):
         return None  # a name that is not a token (whitespace before the colon, ...)
     return fields
 
@@ -306,7 +304,7 @@ def parse_head_with(
         return Fallback("method")
     if version != b"HTTP/1.1":
         return Fallback("version")
-    if not target.startswith(b"/") or target.translate(None, _VCHAR):
+    if not target.startswith(b"/") or not VCHAR.holds_only(target):
         # Absolute-form and asterisk-form need inspect_request's target handling; a byte
         # outside 0x21-0x7e is outside h11's target grammar (vchar only).
         return Fallback("target")
@@ -331,7 +329,7 @@ def parse_head_with(
         return Rejected(400, "both Content-Length and Transfer-Encoding")
     query_at = target.find(b"?")
     raw_path = target if query_at == -1 else target[:query_at]
-    if raw_path.translate(None, _PATH_BYTES):  # a dot, a backslash or a %-escape in it
+    if not _PLAIN_PATH.holds_only(raw_path):  # a dot, a backslash or a %-escape in it
         try:
             _check_path(raw_path)
         except RequestRejected as exc:
@@ -363,6 +361,6 @@ def parse_head_with(
 _TWO_HOSTS = "more than one Host header"
 _NO_MCP_HEADERS = McpHeaders()
 # Every byte but the three that can form a dot-segment or a backslash path (``.``, ``\``,
-# ``%``): what is left after deleting these tells whether _check_path must look.
-_PATH_BYTES = bytes(b for b in range(256) if b not in b".\\%")
+# ``%``): a path of these only needs no look from _check_path.
+_PLAIN_PATH = ByteClass(bytes(b for b in range(256) if b not in b".\\%"))
 _NO_TOKENS: frozenset[bytes] = frozenset()

@@ -31,6 +31,8 @@ from typing import Final
 
 import httptools
 
+from proxy.protocol.byte_classes import FIELD_BYTES
+
 Headers = list[tuple[bytes, bytes]]
 END: Final = None
 _OWS: Final = b" \t"
@@ -103,8 +105,6 @@ meanwhile are trailers, dropped (as h11 keeps them apart from the head); never a
 to, ``on_message_begin`` starts each message with a new list."""
 _STATUS_LINE_START: Final = b"HTTP/"
 _CR_LF: Final = b"\r\n"
-_CONTROL: Final = bytes(range(0x00, 0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
-"""Bytes a reason phrase must not hold (RFC 9112 §4: HTAB, SP, VCHAR, obs-text)."""
 
 
 # Header names the reader looks at beyond lower-casing and stripping them.
@@ -218,7 +218,7 @@ class ResponseReader:
         self._flags = 0
 
     def on_status(self, reason: bytes) -> None:
-        if len(reason.translate(None, _CONTROL)) != len(reason):
+        if not FIELD_BYTES.holds_only(reason):
             self._malformed("a control character in the reason phrase")
         self._reason += reason
 

@@ -18,6 +18,8 @@ from typing import Literal, Protocol
 
 import h11
 
+from proxy.protocol.byte_classes import FIELD_BYTES
+
 Headers = list[tuple[bytes, bytes]]
 
 # RFC 9110 §7.6.1, plus the de-facto ones (Keep-Alive, Proxy-Connection). Content-Length
@@ -111,8 +113,6 @@ def _connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
 
 
 _VERSIONS = frozenset({b"1.0", b"1.1"})
-# Bytes a header value may hold: HTAB, SP, VCHAR and obs-text (RFC 9110 §5.5).
-_VALUE_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 _REQUEST_LINE = re.compile(
     rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e\x80-\xff]+ HTTP/([0-9])\.([0-9])"
 )
@@ -201,7 +201,7 @@ def inspect_request(request: h11.Request) -> RequestInfo:
     expect_continue = False
     connection_values: list[bytes] = []
     for name, value in request.headers:
-        if value.translate(None, _VALUE_BYTES):
+        if not FIELD_BYTES.holds_only(value):
             # h11 admits control bytes other than NUL, CR, LF, VT and FF inside values;
             # a backend may read them as line breaks or terminators.
             raise RequestRejected(400, "control character in a header value")

@@ -47,6 +47,7 @@ from types import MappingProxyType
 from typing import Final
 from urllib.parse import unquote_plus, urljoin, urlsplit
 
+from proxy.protocol.byte_classes import PRINTABLE_ASCII
 from proxy.protocol.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -250,9 +251,6 @@ def _routing_headers(values: dict[bytes, list[bytes]]) -> dict[bytes, str] | Hea
     return found
 
 
-_PRINTABLE_ASCII = bytes(range(0x20, 0x7F))
-
-
 def _agree_plainly(values: dict[bytes, list[bytes]], envelope: Envelope) -> bool:
     """The usual request, decided without decoding anything: one copy of each routing
     header, printable ASCII, equal byte for byte to the body's values (and no base64
@@ -274,15 +272,15 @@ def _agree_plainly(values: dict[bytes, list[bytes]], envelope: Envelope) -> bool
         or not body_method.isascii()
         or version[0] != body_version.encode()
         or method[0] != body_method.encode()
-        or version[0].translate(None, _PRINTABLE_ASCII)
-        or method[0].translate(None, _PRINTABLE_ASCII)
+        or not PRINTABLE_ASCII.holds_only(version[0])
+        or not PRINTABLE_ASCII.holds_only(method[0])
     ):
         return False
     name = values.get(NAME_HEADER)
     if name is None:
         key = _NAME_BEARING.get(body_method)
         return key is None or (envelope.name if key == "name" else envelope.uri) is None
-    if len(name) != 1 or name[0].translate(None, _PRINTABLE_ASCII):
+    if len(name) != 1 or not PRINTABLE_ASCII.holds_only(name[0]):
         return False
     key = _NAME_BEARING.get(body_method)
     if key is None:
