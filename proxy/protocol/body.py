@@ -10,7 +10,7 @@ ones re-chunked (extensions and trailers dropped).
 
 from __future__ import annotations
 
-from proxy.protocol.chunked import LAST_CHUNK, ChunkedDecoder, ChunkedError
+from proxy.protocol.chunked import ChunkedDecoder, ChunkedError, encode_chunks
 
 
 class BodyRejected(Exception):
@@ -75,7 +75,4 @@ class BodyReader:
         """Body bytes framed for the backend (``ending``: the body ends here)."""
         if self._chunks is None:
             return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        out = [b"%x\r\n%b\r\n" % (len(piece), piece) for piece in pieces if piece]
-        if ending:
-            out.append(LAST_CHUNK)
-        return b"".join(out)
+        return encode_chunks(pieces, last=ending)

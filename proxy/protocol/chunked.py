@@ -152,4 +152,16 @@ def encode_chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
+def encode_chunks(pieces: list[bytes], *, last: bool = False) -> bytes:
+    """``pieces`` as chunks, one each, empty ones left out (an empty chunk is the last
+    one); ``last``: the last chunk after them."""
+    if len(pieces) == 1 and not last:  # the usual case: one read's bytes, one chunk
+        piece = pieces[0]
+        return encode_chunk(piece) if piece else b""
+    out = [encode_chunk(piece) for piece in pieces if piece]
+    if last:
+        out.append(LAST_CHUNK)
+    return b"".join(out)
+
+
 LAST_CHUNK: Final = b"0\r\n\r\n"

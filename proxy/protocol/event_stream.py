@@ -26,7 +26,7 @@ import math
 from typing import TYPE_CHECKING
 
 from proxy.mcp_routing import event_payloads, rewrite_endpoint_block
-from proxy.protocol.chunked import LAST_CHUNK
+from proxy.protocol.chunked import LAST_CHUNK, encode_chunks
 from proxy.protocol.connection_core import CHUNKED
 from proxy.protocol.eras import (
     Translation,
@@ -259,13 +259,7 @@ class StreamRelay:
         if track:
             for piece in pieces:
                 self._tracker.feed(piece)
-        if c.framing == CHUNKED:
-            # (No empty piece: an empty chunk is the last one.)
-            body = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pieces if p)
-            if last:
-                body += LAST_CHUNK
-        else:
-            body = b"".join(pieces)
+        body = encode_chunks(pieces, last=last) if c.framing == CHUNKED else b"".join(pieces)
         if head or body:
             c.t.send_client(head + body)
 

@@ -136,15 +136,25 @@ NEED_MORE = NeedMore()
 
 _HEAD_BYTES: Final = ByteClass(bytes([0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0x80, 0x100)]))
 """Bytes a head may hold on the fast path: HTAB, CR, LF, printable ASCII and obs-text."""
+_MARKS: Final = bytes(
+    (1 if value == 0x0D else 2 if value == 0x0A else 0)
+    if _HEAD_BYTES.holds_only(bytes([value]))
+    else 3
+    for value in range(256)
+)
+"""CR to 1, LF to 2, the other bytes of ``_HEAD_BYTES`` to 0, any other byte to 3."""
+_CRLF_MARKS: Final = b"\x01\x02"
 
 
 def _ambiguity(head: bytes) -> str:
     """Why ``head`` (a whole head, its blank line included) must be left to h11, or ""
     if its field lines have one reading (then ``_split_fields`` splits them)."""
-    if not _HEAD_BYTES.holds_only(head):
-        return "control byte in head"
-    lines = head.count(b"\r\n")
-    if head.count(b"\n") != lines or head.count(b"\r") != lines:
+    # One translation marks CR, LF and the bytes no head may hold; with every CRLF's
+    # marks taken out, any mark left is a control byte or a bare CR or LF (the marks
+    # keep the head's positions, so only a real CRLF is taken out).
+    if head.translate(_MARKS).replace(_CRLF_MARKS, b"").strip(b"\x00"):
+        if not _HEAD_BYTES.holds_only(head):
+            return "control byte in head"
         # A bare LF ends a line (and may end the head early) for h11; a bare CR is a
         # line-ending ambiguity parsers judge differently.
         return "bare CR or LF"

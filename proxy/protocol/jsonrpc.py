@@ -156,29 +156,34 @@ def _request(kind: Kind, request_id: RequestId | None, method: str, params: Raw)
 
 
 def _classify(wire: Wire) -> Envelope:
+    # (Each member read once: a Struct's attribute is a lookup, not a field access.)
     if wire.jsonrpc != "2.0":
         raise JsonRpcDecodeError(INVALID_REQUEST, 'jsonrpc must be "2.0"')
-    request_id = None if wire.id is UNSET else wire.id
-    if wire.method is not UNSET:
-        if wire.result or wire.error:
+    wire_id = wire.id
+    method = wire.method
+    result = wire.result
+    error = wire.error
+    request_id = None if wire_id is UNSET else wire_id
+    if method is not UNSET:
+        if result or error:
             raise JsonRpcDecodeError(INVALID_REQUEST, "request with result or error", id=request_id)
-        if wire.id is UNSET:
-            return _request("notification", None, wire.method, wire.params)
-        if wire.id is None:
+        if wire_id is UNSET:
+            return _request("notification", None, method, wire.params)
+        if wire_id is None:
             # JSON-RPC discourages null ids; MCP forbids them (ids are strings or integers).
             raise JsonRpcDecodeError(INVALID_REQUEST, "request id must not be null")
-        return _request("request", wire.id, wire.method, wire.params)
-    if wire.id is UNSET:
+        return _request("request", wire_id, method, wire.params)
+    if wire_id is UNSET:
         raise JsonRpcDecodeError(INVALID_REQUEST, "missing method")
-    if bool(wire.result) == bool(wire.error):
+    if bool(result) == bool(error):
         raise JsonRpcDecodeError(
             INVALID_REQUEST, "response needs exactly one of result and error", id=request_id
         )
-    if not wire.result:
-        return Envelope("error", wire.id, None, None, None, wire.error)
-    if wire.id is None:
+    if not result:
+        return Envelope("error", wire_id, None, None, None, error)
+    if wire_id is None:
         raise JsonRpcDecodeError(INVALID_REQUEST, "result with null id")
-    return Envelope("response", wire.id, None, None, wire.result, None)
+    return Envelope("response", wire_id, None, None, result, None)
 
 
 def _reject_array(body: bytes) -> JsonRpcDecodeError:

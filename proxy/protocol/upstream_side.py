@@ -9,7 +9,7 @@ from __future__ import annotations
 from mypy_extensions import mypyc_attr
 
 from proxy.protocol import answers
-from proxy.protocol.chunked import LAST_CHUNK
+from proxy.protocol.chunked import LAST_CHUNK, encode_chunk
 from proxy.protocol.connection_core import (
     AS_IS,
     CHUNKED,
@@ -95,7 +95,7 @@ class UpstreamSide(RoutingSide):
             if type(event) is bytes:
                 x.bytes_out += len(event)
                 if framing == CHUNKED:
-                    out.append(b"%x\r\n%b\r\n" % (len(event), event))
+                    out.append(encode_chunk(event))
                 elif framing != NO_BODY:
                     out.append(event)
             elif event is not END:

@@ -14,6 +14,7 @@ from proxy.protocol.chunked import (
     ChunkedDecoder,
     ChunkedError,
     encode_chunk,
+    encode_chunks,
 )
 
 
@@ -144,6 +145,17 @@ def test_a_trailer_section_over_its_limit_is_refused() -> None:
     decoder.feed(b"0\r\nX-A: 0123456789\r\n")
     with pytest.raises(ChunkedError, match="trailer section too large"):
         decoder.feed(b"X-B: 0123456789\r\n")
+
+
+def test_encode_chunks_frames_each_piece_and_leaves_out_empty_ones() -> None:
+    assert encode_chunks([b"ab"]) == b"2\r\nab\r\n"
+    assert encode_chunks([b""]) == b""
+    assert encode_chunks([]) == b""
+    assert encode_chunks([b"ab", b"", b"c"]) == b"2\r\nab\r\n1\r\nc\r\n"
+    assert encode_chunks([b"ab"], last=True) == b"2\r\nab\r\n" + LAST_CHUNK
+    assert encode_chunks([b""], last=True) == LAST_CHUNK
+    assert encode_chunks([], last=True) == LAST_CHUNK
+    assert decode(encode_chunks([b"x" * 300, b"yz"], last=True)) == (b"x" * 300 + b"yz", True, b"")
 
 
 def test_encode_chunk_frames_one_chunk() -> None:
