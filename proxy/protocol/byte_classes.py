@@ -34,7 +34,8 @@ TCHAR: Final = ByteClass(
 """RFC 9110 §5.6.2 tchar: the bytes of a token (a field name, a method, a chunk
 extension's name)."""
 
-FIELD_BYTES: Final = ByteClass(bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)]))
+FIELD_BYTE_VALUES: Final = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
+FIELD_BYTES: Final = ByteClass(FIELD_BYTE_VALUES)
 """HTAB, SP, VCHAR and obs-text: what a field value, a reason phrase or a chunk
 extension may hold (RFC 9110 §5.5, RFC 9112 §4 and §7.1.1); every control byte but HTAB
 is outside."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from proxy.protocol.byte_classes import TCHAR, VCHAR, ByteClass
+from proxy.protocol.byte_classes import FIELD_BYTE_VALUES, TCHAR, VCHAR, ByteClass
 from proxy.protocol.http1 import (
     HOP_BY_HOP,
     Headers,
@@ -134,8 +134,9 @@ Verdict = FastHead | NeedMore | Fallback | Rejected
 NEED_MORE = NeedMore()
 
 
-_HEAD_BYTES: Final = ByteClass(bytes([0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0x80, 0x100)]))
-"""Bytes a head may hold on the fast path: HTAB, CR, LF, printable ASCII and obs-text."""
+_HEAD_BYTES: Final = ByteClass(FIELD_BYTE_VALUES + b"\r\n")
+"""Bytes a head may hold on the fast path: a field value's (HTAB, printable ASCII and
+obs-text), CR and LF."""
 _MARKS: Final = bytes(
     (1 if value == 0x0D else 2 if value == 0x0A else 0)
     if _HEAD_BYTES.holds_only(bytes([value]))

@@ -215,16 +215,13 @@ def decode_header_value(value: str) -> str | None:
         return None
 
 
-_HEADER_SAFE = frozenset(range(0x21, 0x7F)) | {0x20}
-
-
 def encode_header_value(value: str) -> str:
     """A value as ``Mcp-Name`` carries it: as it is where it is printable ASCII without
     edge spaces, else in the ``=?base64?...?=`` sentinel (the inverse of
     ``decode_header_value``)."""
     raw = value.encode("utf-8")
     if (
-        all(b in _HEADER_SAFE for b in raw)
+        PRINTABLE_ASCII.holds_only(raw)
         and value == value.strip()
         and not (value.startswith("=?base64?") and value.endswith("?="))
     ):
@@ -244,10 +241,9 @@ def _routing_headers(values: dict[bytes, list[bytes]]) -> dict[bytes, str] | Hea
         if len(raws) > 1:
             # First-copy and last-copy readers would disagree about which one counts.
             return _mismatch(f"{name.decode()} header appears more than once")
-        value = raws[0].decode("latin-1")
-        if not (value.isascii() and value.isprintable()):  # 0x20-0x7E, the spec's safe set
+        if not PRINTABLE_ASCII.holds_only(raws[0]):  # 0x20-0x7E, the spec's safe set
             return _mismatch(f"{name.decode()} header contains invalid characters")
-        found[name] = value
+        found[name] = raws[0].decode("ascii")
     return found
 
 
